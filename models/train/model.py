@@ -1,0 +1,116 @@
+"""roomscore's composer: a small decoder-only transformer over S/A/T/B raster tokens.
+
+Inputs beside every token: its voice id (0..3 = S,A,T,B, 4 = start) and a float conditioning
+vector. Rotary positions; the key/value cache is an explicit input/output so the same graph does a
+full pass (P = 0) and incremental decoding (P > 0). Only simple ops are used (MatMul/Gemm, Softmax,
+LayerNormalization, Concat, Slice, Gather, Tanh, elementwise) so it exports cleanly to ONNX opset 17
+and runs under onnxruntime and tract. sin/cos tables and the position index are constants.
+"""
+import math
+
+import torch
+import torch.nn as nn
+
+
+class Block(nn.Module):
+    def __init__(self, d, h, ff, dropout):
+        super().__init__()
+        self.h = h
+        self.dh = d // h
+        self.ln1 = nn.LayerNorm(d)
+        self.qkv = nn.Linear(d, 3 * d)
+        self.proj = nn.Linear(d, d)
+        self.ln2 = nn.LayerNorm(d)
+        self.fc1 = nn.Linear(d, ff)
+        self.fc2 = nn.Linear(ff, d)
+        self.drop = nn.Dropout(dropout)
+
+    @staticmethod
+    def rotate(x, cos, sin):
+        half = x.shape[-1] // 2
+        x1 = x[..., :half]
+        x2 = x[..., half:]
+        return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
+
+    def forward(self, x, cos, sin, bias, past_k, past_v):
+        # x [B,T,d]; cos/sin [T,dh/2]; bias [T,P+T]; past_k/v [B,H,P,dh]
+        B, T, d = x.shape
+        y = self.ln1(x)
+        qkv = self.qkv(y).reshape(B, T, 3, self.h, self.dh).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv[0], qkv[1], qkv[2]  # [B,H,T,dh]
+        q = self.rotate(q, cos, sin)
+        k = self.rotate(k, cos, sin)
+        k_all = torch.cat([past_k, k], dim=2)
+        v_all = torch.cat([past_v, v], dim=2)
+        att = torch.matmul(q, k_all.transpose(-1, -2)) * (1.0 / math.sqrt(self.dh)) + bias
+        att = torch.softmax(att, dim=-1)
+        att = self.drop(att)
+        o = torch.matmul(att, v_all).transpose(1, 2).reshape(B, T, d)
+        x = x + self.drop(self.proj(o))
+        y = self.ln2(x)
+        y = self.fc1(y)
+        y = 0.5 * y * (1.0 + torch.tanh(0.7978845608028654 * (y + 0.044715 * y * y * y)))  # GELU (tanh)
+        x = x + self.drop(self.fc2(y))
+        return x, k_all, v_all
+
+
+class Composer(nn.Module):
+    def __init__(self, vocab, n_voice, cond_dim, d=256, layers=4, heads=4, ff=1024, max_pos=1024, dropout=0.1):
+        super().__init__()
+        self.cfg = dict(
+            vocab=vocab, n_voice=n_voice, cond_dim=cond_dim, d=d, layers=layers, heads=heads, ff=ff,
+            max_pos=max_pos, dropout=dropout,
+        )
+        self.layers = layers
+        self.heads = heads
+        self.dh = d // heads
+        self.tok = nn.Embedding(vocab, d)
+        self.voice = nn.Embedding(n_voice, d)
+        self.cond = nn.Linear(cond_dim, d)
+        self.blocks = nn.ModuleList([Block(d, heads, ff, dropout) for _ in range(layers)])
+        self.ln_f = nn.LayerNorm(d)
+        self.head = nn.Linear(d, vocab)
+        self.drop = nn.Dropout(dropout)
+        half = self.dh // 2
+        inv = 1.0 / (10000 ** (torch.arange(half, dtype=torch.float32) / half))
+        ang = torch.arange(max_pos, dtype=torch.float32)[:, None] * inv[None, :]
+        self.register_buffer("cos_t", torch.cos(ang), persistent=False)
+        self.register_buffer("sin_t", torch.sin(ang), persistent=False)
+        self.register_buffer("pos_t", torch.arange(max_pos, dtype=torch.float32), persistent=False)
+        self.apply(self._init)
+
+    @staticmethod
+    def _init(m):
+        if isinstance(m, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(m.weight, std=0.02)
+        if isinstance(m, nn.Linear) and m.bias is not None:
+            nn.init.zeros_(m.bias)
+
+    def empty_cache(self, batch=1):
+        z = torch.zeros(self.layers, batch, self.heads, 0, self.dh)
+        return z, z.clone()
+
+    def forward(self, tokens, voices, cond, past_k, past_v):
+        """tokens/voices int64 [B,T]; cond float [B,T,C]; past_k/v [L,B,H,P,dh].
+        Returns logits [B,T,V], present_k/v [L,B,H,P+T,dh]. Positions run P .. P+T-1."""
+        T = tokens.shape[1]
+        P = past_k.shape[3]
+        x = self.tok(tokens) + self.voice(voices) + self.cond(cond)
+        x = self.drop(x)
+        cos = self.cos_t[P : P + T]
+        sin = self.sin_t[P : P + T]
+        qpos = self.pos_t[P : P + T]
+        kpos = self.pos_t[: P + T]
+        # causal bias: 0 where key pos <= query pos, -1e9 * (k - q) (<= -1e9) otherwise
+        bias = torch.clamp(kpos.unsqueeze(0) - qpos.unsqueeze(1), min=0.0) * -1e9
+        pk, pv = [], []
+        for i, blk in enumerate(self.blocks):
+            x, k, v = blk(x, cos, sin, bias, past_k[i], past_v[i])
+            pk.append(k.unsqueeze(0))
+            pv.append(v.unsqueeze(0))
+        logits = self.head(self.ln_f(x))
+        return logits, torch.cat(pk, dim=0), torch.cat(pv, dim=0)
+
+
+def n_params(model):
+    return sum(p.numel() for p in model.parameters())

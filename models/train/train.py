@@ -1,0 +1,292 @@
+"""Train roomscore's composer on the prepared corpora (see prepare.py).
+
+    .venv/bin/python models/train/train.py --name roomscore-satb --budget-min 75
+    .venv/bin/python models/train/train.py --name roomscore-satb --resume   # continue after a stop
+
+Training is sized by wall-clock time: the learning rate follows warm-up then cosine decay over
+--budget-min minutes of training time (evaluation excluded), and training stops when the budget is
+spent. Every --eval-every-min minutes the JSB *valid* split is scored with the evaluation protocol
+(common.eval_windows, conditioning unknown, style chorale); the best valid NLL is kept as
+checkpoints/best.pt (model selection), and checkpoints/last.pt allows --resume.
+Logs go to models/train/runs/<name>/train.log (committed); checkpoints are git-ignored.
+"""
+import argparse
+import json
+import math
+import os
+import sys
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import common as C  # noqa: E402
+from model import Composer, n_params  # noqa: E402
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+DATA = os.path.join(HERE, "data")
+
+
+# ---------------------------------------------------------------- data
+class Corpus:
+    def __init__(self, path, style_idx):
+        z = np.load(path)
+        self.style_idx = style_idx
+        off = z["offsets"]
+        self.pieces = []
+        for i in range(len(off) - 1):
+            a, b = off[i], off[i + 1]
+            tok, voi, step = C.piece_sequence(z["tokens"][a:b])
+            self.pieces.append(
+                dict(tokens=tok, voices=voi, step=step, density=z["density"][a:b],
+                     register=z["register"][a:b], mode=z["mode"][a:b])
+            )
+        self.n_steps = int(off[-1])
+
+    def build_starts(self, ctx):
+        n = np.array([max(1, len(p["tokens"]) - ctx) for p in self.pieces])
+        self.cum = np.concatenate([[0], np.cumsum(n)])
+
+    def sample(self, rng, ctx, transpose, cond_drop):
+        g = int(rng.integers(self.cum[-1]))
+        pi = int(np.searchsorted(self.cum, g, side="right") - 1)
+        p = self.pieces[pi]
+        s = g - self.cum[pi]
+        e = min(len(p["tokens"]), s + ctx + 1)
+        tok = p["tokens"][s:e].copy()
+        voi = p["voices"][s:e]
+        step = p["step"][s:e]
+        shift = 0
+        if transpose:
+            pitched = tok >= C.PITCH_OFFSET
+            if pitched.any():
+                lo = int(tok[pitched].min()) - C.PITCH_OFFSET + C.PITCH_LO
+                hi = int(tok[pitched].max()) - C.PITCH_OFFSET + C.PITCH_LO
+                ks = [k for k in range(-transpose, transpose + 1) if lo + k >= C.PITCH_LO and hi + k <= C.PITCH_HI]
+                shift = int(rng.choice(ks))
+                tok[pitched] += shift
+        cond = C.cond_arrays(p["density"][step], p["register"][step], p["mode"][step], self.style_idx, shift)
+        if cond_drop:
+            if rng.random() < 0.1:
+                cond[:] = 0
+            else:
+                for cols in ([0, 1], [2, 3], [4, 5], [6, 7, 8, 9]):
+                    if rng.random() < 0.3:
+                        cond[:, cols] = 0
+        return tok, voi, cond
+
+
+def make_batch(corpora, weights, rng, B, ctx, transpose=5, cond_drop=True):
+    X = np.zeros((B, ctx), np.int64)
+    V = np.full((B, ctx), C.VOICE_START, np.int64)
+    Y = np.full((B, ctx), -100, np.int64)
+    Cc = np.zeros((B, ctx, C.COND_DIM), np.float32)
+    ci = rng.choice(len(corpora), size=B, p=weights)
+    for b in range(B):
+        tok, voi, cond = corpora[ci[b]].sample(rng, ctx, transpose, cond_drop)
+        n = len(tok) - 1
+        X[b, :n] = tok[:-1]
+        V[b, :n] = voi[:-1]
+        Cc[b, :n] = cond[:-1]
+        Y[b, :n] = tok[1:]
+    return torch.from_numpy(X), torch.from_numpy(V), torch.from_numpy(Cc), torch.from_numpy(Y)
+
+
+# ---------------------------------------------------------------- evaluation (torch)
+@torch.no_grad()
+def score_split(model, path, ctx, batch=16, desc="valid"):
+    """Mean NLL per token (nats) on a JSB split by the eval protocol (common.eval_windows),
+    conditioning unknown, style chorale. Returns (nll, n_tokens)."""
+    model.eval()
+    z = np.load(path)
+    off = z["offsets"]
+    cvec = torch.from_numpy(C.eval_cond())
+    jobs = []  # (tokens, voices, first_scored_in_window)
+    for i in range(len(off) - 1):
+        tok, voi, _ = C.piece_sequence(z["tokens"][off[i] : off[i + 1]])
+        for s, e, f in C.eval_windows(len(tok), ctx):
+            jobs.append((tok[s:e], voi[s:e], f - s))
+    jobs.sort(key=lambda j: len(j[0]))
+    total, count = 0.0, 0
+    for k in range(0, len(jobs), batch):
+        grp = jobs[k : k + batch]
+        T = max(len(j[0]) for j in grp)
+        X = torch.zeros(len(grp), T, dtype=torch.long)
+        V = torch.full((len(grp), T), C.VOICE_START, dtype=torch.long)
+        Y = torch.full((len(grp), T), -100, dtype=torch.long)
+        for b, (t, v, f) in enumerate(grp):
+            n = len(t)
+            X[b, :n] = torch.from_numpy(t)
+            V[b, :n] = torch.from_numpy(v)
+            # logits at window pos i predict window pos i+1; score window targets f..n-1
+            Y[b, f - 1 : n - 1] = torch.from_numpy(t[f:n])
+        cond = cvec.expand(len(grp), T, C.COND_DIM)
+        pk, pv = model.empty_cache(len(grp))
+        logits, _, _ = model(X, V, cond, pk, pv)
+        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), Y.reshape(-1), ignore_index=-100, reduction="sum")
+        total += float(loss)
+        count += int((Y != -100).sum())
+    model.train()
+    return total / count, count
+
+
+# ---------------------------------------------------------------- main
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--name", default="roomscore-satb")
+    ap.add_argument("--resume", action="store_true")
+    ap.add_argument("--budget-min", type=float, default=75.0, help="training wall time (minutes)")
+    ap.add_argument("--eval-every-min", type=float, default=12.0)
+    ap.add_argument("--ctx", type=int, default=384)
+    ap.add_argument("--d", type=int, default=192)
+    ap.add_argument("--layers", type=int, default=4)
+    ap.add_argument("--heads", type=int, default=4)
+    ap.add_argument("--ff", type=int, default=768)
+    ap.add_argument("--dropout", type=float, default=0.1)
+    ap.add_argument("--batch", type=int, default=10)
+    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--min-lr-frac", type=float, default=0.05)
+    ap.add_argument("--warmup", type=int, default=100)
+    ap.add_argument("--wd", type=float, default=0.05)
+    ap.add_argument("--weights", default="chorale=0.6,quartet=0.15,palestrina=0.12,folk=0.13")
+    ap.add_argument("--transpose", type=int, default=5)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--max-steps", type=int, default=0, help="stop after this many steps (smoke tests)")
+    ap.add_argument("--no-final-eval", action="store_true", help="smoke tests: skip the final valid pass")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+
+    run = os.path.join(HERE, "runs", args.name)
+    ck = os.path.join(run, "checkpoints")
+    os.makedirs(ck, exist_ok=True)
+    logf = open(os.path.join(run, "train.log"), "a")
+
+    def log(msg):
+        line = f"{time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())} {msg}"
+        tqdm.write(line)
+        logf.write(line + "\n")
+        logf.flush()
+
+    wmap = dict(kv.split("=") for kv in args.weights.split(","))
+    corpora, weights = [], []
+    for si, style in enumerate(C.STYLES):
+        path = os.path.join(DATA, f"{style}.npz")
+        w = float(wmap.get(style, 0))
+        if w <= 0 or not os.path.exists(path):
+            continue
+        c = Corpus(path, si)
+        if not c.pieces:
+            continue
+        c.build_starts(args.ctx)
+        corpora.append(c)
+        weights.append(w)
+    weights = np.array(weights) / sum(weights)
+    valid_path = os.path.join(DATA, "jsb_valid.npz")
+
+    state = None
+    if args.resume and os.path.exists(os.path.join(ck, "last.pt")):
+        state = torch.load(os.path.join(ck, "last.pt"))
+        cfg = state["cfg"]
+        args.budget_min = state["args"]["budget_min"] if "budget_min" in state["args"] else args.budget_min
+    else:
+        cfg = dict(vocab=C.VOCAB_SIZE, n_voice=C.N_VOICE_IDS, cond_dim=C.COND_DIM, d=args.d, layers=args.layers,
+                   heads=args.heads, ff=args.ff, max_pos=1024, dropout=args.dropout)
+    model = Composer(**cfg)
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.98), weight_decay=args.wd)
+    rng = np.random.default_rng(args.seed)
+    step, elapsed, tokens_seen, best = 0, 0.0, 0, float("inf")
+    history = []
+    if state is not None:
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["opt"])
+        rng.bit_generator.state = state["rng"]
+        torch.set_rng_state(state["torch_rng"])
+        step, elapsed, tokens_seen, best = state["step"], state["elapsed"], state["tokens"], state["best"]
+        history = state["history"]
+        log(f"resumed at step {step}, {elapsed/60:.1f} min trained, best valid {best:.4f}")
+    else:
+        log(f"start: {json.dumps(vars(args))}")
+        log(f"model: {json.dumps(cfg)} params={n_params(model)}")
+        log(f"corpora: " + ", ".join(f"{C.STYLES[c.style_idx]}: {len(c.pieces)} pieces {c.n_steps} steps w={w:.3f}"
+                                     for c, w in zip(corpora, weights)))
+    budget = args.budget_min * 60.0
+
+    def save(name, extra=None):
+        st = dict(model=model.state_dict(), opt=opt.state_dict(), rng=rng.bit_generator.state,
+                  torch_rng=torch.get_rng_state(), step=step, elapsed=elapsed, tokens=tokens_seen, best=best,
+                  cfg=cfg, args=vars(args), history=history)
+        if extra:
+            st.update(extra)
+        tmp = os.path.join(ck, name + ".tmp")
+        torch.save(st, tmp)
+        os.replace(tmp, os.path.join(ck, name))
+
+    def evaluate():
+        nonlocal best
+        t = time.time()
+        v, n = score_split(model, valid_path, args.ctx)
+        improved = v < best
+        if improved:
+            best = v
+            save("best.pt")
+        history.append(dict(step=step, minutes=round(elapsed / 60, 2), tokens=tokens_seen, valid_nll=round(v, 5),
+                             train_nll_running=round(run_loss, 5) if run_loss else None))
+        log(f"eval step {step} valid_nll {v:.4f} ({n} tokens, {time.time()-t:.0f}s){' *best*' if improved else ''}")
+        save("last.pt")
+
+    model.train()
+    run_loss = None
+    last_eval = elapsed
+    pbar = tqdm(total=int(budget), initial=int(elapsed), unit="s", desc="train", smoothing=0.1)
+    t_log = time.time()
+    tok_since, t_since = 0, time.time()
+    while elapsed < budget and (args.max_steps == 0 or step < args.max_steps):
+        t0 = time.time()
+        X, V, Cc, Y = make_batch(corpora, weights, rng, args.batch, args.ctx, args.transpose)
+        prog = elapsed / budget
+        lr = args.lr * min(1.0, (step + 1) / args.warmup) * (
+            args.min_lr_frac + (1 - args.min_lr_frac) * 0.5 * (1 + math.cos(math.pi * min(1.0, prog))))
+        for g in opt.param_groups:
+            g["lr"] = lr
+        pk, pv = model.empty_cache(args.batch)
+        logits, _, _ = model(X, V, Cc, pk, pv)
+        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), Y.reshape(-1), ignore_index=-100)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        n_tok = int((Y != -100).sum())
+        step += 1
+        tokens_seen += n_tok
+        tok_since += n_tok
+        dt = time.time() - t0
+        elapsed += dt
+        pbar.update(int(elapsed) - pbar.n)
+        run_loss = float(loss) if run_loss is None else 0.98 * run_loss + 0.02 * float(loss)
+        pbar.set_postfix(loss=f"{run_loss:.3f}", lr=f"{lr:.2e}", step=step)
+        if time.time() - t_log > 60 or step in (10, 50):
+            tps = tok_since / (time.time() - t_since)
+            log(f"step {step} train_loss {run_loss:.4f} lr {lr:.2e} tokens {tokens_seen} tok/s {tps:.0f} "
+                f"trained {elapsed/60:.1f}/{args.budget_min:.0f} min")
+            t_log, tok_since, t_since = time.time(), 0, time.time()
+        if elapsed - last_eval > args.eval_every_min * 60:
+            evaluate()
+            last_eval = elapsed
+    pbar.close()
+    if args.no_final_eval:
+        save("last.pt")
+    else:
+        evaluate()
+    log(f"done: steps {step}, tokens {tokens_seen}, trained {elapsed/60:.1f} min, best valid {best:.4f}")
+    json.dump(dict(history=history, steps=step, tokens=tokens_seen, train_minutes=round(elapsed / 60, 2),
+                   best_valid_nll=best, final_train_loss_running=run_loss, tokens_per_s=tokens_seen / max(elapsed, 1e-9),
+                   cfg=cfg, args=vars(args)), open(os.path.join(run, "summary.json"), "w"), indent=1)
+
+
+if __name__ == "__main__":
+    main()

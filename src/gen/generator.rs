@@ -1,0 +1,375 @@
+//! Steps to note events, ahead of the playhead. Steps are committed (turned into events for the
+//! audio thread) only when the playhead comes within the lookahead; a source may decode further
+//! ahead, and those uncommitted steps are thrown away and decoded again when the conditioning
+//! changes, so that a change is heard within one step of the lookahead.
+
+use std::collections::VecDeque;
+
+use super::rules::RuleSource;
+use super::{NoteEvent, NoteSource, SamplingParams, Step, STEPS_PER_BEAT, VOICES};
+use crate::control::Conditioning;
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct GeneratorStats {
+    pub steps: u64,
+    pub rollbacks: u64,
+    pub fallbacks: u64,
+    pub notes: u64,
+    /// Events that found the queue to the audio thread full and had to wait.
+    pub queue_full: u64,
+    /// Steps committed too late to sound (the generator fell behind the playhead).
+    pub late_steps: u64,
+}
+
+pub struct Generator {
+    source: Box<dyn NoteSource>,
+    tonic: u8,
+    scale_lock: bool,
+    seed: u64,
+    /// The next step to commit.
+    committed: u64,
+    /// Decoded but uncommitted steps; `pending[0]` is step `committed`.
+    pending: VecDeque<Step>,
+    /// Tokens sounding after the last committed step.
+    sounding: Step,
+    cond: Conditioning,
+    params: SamplingParams,
+    velocity: f32,
+    /// Steps to decode beyond what is committed.
+    decode_ahead: usize,
+    /// Events waiting for room in the queue to the audio thread.
+    backlog: VecDeque<NoteEvent>,
+    stats: GeneratorStats,
+    failed: Option<String>,
+}
+
+impl Generator {
+    pub fn new(
+        source: Box<dyn NoteSource>,
+        tonic: u8,
+        scale_lock: bool,
+        seed: u64,
+        cond: Conditioning,
+        params: SamplingParams,
+        velocity: f32,
+    ) -> Self {
+        Self {
+            source,
+            tonic,
+            scale_lock,
+            seed,
+            committed: 0,
+            pending: VecDeque::new(),
+            sounding: [None; VOICES],
+            cond,
+            params,
+            velocity,
+            decode_ahead: 0,
+            backlog: VecDeque::new(),
+            stats: GeneratorStats::default(),
+            failed: None,
+        }
+    }
+
+    /// Decodes up to `steps` beyond the committed point (worth it for batched model decoding).
+    pub fn with_decode_ahead(mut self, steps: usize) -> Self {
+        self.decode_ahead = steps;
+        self
+    }
+
+    pub fn source_name(&self) -> &str {
+        self.source.name()
+    }
+
+    pub fn stats(&self) -> GeneratorStats {
+        self.stats
+    }
+
+    /// Why the configured source was replaced by the fallback, if it was.
+    pub fn failure(&self) -> Option<&str> {
+        self.failed.as_deref()
+    }
+
+    pub fn committed_step(&self) -> u64 {
+        self.committed
+    }
+
+    /// New conditioning and sampling settings; steps decoded ahead under the old ones are
+    /// rolled back when the difference matters.
+    pub fn set_controls(&mut self, cond: &Conditioning, params: SamplingParams, velocity: f32) {
+        let changed = self.cond.differs(cond)
+            || (self.params.temperature - params.temperature).abs() > 0.02
+            || (self.params.top_p - params.top_p).abs() > 0.01;
+        self.cond = cond.clone();
+        self.params = params;
+        self.velocity = velocity;
+        if changed && !self.pending.is_empty() {
+            self.pending.clear();
+            self.stats.rollbacks += 1;
+            if let Err(e) = self.source.rollback(self.committed) {
+                self.fall_back(e.to_string());
+            }
+        }
+    }
+
+    fn fall_back(&mut self, why: String) {
+        tracing::error!(
+            source = self.source.name(),
+            "composer failed, switching to the rule-based source: {why}"
+        );
+        let mut rules = RuleSource::new(self.tonic, self.scale_lock, self.seed);
+        rules.resume_at(self.committed, self.sounding);
+        self.source = Box::new(rules);
+        self.pending.clear();
+        self.failed = Some(why);
+        self.stats.fallbacks += 1;
+    }
+
+    fn decode_one(&mut self) -> Step {
+        loop {
+            match self.source.next_step(&self.cond, &self.params) {
+                Ok(step) => return step,
+                // The fallback never fails, so this loop runs at most twice.
+                Err(e) => self.fall_back(e.to_string()),
+            }
+        }
+    }
+
+    /// Commits every step that starts before `horizon_beat`, handing its events to `push`
+    /// (which returns false when the queue is full: the event is kept and retried next time).
+    /// Steps that start before `playhead_beat - 1` are composed but not sounded.
+    pub fn fill(
+        &mut self,
+        playhead_beat: f64,
+        horizon_beat: f64,
+        push: &mut dyn FnMut(NoteEvent) -> bool,
+    ) {
+        if !self.flush(push) {
+            return;
+        }
+        while (self.committed as f64) / (STEPS_PER_BEAT as f64) < horizon_beat {
+            while self.pending.len() <= self.decode_ahead {
+                let s = self.decode_one();
+                self.pending.push_back(s);
+            }
+            let step = self.pending.pop_front().expect("decoded above");
+            let beat = self.committed as f64 / STEPS_PER_BEAT as f64;
+            let late = beat < playhead_beat - 1.0;
+            if late {
+                self.stats.late_steps += 1;
+            }
+            for v in 0..VOICES {
+                let (old, new) = (self.sounding[v], step[v]);
+                if old == new {
+                    continue;
+                }
+                if let Some(p) = old {
+                    self.backlog.push_back(NoteEvent {
+                        beat,
+                        voice: v as u8,
+                        pitch: p,
+                        velocity: 0.0,
+                        on: false,
+                    });
+                }
+                if let (Some(p), false) = (new, late) {
+                    self.stats.notes += 1;
+                    self.backlog.push_back(NoteEvent {
+                        beat,
+                        voice: v as u8,
+                        pitch: p,
+                        velocity: self.velocity_at(self.committed, v),
+                        on: true,
+                    });
+                }
+            }
+            self.sounding = step;
+            self.committed += 1;
+            self.stats.steps += 1;
+            if !self.flush(push) {
+                return;
+            }
+        }
+    }
+
+    fn flush(&mut self, push: &mut dyn FnMut(NoteEvent) -> bool) -> bool {
+        while let Some(ev) = self.backlog.front() {
+            if !push(*ev) {
+                self.stats.queue_full += 1;
+                return false;
+            }
+            self.backlog.pop_front();
+        }
+        true
+    }
+
+    /// Accents the beat and the bar, and varies the rest a little, deterministically.
+    fn velocity_at(&self, step: u64, voice: usize) -> f32 {
+        let accent = match step % 16 {
+            0 => 0.12,
+            s if s % 4 == 0 => 0.06,
+            _ => 0.0,
+        };
+        let h = (step.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ (voice as u64 * 0x85EB_CA6B))
+            .wrapping_mul(0xC2B2_AE3D_27D4_EB4F);
+        let jitter = ((h >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 0.08;
+        (self.velocity + accent + jitter).clamp(0.05, 1.0)
+    }
+
+    /// Releases every sounding note (scene change, shutdown).
+    pub fn release_all(&mut self, beat: f64, push: &mut dyn FnMut(NoteEvent) -> bool) {
+        for v in 0..VOICES {
+            if let Some(p) = self.sounding[v].take() {
+                self.backlog.push_back(NoteEvent {
+                    beat,
+                    voice: v as u8,
+                    pitch: p,
+                    velocity: 0.0,
+                    on: false,
+                });
+            }
+        }
+        self.flush(push);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::gen::SourceError;
+
+    fn cond() -> Conditioning {
+        Conditioning {
+            density: Some(4.0),
+            register: Some(62.0),
+            major: Some(1.0),
+            styles: vec![],
+        }
+    }
+    const P: SamplingParams = SamplingParams {
+        temperature: 1.0,
+        top_p: 1.0,
+    };
+
+    fn rules(seed: u64) -> Box<dyn NoteSource> {
+        Box::new(RuleSource::new(0, true, seed))
+    }
+
+    #[test]
+    fn commits_only_within_the_horizon_and_pairs_ons_with_offs() {
+        let mut g = Generator::new(rules(1), 0, true, 1, cond(), P, 0.7);
+        let mut events = Vec::new();
+        g.fill(0.0, 2.0, &mut |e| {
+            events.push(e);
+            true
+        });
+        assert_eq!(g.committed_step(), 8);
+        assert!(events.iter().all(|e| e.beat < 2.0));
+        g.fill(0.0, 64.0, &mut |e| {
+            events.push(e);
+            true
+        });
+        let mut sounding = [None; 4];
+        for e in &events {
+            let v = e.voice as usize;
+            if e.on {
+                assert_eq!(sounding[v], None, "overlapping notes in voice {v}");
+                sounding[v] = Some(e.pitch);
+            } else {
+                assert_eq!(sounding[v], Some(e.pitch));
+                sounding[v] = None;
+            }
+        }
+    }
+
+    #[test]
+    fn full_queue_is_retried_not_lost() {
+        let mut g = Generator::new(rules(2), 0, true, 2, cond(), P, 0.7);
+        let mut all = Vec::new();
+        g.fill(0.0, 16.0, &mut |e| {
+            all.push(e);
+            true
+        });
+        let mut g = Generator::new(rules(2), 0, true, 2, cond(), P, 0.7);
+        let mut got = Vec::new();
+        let mut room = 3;
+        for _ in 0..200 {
+            g.fill(0.0, 16.0, &mut |e| {
+                if room == 0 {
+                    return false;
+                }
+                room -= 1;
+                got.push(e);
+                true
+            });
+            room = 3;
+        }
+        assert_eq!(got, all);
+        assert!(g.stats().queue_full > 0);
+    }
+
+    struct Failing(u64);
+    impl NoteSource for Failing {
+        fn name(&self) -> &str {
+            "failing"
+        }
+        fn position(&self) -> u64 {
+            self.0
+        }
+        fn next_step(&mut self, _: &Conditioning, _: &SamplingParams) -> Result<Step, SourceError> {
+            if self.0 >= 5 {
+                return Err(SourceError::Failed {
+                    source_name: "failing".into(),
+                    message: "session exploded".into(),
+                });
+            }
+            self.0 += 1;
+            Ok([Some(60), None, None, None])
+        }
+        fn rollback(&mut self, step: u64) -> Result<(), SourceError> {
+            self.0 = step;
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn a_failing_source_falls_back_and_music_goes_on() {
+        let mut g = Generator::new(Box::new(Failing(0)), 0, true, 3, cond(), P, 0.7);
+        let mut n = 0;
+        g.fill(0.0, 16.0, &mut |_| {
+            n += 1;
+            true
+        });
+        assert_eq!(g.source_name(), "rules");
+        assert_eq!(g.committed_step(), 64);
+        assert!(g.failure().unwrap().contains("session exploded"));
+        assert!(n > 10);
+    }
+
+    #[test]
+    fn decoded_ahead_steps_roll_back_on_a_change() {
+        let mut g = Generator::new(rules(4), 0, true, 4, cond(), P, 0.7).with_decode_ahead(8);
+        g.fill(0.0, 1.0, &mut |_| true);
+        assert_eq!(g.committed_step(), 4);
+        let mut c = cond();
+        c.density = Some(12.0);
+        g.set_controls(&c, P, 0.7);
+        assert_eq!(g.stats().rollbacks, 1);
+        // What comes next is what a generator that never decoded ahead composes.
+        let mut got = Vec::new();
+        g.fill(0.0, 3.0, &mut |e| {
+            got.push(e);
+            true
+        });
+        let mut g2_events = Vec::new();
+        let mut g2 = Generator::new(rules(4), 0, true, 4, cond(), P, 0.7);
+        g2.fill(0.0, 1.0, &mut |_| true);
+        g2.set_controls(&c, P, 0.7);
+        g2.fill(0.0, 3.0, &mut |e| {
+            g2_events.push(e);
+            true
+        });
+        assert_eq!(got, g2_events);
+        assert!(!got.is_empty());
+    }
+}

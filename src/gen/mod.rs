@@ -1,0 +1,67 @@
+//! The generator: a `NoteSource` composes the 4-voice grid step by step (16th notes, S A T B);
+//! the `Generator` turns steps into timed note events ahead of the playhead, rolls back what it
+//! decoded ahead when the room changes the conditioning, and falls back to the rule-based source
+//! when a model fails.
+
+mod generator;
+pub mod rules;
+
+pub use generator::{Generator, GeneratorStats};
+
+use crate::control::Conditioning;
+
+/// Grid steps per beat: the model contract's 16th-note grid.
+pub const STEPS_PER_BEAT: u64 = 4;
+pub const VOICES: usize = 4;
+
+/// A pitch, or `None` for silence. A voice that keeps its pitch on the next step holds the note.
+pub type Token = Option<u8>;
+/// One grid step: soprano, alto, tenor, bass.
+pub type Step = [Token; VOICES];
+
+/// Sampling settings that can change while playing.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct SamplingParams {
+    pub temperature: f32,
+    pub top_p: f32,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SourceError {
+    #[error("{source_name}: {message}")]
+    Failed {
+        source_name: String,
+        message: String,
+    },
+}
+
+/// Something that composes the grid. Steps are asked for in order; `rollback` rewinds.
+pub trait NoteSource: Send {
+    fn name(&self) -> &str;
+
+    /// The index of the step the next `next_step` call produces.
+    fn position(&self) -> u64;
+
+    /// Composes the step at `position()` under `cond`, and advances.
+    fn next_step(
+        &mut self,
+        cond: &Conditioning,
+        params: &SamplingParams,
+    ) -> Result<Step, SourceError>;
+
+    /// Forgets every step from `step` on, so that the next call composes `step` again
+    /// (with whatever conditioning it is then given). `step` is at most `position()`.
+    fn rollback(&mut self, step: u64) -> Result<(), SourceError>;
+}
+
+/// What the audio thread receives: a note starting or ending at a beat.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct NoteEvent {
+    pub beat: f64,
+    /// 0..4 = soprano..bass.
+    pub voice: u8,
+    pub pitch: u8,
+    /// 0..1; 0 for note-offs.
+    pub velocity: f32,
+    pub on: bool,
+}

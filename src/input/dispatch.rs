@@ -1,0 +1,343 @@
+//! OSC address space: bytes or a decoded message in, `InputEvent`s out, and a clear reason for
+//! everything refused. Nothing here panics on any input; `fuzz/` holds it to that.
+
+use std::net::SocketAddr;
+
+use nannou_osc::rosc::{OscBundle, OscMessage, OscPacket, OscTime, OscType};
+
+use super::{InputEvent, TimedEvent, When};
+
+/// Bundles nested deeper than this are refused rather than walked.
+pub const MAX_BUNDLE_DEPTH: usize = 8;
+/// Longest accepted string argument (scene names, named inputs).
+pub const MAX_STRING: usize = 256;
+
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum DispatchError {
+    #[error("undecodable packet: {0}")]
+    Decode(String),
+    #[error("unknown address {0:?}")]
+    UnknownAddress(String),
+    #[error("{addr}: expected {expected}, got {got}")]
+    WrongArgs {
+        addr: String,
+        expected: &'static str,
+        got: String,
+    },
+    #[error("{addr}: argument {index} is {value}, expected a finite number in {range}")]
+    BadValue {
+        addr: String,
+        index: usize,
+        value: String,
+        range: &'static str,
+    },
+    #[error("bundle nested deeper than {MAX_BUNDLE_DEPTH}")]
+    TooDeep,
+}
+
+/// Maps an OSC time tag to a position on the engine's sample clock.
+pub trait Clock {
+    /// `None` for "immediately" (the time tag 1) or a clock that is not running.
+    fn sample_for(&self, tag: OscTime) -> Option<u64>;
+}
+
+/// A clock for contexts without one (offline replay): every tag means "now".
+pub struct NoClock;
+
+impl Clock for NoClock {
+    fn sample_for(&self, _tag: OscTime) -> Option<u64> {
+        None
+    }
+}
+
+/// Decodes one UDP payload and dispatches every message in it.
+/// Good messages land in `out`; each refused one is returned in `errors`.
+pub fn dispatch_packet(
+    bytes: &[u8],
+    from: SocketAddr,
+    clock: &dyn Clock,
+    out: &mut Vec<TimedEvent>,
+    errors: &mut Vec<DispatchError>,
+) {
+    match nannou_osc::rosc::decoder::decode_udp(bytes) {
+        Ok((_, packet)) => dispatch_osc(&packet, from, clock, When::Now, 0, out, errors),
+        Err(e) => errors.push(DispatchError::Decode(e.to_string())),
+    }
+}
+
+fn dispatch_osc(
+    packet: &OscPacket,
+    from: SocketAddr,
+    clock: &dyn Clock,
+    when: When,
+    depth: usize,
+    out: &mut Vec<TimedEvent>,
+    errors: &mut Vec<DispatchError>,
+) {
+    match packet {
+        OscPacket::Message(m) => match message(m, from) {
+            Ok(event) => out.push(TimedEvent { when, event }),
+            Err(e) => errors.push(e),
+        },
+        OscPacket::Bundle(OscBundle { timetag, content }) => {
+            if depth >= MAX_BUNDLE_DEPTH {
+                errors.push(DispatchError::TooDeep);
+                return;
+            }
+            // A nested bundle's tag may not be earlier than its parent's; take the later one.
+            let when = match clock.sample_for(*timetag) {
+                Some(s) => match when {
+                    When::Sample(parent) => When::Sample(parent.max(s)),
+                    When::Now => When::Sample(s),
+                },
+                None => when,
+            };
+            for p in content {
+                dispatch_osc(p, from, clock, when, depth + 1, out, errors);
+            }
+        }
+    }
+}
+
+fn number(arg: &OscType) -> Option<f64> {
+    match arg {
+        OscType::Float(f) => Some(*f as f64),
+        OscType::Double(d) => Some(*d),
+        OscType::Int(i) => Some(*i as f64),
+        OscType::Long(l) => Some(*l as f64),
+        OscType::Bool(b) => Some(if *b { 1.0 } else { 0.0 }),
+        _ => None,
+    }
+}
+
+fn type_list(args: &[OscType]) -> String {
+    if args.is_empty() {
+        return "no arguments".into();
+    }
+    args.iter()
+        .map(|a| match a {
+            OscType::Int(_) => "i",
+            OscType::Float(_) => "f",
+            OscType::String(_) => "s",
+            OscType::Blob(_) => "b",
+            OscType::Time(_) => "t",
+            OscType::Long(_) => "h",
+            OscType::Double(_) => "d",
+            OscType::Char(_) => "c",
+            OscType::Color(_) => "r",
+            OscType::Midi(_) => "m",
+            OscType::Bool(true) => "T",
+            OscType::Bool(false) => "F",
+            OscType::Array(_) => "[]",
+            OscType::Nil => "N",
+            OscType::Inf => "I",
+        })
+        .collect::<Vec<_>>()
+        .join("")
+}
+
+struct Args<'a> {
+    addr: &'a str,
+    args: &'a [OscType],
+}
+
+impl Args<'_> {
+    fn expect_len(&self, n: usize, expected: &'static str) -> Result<(), DispatchError> {
+        if self.args.len() != n {
+            return Err(self.wrong(expected));
+        }
+        Ok(())
+    }
+
+    fn wrong(&self, expected: &'static str) -> DispatchError {
+        DispatchError::WrongArgs {
+            addr: self.addr.to_string(),
+            expected,
+            got: type_list(self.args),
+        }
+    }
+
+    fn num(
+        &self,
+        i: usize,
+        lo: f64,
+        hi: f64,
+        range: &'static str,
+        expected: &'static str,
+    ) -> Result<f64, DispatchError> {
+        let v = number(&self.args[i]).ok_or_else(|| self.wrong(expected))?;
+        if !v.is_finite() || v < lo || v > hi {
+            return Err(DispatchError::BadValue {
+                addr: self.addr.to_string(),
+                index: i,
+                value: format!("{v}"),
+                range,
+            });
+        }
+        Ok(v)
+    }
+}
+
+/// One message to one event.
+pub fn message(m: &OscMessage, from: SocketAddr) -> Result<InputEvent, DispatchError> {
+    let a = Args {
+        addr: &m.addr,
+        args: &m.args,
+    };
+    match m.addr.as_str() {
+        "/roomscore/movement" => {
+            a.expect_len(1, "f (0..1)")?;
+            Ok(InputEvent::Movement(
+                a.num(0, 0.0, 1.0, "0..1", "f (0..1)")? as f32
+            ))
+        }
+        "/roomscore/mood" => {
+            a.expect_len(2, "f f (valence -1..1, arousal 0..1)")?;
+            Ok(InputEvent::Mood {
+                valence: a.num(0, -1.0, 1.0, "-1..1", "f f")? as f32,
+                arousal: a.num(1, 0.0, 1.0, "0..1", "f f")? as f32,
+            })
+        }
+        "/roomscore/presence" => {
+            a.expect_len(1, "i (visitors)")?;
+            Ok(InputEvent::Presence(
+                a.num(0, 0.0, 10_000.0, "0..10000", "i (visitors)")? as i32,
+            ))
+        }
+        "/roomscore/scene" => match m.args.as_slice() {
+            [OscType::String(s)] if s.len() <= MAX_STRING && crate::scene::valid_name(s) => {
+                Ok(InputEvent::Scene(s.clone()))
+            }
+            [OscType::String(_)] => Err(DispatchError::BadValue {
+                addr: m.addr.clone(),
+                index: 0,
+                value: "a string".into(),
+                range: "a scene name of letters, digits, '_' or '-'",
+            }),
+            _ => Err(a.wrong("s (scene name)")),
+        },
+        "/roomscore/tempo" => {
+            a.expect_len(1, "f (BPM)")?;
+            Ok(InputEvent::Tempo(
+                a.num(0, 20.0, 300.0, "20..300", "f (BPM)")? as f32
+            ))
+        }
+        "/roomscore/volume" => {
+            a.expect_len(1, "f (0..1)")?;
+            Ok(InputEvent::Volume(
+                a.num(0, 0.0, 1.0, "0..1", "f (0..1)")? as f32
+            ))
+        }
+        "/roomscore/note" => {
+            a.expect_len(2, "i i (pitch, velocity)")?;
+            Ok(InputEvent::Note {
+                pitch: a.num(0, 0.0, 127.0, "0..127", "i i")? as u8,
+                velocity: a.num(1, 0.0, 127.0, "0..127", "i i")? as u8,
+            })
+        }
+        "/roomscore/status" => Ok(InputEvent::Status(from)),
+        addr => {
+            if let Some(name) = addr.strip_prefix("/roomscore/in/") {
+                if name.len() <= MAX_STRING && crate::scene::valid_name(name) {
+                    a.expect_len(1, "f")?;
+                    let v = a.num(0, -1e9, 1e9, "-1e9..1e9", "f")?;
+                    return Ok(InputEvent::Named(name.to_string(), v as f32));
+                }
+            }
+            let mut shown: String = addr.chars().take(64).collect();
+            if addr.len() > shown.len() {
+                shown.push('…');
+            }
+            Err(DispatchError::UnknownAddress(shown))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use nannou_osc::rosc::encoder;
+
+    fn from() -> SocketAddr {
+        "127.0.0.1:5000".parse().unwrap()
+    }
+
+    fn msg(addr: &str, args: Vec<OscType>) -> Result<InputEvent, DispatchError> {
+        message(
+            &OscMessage {
+                addr: addr.into(),
+                args,
+            },
+            from(),
+        )
+    }
+
+    #[test]
+    fn address_space() {
+        assert_eq!(
+            msg("/roomscore/movement", vec![OscType::Float(0.8)]),
+            Ok(InputEvent::Movement(0.8))
+        );
+        assert_eq!(
+            msg("/roomscore/presence", vec![OscType::Int(3)]),
+            Ok(InputEvent::Presence(3))
+        );
+        assert_eq!(
+            msg("/roomscore/note", vec![OscType::Int(60), OscType::Int(100)]),
+            Ok(InputEvent::Note {
+                pitch: 60,
+                velocity: 100
+            })
+        );
+        assert_eq!(
+            msg("/roomscore/in/door", vec![OscType::Double(2.0)]),
+            Ok(InputEvent::Named("door".into(), 2.0))
+        );
+        assert_eq!(msg("/roomscore/status", vec![]), Ok(InputEvent::Status(from())));
+    }
+
+    #[test]
+    fn refusals_say_why() {
+        let e = msg("/roomscore/movement", vec![OscType::Float(f32::NAN)]).unwrap_err();
+        assert!(e.to_string().contains("NaN"), "{e}");
+        let e = msg("/roomscore/movement", vec![OscType::Float(f32::INFINITY)]).unwrap_err();
+        assert!(matches!(e, DispatchError::BadValue { .. }));
+        let e = msg("/roomscore/mood", vec![OscType::String("happy".into())]).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "/roomscore/mood: expected f f (valence -1..1, arousal 0..1), got s"
+        );
+        let e = msg("/roomscore/volume", vec![OscType::Float(3.0)]).unwrap_err();
+        assert!(e.to_string().contains("0..1"), "{e}");
+        let long = format!("/x/{}", "a".repeat(10_000));
+        let e = msg(&long, vec![]).unwrap_err();
+        assert!(e.to_string().len() < 120, "{e}");
+        assert!(msg("/roomscore/in/../etc", vec![OscType::Float(1.0)]).is_err());
+    }
+
+    #[test]
+    fn bundles_and_garbage() {
+        let inner = OscPacket::Message(OscMessage {
+            addr: "/roomscore/movement".into(),
+            args: vec![OscType::Float(0.5)],
+        });
+        let mut packet = inner;
+        for _ in 0..(MAX_BUNDLE_DEPTH + 2) {
+            packet = OscPacket::Bundle(OscBundle {
+                timetag: OscTime::from((0, 1)),
+                content: vec![packet],
+            });
+        }
+        let bytes = encoder::encode(&packet).unwrap();
+        let (mut out, mut errors) = (Vec::new(), Vec::new());
+        dispatch_packet(&bytes, from(), &NoClock, &mut out, &mut errors);
+        assert!(out.is_empty());
+        assert_eq!(errors, vec![DispatchError::TooDeep]);
+
+        out.clear();
+        errors.clear();
+        dispatch_packet(b"\xff\x00garbage", from(), &NoClock, &mut out, &mut errors);
+        assert!(out.is_empty());
+        assert!(matches!(errors[0], DispatchError::Decode(_)));
+    }
+}

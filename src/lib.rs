@@ -1,0 +1,14 @@
+//! roomscore: a real-time generative music engine for rooms.
+//!
+//! The flow, from the room to the speakers: `input` (OSC, input logs) → `control` (scene
+//! mappings) → `gen` (the composer, ahead of the playhead) → `audio` (voices, samples, master,
+//! on the real-time thread) → `output` (cpal, or the null output) or `render` (offline).
+
+pub mod audio;
+pub mod control;
+pub mod gen;
+pub mod input;
+pub mod midi;
+pub mod music;
+pub mod rng;
+pub mod scene;
