@@ -1,0 +1,129 @@
+"""Evaluate an exported roomscore model (ONNX, through onnxruntime) on the JSB Chorales splits.
+
+    .venv/bin/python models/train/evaluate.py models/roomscore-satb.onnx [--splits test,valid]
+
+Protocol (also in the model card): each piece is the sequence BOS + raster-scanned S,A,T,B tokens;
+every token after BOS is scored once, teacher-forced, as -log p (natural log) under the model's
+softmax; the figure is total nats / number of scored tokens over the whole split. Conditioning is
+unknown (density/register/mode flags 0) with style = chorale one-hot at every position. Pieces
+longer than the context are scored in windows (common.eval_windows): start 0, ctx/2, ctx, ... while
+start+ctx < L, plus a last window [L-ctx, L); each window is a fresh full pass (P = 0, no BOS
+inserted, positions from 0); a target is scored by the first window containing it.
+"""
+import argparse
+import json
+import math
+import os
+import sys
+
+import numpy as np
+from tqdm import tqdm
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import common as C  # noqa: E402
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+DATA = os.path.join(HERE, "data")
+JSB = os.path.abspath(os.path.join(HERE, "..", "..", "..", "shared", "data", "jsb-chorales", "Jsb16thSeparated.json"))
+
+
+def load_jsb(split):
+    jsb = json.load(open(JSB))
+    out = []
+    for piece in jsb[split]:
+        g = np.array([[int(round(x)) for x in step] for step in piece], np.int64)
+        out.append(C.grid_to_tokens(g))
+    return out
+
+
+def session(path, threads=1):
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = threads
+    so.inter_op_num_threads = 1
+    return ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
+
+
+def empty_past(layers, heads, dh):
+    z = np.zeros((layers, 1, heads, 0, dh), np.float32)
+    return z, z.copy()
+
+
+def log_softmax(x):
+    m = x.max(-1, keepdims=True)
+    return x - m - np.log(np.exp(x - m).sum(-1, keepdims=True))
+
+
+def score_piece(sess, tok_grid, ctx, dims, cvec=None):
+    """Returns (sum of nats, count, per-window list) for one piece by the protocol."""
+    L_, H, Dh = dims
+    tok, voi, _ = C.piece_sequence(tok_grid)
+    cvec = C.eval_cond() if cvec is None else cvec
+    total, count, wins = 0.0, 0, []
+    for s, e, f in C.eval_windows(len(tok), ctx):
+        pk, pv = empty_past(L_, H, Dh)
+        T = e - s
+        cond = np.broadcast_to(cvec, (1, T, C.COND_DIM)).astype(np.float32)
+        logits = sess.run(["logits"], dict(tokens=tok[None, s:e], voices=voi[None, s:e], cond=cond, past_k=pk, past_v=pv))[0][0]
+        lp = log_softmax(logits.astype(np.float64))
+        j = np.arange(f, e)
+        nll = -lp[j - s - 1, tok[j]]
+        total += float(nll.sum())
+        count += len(j)
+        wins.append([int(s), int(e), int(f)])
+    return total, count, wins
+
+
+def score_split(sess, pieces, ctx, dims, desc="eval"):
+    total, count = 0.0, 0
+    for g in tqdm(pieces, desc=desc, leave=False):
+        t, c, _ = score_piece(sess, g, ctx, dims)
+        total += t
+        count += c
+    return total / count, count
+
+
+def baselines(train, test):
+    """Per-voice unigram (add-1 over the vocabulary) and per-voice first-order Markov
+    (interpolated: p(x|prev) = (c(prev,x) + 1 * p_uni(x)) / (c(prev) + 1); first step: unigram),
+    counted on `train`, scored on `test` over the same tokens the model scores (the BOS is not scored)."""
+    V = C.VOCAB_SIZE
+    uni = np.ones((4, V))
+    big = np.zeros((4, V, V))
+    for g in train:
+        g = g.astype(np.int64)
+        for v in range(4):
+            np.add.at(uni[v], g[:, v], 1)
+            np.add.at(big[v], (g[:-1, v], g[1:, v]), 1)
+    puni = uni / uni.sum(1, keepdims=True)
+    nu, nm, n = 0.0, 0.0, 0
+    for g in test:
+        g = g.astype(np.int64)
+        for v in range(4):
+            x = g[:, v]
+            nu -= np.log(puni[v, x]).sum()
+            pm = (big[v, x[:-1], x[1:]] + puni[v, x[1:]]) / (big[v, x[:-1]].sum(1) + 1)
+            nm -= np.log(puni[v, x[0]]) + np.log(pm).sum()
+            n += len(x)
+    return nu / n, nm / n
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("onnx", nargs="?", default=os.path.join(HERE, "..", "roomscore-satb.onnx"))
+    ap.add_argument("--splits", default="test,valid")
+    args = ap.parse_args()
+    card = json.load(open(os.path.splitext(args.onnx)[0] + ".json"))
+    ctx = card["context_length"]
+    dims = (card["architecture"]["layers"], card["architecture"]["heads"], card["architecture"]["head_dim"])
+    sess = session(args.onnx)
+    for split in args.splits.split(","):
+        nll, n = score_split(sess, load_jsb(split), ctx, dims, desc=split)
+        print(f"JSB {split}: mean NLL {nll:.4f} nats/token over {n} tokens")
+    bu, bm = baselines(load_jsb("train"), load_jsb("test"))
+    print(f"baselines on test (counted on train): per-voice unigram {bu:.3f}, per-voice Markov {bm:.3f}")
+
+
+if __name__ == "__main__":
+    main()
