@@ -12,3 +12,13 @@ pub mod midi;
 pub mod music;
 pub mod rng;
 pub mod scene;
+pub mod model;
+pub mod render;
+pub mod session;
+
+pub use model::load_source as model_source;
+pub mod bench;
+pub mod logging;
+pub mod output;
+pub mod play;
+pub mod record;

@@ -1,1 +1,136 @@
-fn main() {}
+//! The `roomscore` command line: play, render, check, devices, bench.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+
+#[cfg(feature = "rt-check")]
+#[global_allocator]
+static ALLOC: assert_no_alloc::AllocDisabler = assert_no_alloc::AllocDisabler;
+
+#[derive(Parser)]
+#[command(name = "roomscore", version, about = "A real-time generative music engine for rooms")]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Play a scene live until SIGINT/SIGTERM.
+    Play(roomscore::play::PlayArgs),
+    /// Render a scene offline into a WAV (and MIDI) file.
+    Render(RenderArgs),
+    /// Validate scene files.
+    Check {
+        #[arg(required = true)]
+        files: Vec<PathBuf>,
+    },
+    /// List audio hosts and output devices.
+    Devices,
+    /// Measure render speed and audio-callback cost.
+    Bench(roomscore::bench::BenchArgs),
+}
+
+#[derive(clap::Args)]
+struct RenderArgs {
+    #[arg(long, default_value = "scenes/gallery.toml")]
+    scene: PathBuf,
+    #[arg(long)]
+    seconds: f64,
+    /// Input log (JSON Lines) to replay.
+    #[arg(long)]
+    inputs: Option<PathBuf>,
+    #[arg(long)]
+    seed: Option<u64>,
+    #[arg(long)]
+    out: PathBuf,
+    /// Also write the notes as a MIDI file.
+    #[arg(long)]
+    midi: Option<PathBuf>,
+    /// Play this MIDI file through the scene's instruments instead of the generator.
+    #[arg(long)]
+    score: Option<PathBuf>,
+    #[arg(long, default_value_t = 48_000)]
+    sample_rate: u32,
+}
+
+fn main() -> ExitCode {
+    roomscore::logging::init();
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("roomscore: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    match cli.command {
+        Cmd::Play(args) => roomscore::play::run(args).map(|_| ExitCode::SUCCESS),
+        Cmd::Render(a) => {
+            if !(a.seconds.is_finite() && a.seconds > 0.0 && a.seconds <= 86_400.0) {
+                anyhow::bail!("--seconds {} must be between 0 and 86400", a.seconds);
+            }
+            let opts = roomscore::render::RenderOptions {
+                scene: a.scene,
+                seconds: a.seconds,
+                inputs: a.inputs,
+                seed: a.seed,
+                sample_rate: a.sample_rate,
+                score: a.score,
+            };
+            let started = std::time::Instant::now();
+            let r = roomscore::render::render(&opts)?;
+            let elapsed = started.elapsed().as_secs_f64();
+            roomscore::render::write_wav(&a.out, &r.samples, r.sample_rate)?;
+            if let Some(m) = &a.midi {
+                roomscore::midi::write(m, &r.notes, &r.tempi)
+                    .with_context(|| format!("writing {}", m.display()))?;
+            }
+            println!(
+                "rendered {:.1} s of {} in {:.2} s ({:.0}x real time), source {}, {} notes ({:.2}/s), {} inputs applied, {} refused -> {}",
+                a.seconds,
+                opts.scene.display(),
+                elapsed,
+                a.seconds / elapsed.max(1e-9),
+                r.source,
+                r.notes.iter().filter(|n| n.on).count(),
+                roomscore::render::notes_per_second(&r.notes, a.seconds),
+                r.inputs_applied,
+                r.inputs_refused,
+                a.out.display()
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Check { files } => {
+            let mut ok = true;
+            for f in files {
+                match roomscore::scene::Scene::load(&f) {
+                    Ok(s) => println!(
+                        "{}: ok (scene {:?}, {} instruments, {} mappings, {} layers)",
+                        f.display(),
+                        s.name,
+                        s.instruments.len(),
+                        s.mappings.len(),
+                        s.layers.len()
+                    ),
+                    Err(e) => {
+                        ok = false;
+                        eprintln!("{e}");
+                    }
+                }
+            }
+            Ok(if ok { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+        }
+        Cmd::Devices => {
+            roomscore::output::list_devices()?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Bench(args) => roomscore::bench::run(args).map(|_| ExitCode::SUCCESS),
+    }
+}

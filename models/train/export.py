@@ -102,6 +102,21 @@ def verify(model, sess, tok, voi, cond):
                 truncated_cache_vs_full_logits_max_abs=d_roll, n_tokens=N, empty_cache_P0_accepted=True)
 
 
+def train_wall_minutes(run):
+    """First 'start:' to last 'done:' line of runs/<name>/train.log (includes valid evals, resumes' gaps)."""
+    path = os.path.join(run, "train.log")
+    if not os.path.exists(path):
+        return None
+    t0 = t1 = None
+    for line in open(path):
+        ts = line.split(" ", 1)[0]
+        if " start: " in line and t0 is None:
+            t0 = datetime.datetime.strptime(ts, "%Y-%m-%dT%H:%M:%SZ")
+        if " done: " in line:
+            t1 = datetime.datetime.strptime(ts, "%Y-%m-%dT%H:%M:%SZ")
+    return round((t1 - t0).total_seconds() / 60, 1) if t0 and t1 else None
+
+
 def sha256(path):
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -305,8 +320,9 @@ def main():
             train_loss_note="running mean of the training loss (EMA 0.98) with dropout, condition dropout and transposition",
             best_valid_nll_torch=summary.get("best_valid_nll"), history=summary.get("history"),
             hyperparameters=tr_args,
-            machine=f"{platform.machine()} CPU, 2 cores shared with Rust builds, no GPU; torch {torch.__version__} "
-                    f"(Debian python3-torch), {torch.get_num_threads() and 2} threads",
+            machine=f"{platform.machine()} CPU ({os.cpu_count()} cores, shared with concurrent Rust builds), no GPU; "
+                    f"torch {torch.__version__} (Debian python3-torch) with torch.set_num_threads(2)",
+            wall_minutes_including_evals=train_wall_minutes(run),
             epochs_jsb_equivalent=(round(summary["tokens"] * 0.6 / 221141, 2) if summary.get("tokens") else None),
         ),
         evaluation=dict(

@@ -162,6 +162,11 @@ impl AudioEngine {
         self.clock
     }
 
+    /// Voices sounding in the current rig.
+    pub fn active_voices(&self) -> usize {
+        self.rig.active_voices()
+    }
+
     /// Replaces the queue to the recorder, returning the old one.
     pub fn set_recorder(&mut self, recorder: Option<rtrb::Producer<f32>>) -> Option<rtrb::Producer<f32>> {
         std::mem::replace(&mut self.recorder, recorder)

@@ -94,6 +94,14 @@ impl Generator {
         self.committed
     }
 
+    /// Starts composing afresh at `step`, with nothing sounding.
+    pub fn start_at(&mut self, step: u64) {
+        self.source.start_at(step);
+        self.committed = step;
+        self.pending.clear();
+        self.sounding = [None; VOICES];
+    }
+
     /// New conditioning and sampling settings; steps decoded ahead under the old ones are
     /// rolled back when the difference matters.
     pub fn set_controls(&mut self, cond: &Conditioning, params: SamplingParams, velocity: f32) {
@@ -329,6 +337,9 @@ mod tests {
         fn rollback(&mut self, step: u64) -> Result<(), SourceError> {
             self.0 = step;
             Ok(())
+        }
+        fn start_at(&mut self, step: u64) {
+            self.0 = step;
         }
     }
 

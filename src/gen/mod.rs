@@ -52,6 +52,9 @@ pub trait NoteSource: Send {
     /// Forgets every step from `step` on, so that the next call composes `step` again
     /// (with whatever conditioning it is then given). `step` is at most `position()`.
     fn rollback(&mut self, step: u64) -> Result<(), SourceError>;
+
+    /// Begins a fresh composition whose first step is `step` (a scene change mid-piece).
+    fn start_at(&mut self, step: u64);
 }
 
 /// What the audio thread receives: a note starting or ending at a beat.

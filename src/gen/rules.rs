@@ -190,6 +190,10 @@ impl NoteSource for RuleSource {
         }
         Ok(())
     }
+
+    fn start_at(&mut self, step: u64) {
+        self.resume_at(step, [None; VOICES]);
+    }
 }
 
 #[cfg(test)]

@@ -1,2 +1,199 @@
 //! The OSC receiver thread: a UDP socket, decode and dispatch, and a bounded channel to the
-//! control loop. Refused messages are counted and logged at most once a second.
+//! control loop. Refused messages are counted and logged at most once a second; a full channel
+//! is counted too, never silently dropped.
+
+use std::net::{SocketAddr, UdpSocket};
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant, SystemTime};
+
+use nannou_osc::rosc::OscTime;
+
+use super::dispatch::{self, Clock};
+use super::log::LogWriter;
+use super::{TimedEvent, When};
+use crate::audio::Telemetry;
+
+/// Counters for the wire, shared with `/roomscore/status`.
+#[derive(Default, Debug)]
+pub struct OscStats {
+    pub packets: AtomicU64,
+    pub messages: AtomicU64,
+    /// Undecodable packets, unknown addresses, wrong types, bad values.
+    pub invalid: AtomicU64,
+    /// Good messages the control loop had no room for.
+    pub dropped: AtomicU64,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum OscError {
+    #[error("OSC: cannot listen on {addr}: {source} (is another roomscore, or another program, using that port?)")]
+    Bind {
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{path}: cannot write input log: {source}")]
+    Log {
+        path: std::path::PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+pub fn bind(addr: SocketAddr) -> Result<UdpSocket, OscError> {
+    let socket = UdpSocket::bind(addr).map_err(|source| OscError::Bind { addr, source })?;
+    socket
+        .set_read_timeout(Some(Duration::from_millis(100)))
+        .map_err(|source| OscError::Bind { addr, source })?;
+    Ok(socket)
+}
+
+/// Maps OSC time tags onto the sample clock, from the audio thread's latest callback.
+pub struct LiveClock {
+    pub telemetry: Arc<Telemetry>,
+    pub sample_rate: f64,
+}
+
+impl LiveClock {
+    /// The sample playing now, estimated from the last callback's clock and time.
+    pub fn now_sample(&self) -> u64 {
+        self.telemetry.sample_clock.load(Relaxed)
+    }
+}
+
+impl Clock for LiveClock {
+    fn sample_for(&self, tag: OscTime) -> Option<u64> {
+        // The tag 0x0000000000000001 means "immediately".
+        if tag.seconds == 0 && tag.fractional <= 1 {
+            return None;
+        }
+        let when: SystemTime = tag.into();
+        let now = SystemTime::now();
+        let ahead = match when.duration_since(now) {
+            Ok(d) => d.as_secs_f64(),
+            Err(e) => -e.duration().as_secs_f64(),
+        };
+        let s = self.now_sample() as f64 + ahead * self.sample_rate;
+        Some(s.max(0.0) as u64)
+    }
+}
+
+pub struct OscThread {
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl OscThread {
+    pub fn spawn(
+        socket: UdpSocket,
+        clock: LiveClock,
+        tx: crossbeam_channel::Sender<TimedEvent>,
+        stats: Arc<OscStats>,
+        log: Option<&Path>,
+    ) -> Result<OscThread, OscError> {
+        let mut log = match log {
+            Some(p) => Some(LogWriter::create(p).map_err(|source| OscError::Log {
+                path: p.to_path_buf(),
+                source,
+            })?),
+            None => None,
+        };
+        let stop = Arc::new(AtomicBool::new(false));
+        let stop2 = stop.clone();
+        let thread = std::thread::Builder::new()
+            .name("osc-in".into())
+            // rosc decodes nested bundles recursively; give it room before our depth check runs.
+            .stack_size(8 << 20)
+            .spawn(move || {
+                let mut buf = vec![0u8; 65_536];
+                let mut events = Vec::new();
+                let mut errors = Vec::new();
+                let mut last_warn = Instant::now() - Duration::from_secs(2);
+                let mut unreported = 0u64;
+                while !stop2.load(Relaxed) {
+                    let (len, from) = match socket.recv_from(&mut buf) {
+                        Ok(r) => r,
+                        Err(_) => continue,
+                    };
+                    stats.packets.fetch_add(1, Relaxed);
+                    events.clear();
+                    errors.clear();
+                    dispatch::dispatch_packet(&buf[..len], from, &clock, &mut events, &mut errors);
+                    for ev in events.drain(..) {
+                        stats.messages.fetch_add(1, Relaxed);
+                        if let Some(w) = &mut log {
+                            if let Some(line) = loggable(&ev) {
+                                let t = match ev.when {
+                                    When::Sample(s) => s,
+                                    When::Now => clock.now_sample(),
+                                } as f64
+                                    / clock.sample_rate;
+                                if let Err(e) = w.write(t, &line) {
+                                    tracing::error!("input log: {e}; logging stops");
+                                    log = None;
+                                    break;
+                                }
+                            }
+                        }
+                        if tx.try_send(ev).is_err() {
+                            stats.dropped.fetch_add(1, Relaxed);
+                        }
+                    }
+                    if !errors.is_empty() {
+                        stats.invalid.fetch_add(errors.len() as u64, Relaxed);
+                        unreported += errors.len() as u64;
+                        if last_warn.elapsed() >= Duration::from_secs(1) {
+                            tracing::warn!(
+                                from = %from,
+                                "OSC: refused {unreported} message(s); latest: {}",
+                                errors[0]
+                            );
+                            last_warn = Instant::now();
+                            unreported = 0;
+                        }
+                    }
+                }
+            })
+            .expect("spawn OSC thread");
+        Ok(OscThread {
+            stop,
+            thread: Some(thread),
+        })
+    }
+}
+
+/// The message behind an event, for the input log (status requests are not replayed).
+fn loggable(ev: &TimedEvent) -> Option<nannou_osc::rosc::OscMessage> {
+    use super::InputEvent as E;
+    use nannou_osc::rosc::{OscMessage, OscType as T};
+    let (addr, args) = match &ev.event {
+        E::Movement(v) => ("/roomscore/movement".to_string(), vec![T::Float(*v)]),
+        E::Mood { valence, arousal } => (
+            "/roomscore/mood".to_string(),
+            vec![T::Float(*valence), T::Float(*arousal)],
+        ),
+        E::Presence(n) => ("/roomscore/presence".to_string(), vec![T::Int(*n)]),
+        E::Scene(s) => ("/roomscore/scene".to_string(), vec![T::String(s.clone())]),
+        E::Tempo(b) => ("/roomscore/tempo".to_string(), vec![T::Float(*b)]),
+        E::Volume(v) => ("/roomscore/volume".to_string(), vec![T::Float(*v)]),
+        E::Note { pitch, velocity } => (
+            "/roomscore/note".to_string(),
+            vec![T::Int(*pitch as i32), T::Int(*velocity as i32)],
+        ),
+        E::Named(n, v) => (format!("/roomscore/in/{n}"), vec![T::Float(*v)]),
+        E::Status(_) => return None,
+    };
+    Some(OscMessage { addr, args })
+}
+
+impl Drop for OscThread {
+    fn drop(&mut self) {
+        self.stop.store(true, Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}

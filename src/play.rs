@@ -1,0 +1,335 @@
+//! `roomscore play`: the live engine. Threads: the output (cpal's callback, or the null output's
+//! timer), the OSC receiver, the conductor (control loop, ~200 Hz, and at once on any input),
+//! the composer (fills the note queue ahead of the playhead), the recorder, and the main thread,
+//! which waits for signals: SIGINT/SIGTERM fade out and stop, SIGHUP reloads the scene.
+
+use std::net::{SocketAddr, UdpSocket};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use crossbeam_channel::{select, Receiver, Sender};
+use nannou_osc::rosc::{OscMessage, OscPacket, OscType};
+
+use crate::audio::Command;
+use crate::input::osc::{self, LiveClock, OscStats, OscThread};
+use crate::input::TimedEvent;
+use crate::output::{self, NullOutput, Output, OutputRequest};
+use crate::record::Recorder;
+use crate::scene::Scene;
+use crate::session::{self, BuildOptions, ComposerMsg, Composer, Conductor, Outcome, Parts};
+
+const TICK: Duration = Duration::from_millis(5);
+const FADE_SECONDS: f32 = 1.0;
+
+#[derive(clap::Args, Debug, Clone)]
+pub struct PlayArgs {
+    /// Scene file; default scenes/gallery.toml.
+    #[arg(long, default_value = "scenes/gallery.toml")]
+    pub scene: PathBuf,
+    /// Output device name (see `roomscore devices`), or `null` for no device.
+    #[arg(long)]
+    pub output: Option<String>,
+    /// Audio host: alsa or jack (default: the system's default host).
+    #[arg(long)]
+    pub host: Option<String>,
+    /// Frames per audio buffer.
+    #[arg(long, default_value_t = 256)]
+    pub buffer: u32,
+    #[arg(long)]
+    pub sample_rate: Option<u32>,
+    /// Where to listen for OSC.
+    #[arg(long, default_value = "0.0.0.0:9000")]
+    pub osc: SocketAddr,
+    /// Record what plays into this WAV file.
+    #[arg(long)]
+    pub record: Option<PathBuf>,
+    /// Write every accepted OSC message to this JSON Lines file (replay with `render --inputs`).
+    #[arg(long)]
+    pub log_inputs: Option<PathBuf>,
+    #[arg(long)]
+    pub seed: Option<u64>,
+    /// Stop (with the usual fade) after this many seconds.
+    #[arg(long)]
+    pub seconds: Option<f64>,
+}
+
+enum ControlMsg {
+    Reload,
+    FadeOut(f32),
+    Stop,
+}
+
+pub fn run(args: PlayArgs) -> anyhow::Result<()> {
+    // Everything that can be wrong with the set-up is found before any sound.
+    let scene = Scene::load(&args.scene)?;
+    let scenes_dir = args
+        .scene
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| PathBuf::from("."));
+    let socket = osc::bind(args.osc)?;
+    let req = OutputRequest {
+        device: args.output.clone().filter(|d| d != "null"),
+        host: args.host.clone(),
+        buffer: args.buffer,
+        sample_rate: args.sample_rate,
+    };
+    let negotiated = if args.output.as_deref() == Some("null") {
+        None
+    } else {
+        match output::negotiate(&req) {
+            Ok(n) => Some(n),
+            Err(e) => {
+                tracing::warn!("no audio device ({e}); playing on, paced in real time, against the null output");
+                None
+            }
+        }
+    };
+    let sample_rate = negotiated
+        .as_ref()
+        .map(|n| n.sample_rate)
+        .unwrap_or(args.sample_rate.unwrap_or(48_000));
+    let (recorder, rec_tx) = match &args.record {
+        Some(p) => {
+            let (r, tx) = Recorder::start(p, sample_rate, 4.0)?;
+            (Some(r), Some(tx))
+        }
+        None => (None, None),
+    };
+    let Parts {
+        engine,
+        conductor,
+        composer,
+    } = session::build(
+        scene,
+        BuildOptions {
+            sample_rate: sample_rate as f32,
+            seed: args.seed,
+            score: None,
+            recorder: rec_tx,
+            scenes_dir: &scenes_dir,
+        },
+    )?;
+    let telemetry = conductor.telemetry.clone();
+    let engine = Arc::new(Mutex::new(engine));
+    let out = match &negotiated {
+        Some(n) => match output::start_cpal(n, engine.clone(), telemetry.clone()) {
+            Ok(o) => o,
+            Err(e) => {
+                tracing::warn!("{e}; playing on against the null output");
+                Output::Null(NullOutput::start(engine.clone(), telemetry.clone(), sample_rate, args.buffer))
+            }
+        },
+        None => Output::Null(NullOutput::start(engine.clone(), telemetry.clone(), sample_rate, args.buffer)),
+    };
+    tracing::info!(
+        scene = %conductor.scene.name,
+        source = composer.source_name(),
+        osc = %args.osc,
+        "playing on {}",
+        out.describe()
+    );
+
+    let stats = Arc::new(OscStats::default());
+    let (input_tx, input_rx) = crossbeam_channel::bounded::<TimedEvent>(4096);
+    let reply = socket.try_clone().context("cloning the OSC socket for replies")?;
+    let osc_thread = OscThread::spawn(
+        socket,
+        LiveClock {
+            telemetry: telemetry.clone(),
+            sample_rate: sample_rate as f64,
+        },
+        input_tx,
+        stats.clone(),
+        args.log_inputs.as_deref(),
+    )?;
+
+    let (comp_tx, comp_rx) = crossbeam_channel::bounded::<ComposerMsg>(256);
+    let comp_tel = telemetry.clone();
+    let composer_thread = std::thread::Builder::new()
+        .name("composer".into())
+        .spawn(move || composer_loop(composer, comp_rx, comp_tel))?;
+
+    let (ctl_tx, ctl_rx) = crossbeam_channel::bounded::<ControlMsg>(16);
+    let scene_path = args.scene.clone();
+    let started = Instant::now();
+    let ctl_stats = stats.clone();
+    let control_thread = std::thread::Builder::new()
+        .name("conductor".into())
+        .spawn(move || {
+            conductor_loop(
+                conductor, input_rx, ctl_rx, comp_tx, reply, ctl_stats, scene_path, started,
+            )
+        })?;
+
+    wait_for_stop(&ctl_tx, args.seconds)?;
+    let _ = ctl_tx.send(ControlMsg::FadeOut(FADE_SECONDS));
+    std::thread::sleep(Duration::from_secs_f32(FADE_SECONDS + 0.15));
+    let _ = ctl_tx.send(ControlMsg::Stop);
+    drop(osc_thread);
+    let _ = control_thread.join();
+    let _ = composer_thread.join();
+    drop(out);
+    // The engine holds the recorder's queue; take it so the writer sees the end.
+    if let Ok(mut e) = engine.lock() {
+        drop(e.set_recorder(None));
+    }
+    if let Some(r) = recorder {
+        let frames = r.finish()?;
+        tracing::info!(
+            "recording closed: {frames} frames ({:.1} s)",
+            frames as f64 / sample_rate as f64
+        );
+    }
+    let dropped = telemetry.record_dropped.load(Relaxed);
+    if dropped > 0 {
+        tracing::warn!("the recorder missed {dropped} samples");
+    }
+    tracing::info!(
+        notes = telemetry.notes_played.load(Relaxed),
+        xruns = telemetry.xruns.load(Relaxed),
+        osc_invalid = stats.invalid.load(Relaxed),
+        osc_dropped = stats.dropped.load(Relaxed),
+        "stopped"
+    );
+    Ok(())
+}
+
+fn wait_for_stop(ctl: &Sender<ControlMsg>, seconds: Option<f64>) -> anyhow::Result<()> {
+    use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
+    let mut signals = signal_hook::iterator::Signals::new([SIGINT, SIGTERM, SIGHUP])?;
+    let deadline = seconds.map(|s| Instant::now() + Duration::from_secs_f64(s.max(0.0)));
+    loop {
+        for sig in signals.pending() {
+            match sig {
+                SIGHUP => {
+                    let _ = ctl.send(ControlMsg::Reload);
+                }
+                _ => {
+                    tracing::info!("signal {sig}: fading out");
+                    return Ok(());
+                }
+            }
+        }
+        if deadline.is_some_and(|d| Instant::now() >= d) {
+            return Ok(());
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn composer_loop(mut composer: Composer, rx: Receiver<ComposerMsg>, telemetry: Arc<crate::audio::Telemetry>) {
+    loop {
+        match rx.recv_timeout(Duration::from_millis(2)) {
+            Ok(msg) => {
+                composer.handle(msg, telemetry.beat());
+                while let Ok(msg) = rx.try_recv() {
+                    composer.handle(msg, telemetry.beat());
+                }
+            }
+            Err(crossbeam_channel::RecvTimeoutError::Timeout) => {}
+            Err(crossbeam_channel::RecvTimeoutError::Disconnected) => return,
+        }
+        composer.fill(telemetry.beat());
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn conductor_loop(
+    mut conductor: Conductor,
+    inputs: Receiver<TimedEvent>,
+    ctl: Receiver<ControlMsg>,
+    composer: Sender<ComposerMsg>,
+    reply: UdpSocket,
+    stats: Arc<OscStats>,
+    scene_path: PathBuf,
+    started: Instant,
+) {
+    let mut last_tick = Instant::now();
+    let mut outcomes: Vec<Outcome> = Vec::new();
+    loop {
+        let wait = TICK.saturating_sub(last_tick.elapsed());
+        select! {
+            recv(inputs) -> ev => {
+                if let Ok(ev) = ev {
+                    match conductor.handle(ev) {
+                        Ok(o) => outcomes.push(o),
+                        Err(e) => tracing::error!("{e}; keeping the scene that plays"),
+                    }
+                }
+            }
+            recv(ctl) -> msg => match msg {
+                Ok(ControlMsg::Reload) => match Scene::load(&scene_path) {
+                    Ok(scene) => match conductor.switch_scene(scene) {
+                        Ok(m) => {
+                            tracing::info!("SIGHUP: reloaded {}", scene_path.display());
+                            outcomes.push(Outcome::Composer(m));
+                        }
+                        Err(e) => tracing::error!("SIGHUP: {e}; keeping the scene that plays"),
+                    },
+                    Err(e) => tracing::error!("SIGHUP: {e}; keeping the scene that plays"),
+                },
+                Ok(ControlMsg::FadeOut(s)) => conductor.send(Command::FadeOut(s)),
+                Ok(ControlMsg::Stop) | Err(_) => return,
+            },
+            default(wait) => {}
+        }
+        if last_tick.elapsed() >= TICK {
+            let dt = last_tick.elapsed().as_secs_f32();
+            last_tick = Instant::now();
+            match conductor.tick(dt) {
+                Ok((msg, more)) => {
+                    outcomes.extend(more);
+                    let _ = composer.try_send(msg);
+                }
+                Err(e) => tracing::error!("{e}"),
+            }
+        }
+        for o in outcomes.drain(..) {
+            match o {
+                Outcome::Nothing => {}
+                Outcome::Composer(m) => {
+                    if composer.send(m).is_err() {
+                        return;
+                    }
+                }
+                Outcome::Status(addr) => send_status(&conductor, &reply, addr, &stats, started),
+            }
+        }
+    }
+}
+
+/// Replies `/roomscore/status` with: scene (s), tempo (f), notes played (i), dropped messages
+/// (i), xruns (i), source (s), invalid messages (i), late notes (i), sounding voices (i),
+/// seconds playing (f), audio load peak in percent (f).
+fn send_status(c: &Conductor, socket: &UdpSocket, to: SocketAddr, stats: &OscStats, started: Instant) {
+    let t = &c.telemetry;
+    let clamp = |v: u64| v.min(i32::MAX as u64) as i32;
+    let msg = OscMessage {
+        addr: "/roomscore/status".into(),
+        args: vec![
+            OscType::String(c.scene.name.clone()),
+            OscType::Float(t.tempo() as f32),
+            OscType::Int(clamp(t.notes_played.load(Relaxed))),
+            OscType::Int(clamp(stats.dropped.load(Relaxed) + c.commands_full)),
+            OscType::Int(clamp(t.xruns.load(Relaxed))),
+            OscType::String(c.source_name.lock().map(|s| s.clone()).unwrap_or_default()),
+            OscType::Int(clamp(stats.invalid.load(Relaxed))),
+            OscType::Int(clamp(t.notes_late.load(Relaxed))),
+            OscType::Int(t.voices_active.load(Relaxed) as i32),
+            OscType::Float(started.elapsed().as_secs_f32()),
+            OscType::Float(t.load_max_ppm.load(Relaxed) as f32 / 1e4),
+        ],
+    };
+    match nannou_osc::rosc::encoder::encode(&OscPacket::Message(msg)) {
+        Ok(bytes) => {
+            if let Err(e) = socket.send_to(&bytes, to) {
+                tracing::warn!("status reply to {to}: {e}");
+            }
+        }
+        Err(e) => tracing::warn!("status reply: {e}"),
+    }
+}

@@ -1,0 +1,100 @@
+//! Recording what the room heard: the audio thread pushes its output into a bounded queue, and
+//! a writer thread drains it into a float WAV. Stopping drains the queue and finalises the
+//! header, so a recording ends cleanly on SIGTERM.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+#[derive(Debug, thiserror::Error)]
+pub enum RecordError {
+    #[error("{path}: cannot record: {message}")]
+    Wav { path: PathBuf, message: String },
+}
+
+pub struct Recorder {
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<Result<u64, RecordError>>>,
+    path: PathBuf,
+}
+
+impl Recorder {
+    /// Creates the file now (so a bad path fails before any sound) and starts the writer.
+    /// The queue holds `seconds` of audio.
+    pub fn start(
+        path: &Path,
+        sample_rate: u32,
+        seconds: f32,
+    ) -> Result<(Recorder, rtrb::Producer<f32>), RecordError> {
+        let err = |e: hound::Error| RecordError::Wav {
+            path: path.to_path_buf(),
+            message: e.to_string(),
+        };
+        let spec = hound::WavSpec {
+            channels: 2,
+            sample_rate,
+            bits_per_sample: 32,
+            sample_format: hound::SampleFormat::Float,
+        };
+        let mut writer = hound::WavWriter::create(path, spec).map_err(err)?;
+        let (tx, mut rx) = rtrb::RingBuffer::new((sample_rate as f32 * seconds) as usize * 2);
+        let stop = Arc::new(AtomicBool::new(false));
+        let stop2 = stop.clone();
+        let p = path.to_path_buf();
+        let thread = std::thread::Builder::new()
+            .name("recorder".into())
+            .spawn(move || {
+                let err = |e: hound::Error| RecordError::Wav {
+                    path: p.clone(),
+                    message: e.to_string(),
+                };
+                let mut written = 0u64;
+                loop {
+                    let stopping = stop2.load(Ordering::Acquire);
+                    let n = rx.slots();
+                    // Whole frames only, so a stop never leaves half a frame.
+                    let n = n - n % 2;
+                    if n > 0 {
+                        let chunk = rx.read_chunk(n).expect("slots were counted");
+                        let (a, b) = chunk.as_slices();
+                        for &s in a.iter().chain(b) {
+                            writer.write_sample(s).map_err(err)?;
+                        }
+                        chunk.commit_all();
+                        written += n as u64 / 2;
+                    }
+                    if stopping && rx.is_empty() {
+                        break;
+                    }
+                    if n == 0 {
+                        std::thread::sleep(Duration::from_millis(10));
+                    }
+                }
+                writer.finalize().map_err(err)?;
+                Ok(written)
+            })
+            .expect("spawn recorder thread");
+        Ok((
+            Recorder {
+                stop,
+                thread: Some(thread),
+                path: path.to_path_buf(),
+            },
+            tx,
+        ))
+    }
+
+    /// Drains what is queued, closes the file, and returns the frames written.
+    pub fn finish(mut self) -> Result<u64, RecordError> {
+        self.stop.store(true, Ordering::Release);
+        match self.thread.take().map(JoinHandle::join) {
+            Some(Ok(r)) => r,
+            _ => Err(RecordError::Wav {
+                path: self.path.clone(),
+                message: "writer thread panicked".into(),
+            }),
+        }
+    }
+}

@@ -1,0 +1,440 @@
+//! One running engine, outside the audio thread: the `Conductor` (control loop, scene changes,
+//! sample layers, commands to the audio thread) and the `Composer` (the generator, feeding the
+//! note queue ahead of the playhead). Live, each runs on its own thread; offline, the renderer
+//! steps both in lockstep with the audio engine, which is what makes renders reproducible.
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use crate::audio::{AudioEngine, Command, LayerError, Layers, Rig, RigHandle, TempoTarget, Telemetry};
+use crate::control::{ControlLoop, Controls};
+use crate::gen::rules::RuleSource;
+use crate::gen::{Generator, NoteEvent, NoteSource, SamplingParams, STEPS_PER_BEAT};
+use crate::input::{InputEvent, TimedEvent, When};
+use crate::midi::Score;
+use crate::scene::{InputName, Scene, SceneError, SourceKind};
+
+#[derive(Debug, thiserror::Error)]
+pub enum SessionError {
+    #[error(transparent)]
+    Scene(#[from] SceneError),
+    #[error(transparent)]
+    Layer(#[from] LayerError),
+}
+
+/// Builds the composer a scene asks for. A model that cannot run is logged once and replaced by
+/// the rule-based source, so the room never goes silent.
+pub fn make_source(scene: &Scene, seed: u64) -> Box<dyn NoteSource> {
+    let rules = || Box::new(RuleSource::new(scene.tonic, scene.generator.scale_lock, seed));
+    match scene.generator.source {
+        SourceKind::Rules => rules(),
+        SourceKind::Model => match crate::model_source(scene, seed) {
+            Ok(source) => source,
+            Err(why) => {
+                tracing::error!("model cannot run, playing the rule-based source instead: {why}");
+                rules()
+            }
+        },
+    }
+}
+
+fn sampling(c: &Controls, scene: &Scene) -> SamplingParams {
+    SamplingParams {
+        temperature: c.temperature,
+        top_p: scene.generator.top_p,
+    }
+}
+
+/// What the composer plays: the generator, or a given score.
+pub enum Composition {
+    Generated(Box<Generator>),
+    Score { events: Vec<NoteEvent>, next: usize },
+}
+
+/// Messages from the conductor to the composer.
+pub enum ComposerMsg {
+    Controls {
+        controls: Controls,
+        params: SamplingParams,
+    },
+    /// A new scene's generator; the old one's notes are released.
+    Replace {
+        composition: Composition,
+        lookahead: f64,
+    },
+}
+
+/// The generator side: fills the note queue up to the lookahead.
+pub struct Composer {
+    composition: Composition,
+    notes: rtrb::Producer<NoteEvent>,
+    lookahead: f64,
+    /// Every event sent, kept for the MIDI file of a render.
+    pub capture: Option<Vec<NoteEvent>>,
+    /// The name of the source now composing, for `/roomscore/status`.
+    pub source_name: Arc<Mutex<String>>,
+}
+
+impl Composer {
+    pub fn new(composition: Composition, notes: rtrb::Producer<NoteEvent>, lookahead: f64) -> Self {
+        let name = match &composition {
+            Composition::Generated(g) => g.source_name().to_string(),
+            Composition::Score { .. } => "score".to_string(),
+        };
+        Self {
+            composition,
+            notes,
+            lookahead,
+            capture: None,
+            source_name: Arc::new(Mutex::new(name)),
+        }
+    }
+
+    /// Publishes the source's name when it changed (a scene change, or a fallback).
+    fn publish_source(&self) {
+        let name = self.source_name();
+        if let Ok(mut shown) = self.source_name.lock() {
+            if *shown != name {
+                *shown = name.to_string();
+            }
+        }
+    }
+
+    pub fn source_name(&self) -> &str {
+        match &self.composition {
+            Composition::Generated(g) => g.source_name(),
+            Composition::Score { .. } => "score",
+        }
+    }
+
+    pub fn generator(&self) -> Option<&Generator> {
+        match &self.composition {
+            Composition::Generated(g) => Some(g),
+            Composition::Score { .. } => None,
+        }
+    }
+
+    pub fn handle(&mut self, msg: ComposerMsg, playhead: f64) {
+        match msg {
+            ComposerMsg::Controls { controls, params } => {
+                if let Composition::Generated(g) = &mut self.composition {
+                    g.set_controls(&controls.cond, params, controls.velocity);
+                }
+            }
+            ComposerMsg::Replace {
+                composition,
+                lookahead,
+            } => {
+                let (notes, capture) = (&mut self.notes, &mut self.capture);
+                let mut push = |e: NoteEvent| push_note(notes, capture, e);
+                if let Composition::Generated(old) = &mut self.composition {
+                    old.release_all(playhead, &mut push);
+                }
+                self.composition = composition;
+                self.lookahead = lookahead;
+                if let Composition::Generated(g) = &mut self.composition {
+                    // Start on the next 16th after what was already committed.
+                    let step = ((playhead + lookahead) * STEPS_PER_BEAT as f64).ceil() as u64;
+                    g.start_at(step);
+                }
+                self.publish_source();
+            }
+        }
+    }
+
+    /// Sends every note due before `playhead + lookahead`.
+    pub fn fill(&mut self, playhead: f64) {
+        let horizon = playhead + self.lookahead;
+        let (notes, capture) = (&mut self.notes, &mut self.capture);
+        match &mut self.composition {
+            Composition::Generated(g) => {
+                let before = g.stats().fallbacks;
+                g.fill(playhead, horizon, &mut |e| push_note(notes, capture, e));
+                if g.stats().fallbacks != before {
+                    self.publish_source();
+                }
+            }
+            Composition::Score { events, next } => {
+                while let Some(e) = events.get(*next) {
+                    if e.beat >= horizon || !push_note(notes, capture, *e) {
+                        break;
+                    }
+                    *next += 1;
+                }
+            }
+        }
+    }
+}
+
+fn push_note(
+    notes: &mut rtrb::Producer<NoteEvent>,
+    capture: &mut Option<Vec<NoteEvent>>,
+    e: NoteEvent,
+) -> bool {
+    if notes.push(e).is_err() {
+        return false;
+    }
+    if let Some(c) = capture {
+        c.push(e);
+    }
+    true
+}
+
+/// The control side: room inputs, scene changes, parameters, commands.
+pub struct Conductor {
+    pub scene: Scene,
+    scenes_dir: PathBuf,
+    pub control: ControlLoop,
+    rig: RigHandle,
+    layers: Option<Layers>,
+    commands: rtrb::Producer<Command>,
+    garbage: rtrb::Consumer<Box<Rig>>,
+    pub tempo: Arc<TempoTarget>,
+    pub telemetry: Arc<Telemetry>,
+    sample_rate: f32,
+    seed: u64,
+    /// Inputs time-tagged for later, waiting for their sample.
+    scheduled: Vec<(u64, InputEvent)>,
+    /// Commands that found the audio queue full, retried each tick.
+    backlog: std::collections::VecDeque<Command>,
+    pub commands_full: u64,
+    pub last_controls: Option<Controls>,
+    /// Tempo changes as (beat, BPM), for the MIDI file of a render.
+    pub tempo_log: Vec<(f64, f64)>,
+    /// The composer's source, as it publishes it.
+    pub source_name: Arc<Mutex<String>>,
+}
+
+/// Everything a running engine is made of.
+pub struct Parts {
+    pub engine: AudioEngine,
+    pub conductor: Conductor,
+    pub composer: Composer,
+}
+
+pub struct BuildOptions<'a> {
+    pub sample_rate: f32,
+    pub seed: Option<u64>,
+    pub score: Option<Score>,
+    pub recorder: Option<rtrb::Producer<f32>>,
+    pub scenes_dir: &'a Path,
+}
+
+pub fn build(scene: Scene, opts: BuildOptions) -> Result<Parts, SessionError> {
+    let sr = opts.sample_rate;
+    let seed = opts.seed.unwrap_or(scene.generator.seed);
+    let (rig, handle) = Rig::build(&scene, sr);
+    let (mut layers, renderer) = match scene.layers.is_empty() {
+        true => (None, None),
+        false => {
+            let (l, r) = Layers::new(sr as u32)?;
+            (Some(l), Some(r))
+        }
+    };
+    if let Some(l) = &mut layers {
+        let decoded = Layers::decode(&scene)?;
+        l.play(&scene, decoded)?;
+    }
+    let mut control = ControlLoop::new(&scene);
+    let composition = match opts.score {
+        Some(score) => {
+            if let Some(t) = score.tempo {
+                control.set_tempo(t);
+            }
+            Composition::Score {
+                events: score.events,
+                next: 0,
+            }
+        }
+        None => Composition::Generated(Box::new(new_generator(&scene, &control.tick(0.0), seed))),
+    };
+    let controls = control.tick(0.0);
+    handle.apply(&controls);
+    let tempo = Arc::new(TempoTarget::new(controls.tempo));
+    let telemetry = Arc::new(Telemetry::default());
+    let (engine, queues) = AudioEngine::new(
+        rig,
+        sr,
+        tempo.clone(),
+        telemetry.clone(),
+        renderer,
+        opts.recorder,
+    );
+    let composer = Composer::new(composition, queues.notes, scene.generator.lookahead);
+    let conductor = Conductor {
+        scenes_dir: opts.scenes_dir.to_path_buf(),
+        control,
+        rig: handle,
+        layers,
+        commands: queues.commands,
+        garbage: queues.garbage,
+        tempo,
+        telemetry,
+        sample_rate: sr,
+        seed,
+        scheduled: Vec::new(),
+        backlog: Default::default(),
+        commands_full: 0,
+        last_controls: None,
+        tempo_log: vec![(0.0, controls.tempo)],
+        source_name: composer.source_name.clone(),
+        scene,
+    };
+    Ok(Parts {
+        engine,
+        conductor,
+        composer,
+    })
+}
+
+fn new_generator(scene: &Scene, controls: &Controls, seed: u64) -> Generator {
+    let source = make_source(scene, seed);
+    let ahead = if source.name() == "rules" { 0 } else { 4 };
+    Generator::new(
+        source,
+        scene.tonic,
+        scene.generator.scale_lock,
+        seed,
+        controls.cond.clone(),
+        sampling(controls, scene),
+        controls.velocity,
+    )
+    .with_decode_ahead(ahead)
+}
+
+/// What handling an input asks of the caller.
+pub enum Outcome {
+    Nothing,
+    /// Send this to the composer.
+    Composer(ComposerMsg),
+    /// Reply to a status request.
+    Status(std::net::SocketAddr),
+}
+
+impl Conductor {
+    pub fn send(&mut self, cmd: Command) {
+        if !self.backlog.is_empty() {
+            self.backlog.push_back(cmd);
+            return;
+        }
+        if let Err(rtrb::PushError::Full(cmd)) = self.commands.push(cmd) {
+            self.commands_full += 1;
+            self.backlog.push_back(cmd);
+        }
+    }
+
+    fn flush(&mut self) {
+        while let Some(cmd) = self.backlog.pop_front() {
+            if let Err(rtrb::PushError::Full(cmd)) = self.commands.push(cmd) {
+                self.backlog.push_front(cmd);
+                break;
+            }
+        }
+    }
+
+    pub fn now_sample(&self) -> u64 {
+        self.telemetry
+            .sample_clock
+            .load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Applies one input. Notes go straight to the audio thread (on their sample, when tagged);
+    /// everything else waits for its sample here, if it has one.
+    pub fn handle(&mut self, ev: TimedEvent) -> Result<Outcome, SessionError> {
+        if let (When::Sample(s), false) = (ev.when, matches!(ev.event, InputEvent::Note { .. })) {
+            if s > self.now_sample() {
+                self.scheduled.push((s, ev.event));
+                return Ok(Outcome::Nothing);
+            }
+        }
+        let at = match ev.when {
+            When::Sample(s) => Some(s),
+            When::Now => None,
+        };
+        self.apply(ev.event, at)
+    }
+
+    fn apply(&mut self, event: InputEvent, at: Option<u64>) -> Result<Outcome, SessionError> {
+        match event {
+            InputEvent::Movement(v) => self.control.set_input(InputName::Movement, v),
+            InputEvent::Mood { valence, arousal } => {
+                self.control.set_input(InputName::Valence, valence);
+                self.control.set_input(InputName::Arousal, arousal);
+            }
+            InputEvent::Presence(n) => self.control.set_input(InputName::Presence, n as f32),
+            InputEvent::Named(name, v) => self.control.set_input(InputName::Named(name), v),
+            InputEvent::Tempo(bpm) => self.control.set_tempo(bpm as f64),
+            InputEvent::Volume(v) => self.control.set_volume(v),
+            InputEvent::Note { pitch, velocity } => self.send(Command::Note {
+                pitch,
+                velocity: velocity as f32 / 127.0,
+                on: velocity > 0,
+                at,
+            }),
+            InputEvent::Scene(name) => {
+                let path = crate::scene::resolve(&name, &self.scenes_dir);
+                let scene = Scene::load(&path)?;
+                return self.switch_scene(scene).map(Outcome::Composer);
+            }
+            InputEvent::Status(addr) => return Ok(Outcome::Status(addr)),
+        }
+        Ok(Outcome::Nothing)
+    }
+
+    /// Builds the new scene's rig and layers here (they allocate), then hands them over.
+    pub fn switch_scene(&mut self, scene: Scene) -> Result<ComposerMsg, SessionError> {
+        let decoded = Layers::decode(&scene)?;
+        if self.layers.is_none() && !scene.layers.is_empty() {
+            tracing::warn!(
+                "scene {:?} has sample layers but the engine started without any; they stay silent until restart",
+                scene.name
+            );
+        }
+        if let Some(l) = &mut self.layers {
+            l.play(&scene, decoded)?;
+        }
+        let (rig, handle) = Rig::build(&scene, self.sample_rate);
+        self.send(Command::SwapRig(Box::new(rig)));
+        self.rig = handle;
+        self.control.switch_scene(&scene);
+        let controls = self.control.tick(0.0);
+        self.rig.apply(&controls);
+        let generator = new_generator(&scene, &controls, self.seed);
+        tracing::info!(scene = %scene.name, source = generator.source_name(), "scene changed");
+        let lookahead = scene.generator.lookahead;
+        self.scene = scene;
+        Ok(ComposerMsg::Replace {
+            composition: Composition::Generated(Box::new(generator)),
+            lookahead,
+        })
+    }
+
+    /// Advances the control loop by `dt` seconds: applies due scheduled inputs, moves the rig's
+    /// parameters, and returns the controls for the composer.
+    pub fn tick(&mut self, dt: f32) -> Result<(ComposerMsg, Vec<Outcome>), SessionError> {
+        let now = self.now_sample();
+        let mut outcomes = Vec::new();
+        if !self.scheduled.is_empty() {
+            self.scheduled.sort_by_key(|(s, _)| *s);
+            let due = self.scheduled.partition_point(|(s, _)| *s <= now);
+            let ready: Vec<_> = self.scheduled.drain(..due).collect();
+            for (s, ev) in ready {
+                outcomes.push(self.apply(ev, Some(s))?);
+            }
+        }
+        self.flush();
+        while self.garbage.pop().is_ok() {}
+        let controls = self.control.tick(dt);
+        self.rig.apply(&controls);
+        if (self.tempo.get() - controls.tempo).abs() > 1e-9 {
+            self.tempo.set(controls.tempo);
+            self.tempo_log.push((self.telemetry.beat(), controls.tempo));
+        }
+        if let Some(l) = &mut self.layers {
+            l.apply(&controls.layer_level);
+        }
+        let params = sampling(&controls, &self.scene);
+        self.last_controls = Some(controls.clone());
+        Ok((ComposerMsg::Controls { controls, params }, outcomes))
+    }
+}
