@@ -22,3 +22,5 @@ pub mod logging;
 pub mod output;
 pub mod play;
 pub mod record;
+pub mod loudness;
+pub mod systemd;

@@ -2,6 +2,7 @@
 //! night in the gallery. Everything becomes an `InputEvent` before the control loop sees it.
 
 pub mod dispatch;
+pub mod access;
 pub mod log;
 pub mod osc;
 
