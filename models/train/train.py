@@ -17,10 +17,14 @@ import os
 import sys
 import time
 
-import numpy as np
-import torch
+# On a machine shared with other builds, OpenMP threads that spin at barriers waste the cores; a
+# passive wait policy measured ~2.5x faster here under load (must be set before torch loads libgomp).
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
 import torch.nn.functional as F
-from tqdm import tqdm
+from tqdm import tqdm  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common as C  # noqa: E402
