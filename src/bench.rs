@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
 
-use crate::audio::{AudioEngine, Command, Rig, TempoTarget, Telemetry};
+use crate::audio::{AudioEngine, Command, Rig, Telemetry, TempoTarget};
 use crate::render::{render, RenderOptions};
 use crate::scene::Scene;
 
@@ -66,7 +66,11 @@ pub struct CallbackCost {
 }
 
 /// Times `callbacks` calls of the audio callback with 32 voices sounding.
-pub fn callback_cost(buffer: usize, callbacks: usize, sample_rate: f32) -> anyhow::Result<CallbackCost> {
+pub fn callback_cost(
+    buffer: usize,
+    callbacks: usize,
+    sample_rate: f32,
+) -> anyhow::Result<CallbackCost> {
     let scene = Scene::parse(VOICES_SCENE, Path::new("bench32.toml"))?;
     let (rig, _handle) = Rig::build(&scene, sample_rate);
     let (mut engine, mut queues) = AudioEngine::new(
@@ -130,8 +134,16 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     } else {
         args.scene.clone()
     };
-    println!("machine: {} logical CPUs; render runs on one thread", std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1));
-    println!("offline render, {:.0} s of music per scene at 48 kHz:", args.seconds);
+    println!(
+        "machine: {} logical CPUs; render runs on one thread",
+        std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1)
+    );
+    println!(
+        "offline render, {:.0} s of music per scene at 48 kHz:",
+        args.seconds
+    );
     for path in scenes {
         let t = Instant::now();
         let r = render(&RenderOptions {

@@ -11,7 +11,11 @@ use clap::{Parser, Subcommand};
 static ALLOC: assert_no_alloc::AllocDisabler = assert_no_alloc::AllocDisabler;
 
 #[derive(Parser)]
-#[command(name = "roomscore", version, about = "A real-time generative music engine for rooms")]
+#[command(
+    name = "roomscore",
+    version,
+    about = "A real-time generative music engine for rooms"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Cmd,
@@ -125,7 +129,11 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     }
                 }
             }
-            Ok(if ok { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+            Ok(if ok {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            })
         }
         Cmd::Devices => {
             roomscore::output::list_devices()?;

@@ -41,7 +41,10 @@ pub fn write(path: &Path, events: &[NoteEvent], tempi: &[(f64, f64)]) -> Result<
     )];
     for &(beat, bpm) in tempi {
         let us = (60_000_000.0 / bpm.clamp(1.0, 1000.0)).round() as u32;
-        tempo_track.push((tick(beat), TrackEventKind::Meta(MetaMessage::Tempo(u24::new(us)))));
+        tempo_track.push((
+            tick(beat),
+            TrackEventKind::Meta(MetaMessage::Tempo(u24::new(us))),
+        ));
     }
     let mut tracks = vec![finish(tempo_track)];
     for (voice, name) in TRACK_NAMES.iter().enumerate() {
@@ -63,7 +66,11 @@ pub fn write(path: &Path, events: &[NoteEvent], tempi: &[(f64, f64)]) -> Result<
                         vel: u7::new(0),
                     }
                 };
-                (tick(e.beat), e.on, TrackEventKind::Midi { channel, message })
+                (
+                    tick(e.beat),
+                    e.on,
+                    TrackEventKind::Midi { channel, message },
+                )
             })
             .collect();
         if evs.is_empty() {
@@ -71,7 +78,10 @@ pub fn write(path: &Path, events: &[NoteEvent], tempi: &[(f64, f64)]) -> Result<
         }
         // Offs before ons at the same tick, so a repeated note is not cut by its own end.
         evs.sort_by_key(|(t, on, _)| (*t, *on));
-        let mut track = vec![(0, TrackEventKind::Meta(MetaMessage::TrackName(name.as_bytes())))];
+        let mut track = vec![(
+            0,
+            TrackEventKind::Meta(MetaMessage::TrackName(name.as_bytes())),
+        )];
         track.extend(evs.into_iter().map(|(t, _, k)| (t, k)));
         tracks.push(finish(track));
     }

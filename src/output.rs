@@ -132,7 +132,13 @@ pub fn negotiate(req: &OutputRequest) -> Result<Negotiated, OutputError> {
 
 /// The callback body shared by every output: run the engine if it is free, and account.
 #[inline]
-fn callback(engine: &SharedEngine, data: &mut [f32], channels: usize, telemetry: &Telemetry, sample_rate: f32) {
+fn callback(
+    engine: &SharedEngine,
+    data: &mut [f32],
+    channels: usize,
+    telemetry: &Telemetry,
+    sample_rate: f32,
+) {
     let started = Instant::now();
     match engine.try_lock() {
         Ok(mut e) => {
@@ -237,10 +243,15 @@ pub fn start_cpal(
         lost,
         description: format!(
             "{} device {:?}, {} ch, {} Hz, {} frames, {:?}",
-            neg.host, neg.name, neg.channels, neg.sample_rate, match neg.config.buffer_size {
+            neg.host,
+            neg.name,
+            neg.channels,
+            neg.sample_rate,
+            match neg.config.buffer_size {
                 cpal::BufferSize::Fixed(n) => n,
                 cpal::BufferSize::Default => 0,
-            }, neg.format
+            },
+            neg.format
         ),
     })
 }
@@ -254,7 +265,12 @@ pub struct NullOutput {
 }
 
 impl NullOutput {
-    pub fn start(engine: SharedEngine, telemetry: Arc<Telemetry>, sample_rate: u32, frames: u32) -> Self {
+    pub fn start(
+        engine: SharedEngine,
+        telemetry: Arc<Telemetry>,
+        sample_rate: u32,
+        frames: u32,
+    ) -> Self {
         let stop = Arc::new(AtomicBool::new(false));
         let stop2 = stop.clone();
         let thread = std::thread::Builder::new()
@@ -310,9 +326,20 @@ pub fn list_devices() -> anyhow::Result<()> {
                             let name = device_name(&d);
                             let cfg = d
                                 .default_output_config()
-                                .map(|c| format!("{} ch, {} Hz, {:?}", c.channels(), c.sample_rate(), c.sample_format()))
+                                .map(|c| {
+                                    format!(
+                                        "{} ch, {} Hz, {:?}",
+                                        c.channels(),
+                                        c.sample_rate(),
+                                        c.sample_format()
+                                    )
+                                })
                                 .unwrap_or_else(|e| format!("unusable: {e}"));
-                            let star = if Some(&name) == default.as_ref() { "*" } else { " " };
+                            let star = if Some(&name) == default.as_ref() {
+                                "*"
+                            } else {
+                                " "
+                            };
                             println!("  {star} {name}  [{cfg}]");
                         }
                     }

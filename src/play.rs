@@ -19,7 +19,7 @@ use crate::input::TimedEvent;
 use crate::output::{self, NullOutput, Output, OutputRequest};
 use crate::record::Recorder;
 use crate::scene::Scene;
-use crate::session::{self, BuildOptions, ComposerMsg, Composer, Conductor, Outcome, Parts};
+use crate::session::{self, BuildOptions, Composer, ComposerMsg, Conductor, Outcome, Parts};
 
 const TICK: Duration = Duration::from_millis(5);
 const FADE_SECONDS: f32 = 1.0;
@@ -120,10 +120,20 @@ pub fn run(args: PlayArgs) -> anyhow::Result<()> {
             Ok(o) => o,
             Err(e) => {
                 tracing::warn!("{e}; playing on against the null output");
-                Output::Null(NullOutput::start(engine.clone(), telemetry.clone(), sample_rate, args.buffer))
+                Output::Null(NullOutput::start(
+                    engine.clone(),
+                    telemetry.clone(),
+                    sample_rate,
+                    args.buffer,
+                ))
             }
         },
-        None => Output::Null(NullOutput::start(engine.clone(), telemetry.clone(), sample_rate, args.buffer)),
+        None => Output::Null(NullOutput::start(
+            engine.clone(),
+            telemetry.clone(),
+            sample_rate,
+            args.buffer,
+        )),
     };
     tracing::info!(
         scene = %conductor.scene.name,
@@ -135,7 +145,9 @@ pub fn run(args: PlayArgs) -> anyhow::Result<()> {
 
     let stats = Arc::new(OscStats::default());
     let (input_tx, input_rx) = crossbeam_channel::bounded::<TimedEvent>(4096);
-    let reply = socket.try_clone().context("cloning the OSC socket for replies")?;
+    let reply = socket
+        .try_clone()
+        .context("cloning the OSC socket for replies")?;
     let osc_thread = OscThread::spawn(
         socket,
         LiveClock {
@@ -221,7 +233,11 @@ fn wait_for_stop(ctl: &Sender<ControlMsg>, seconds: Option<f64>) -> anyhow::Resu
     }
 }
 
-fn composer_loop(mut composer: Composer, rx: Receiver<ComposerMsg>, telemetry: Arc<crate::audio::Telemetry>) {
+fn composer_loop(
+    mut composer: Composer,
+    rx: Receiver<ComposerMsg>,
+    telemetry: Arc<crate::audio::Telemetry>,
+) {
     loop {
         match rx.recv_timeout(Duration::from_millis(2)) {
             Ok(msg) => {
@@ -305,7 +321,13 @@ fn conductor_loop(
 /// Replies `/roomscore/status` with: scene (s), tempo (f), notes played (i), dropped messages
 /// (i), xruns (i), source (s), invalid messages (i), late notes (i), sounding voices (i),
 /// seconds playing (f), audio load peak in percent (f).
-fn send_status(c: &Conductor, socket: &UdpSocket, to: SocketAddr, stats: &OscStats, started: Instant) {
+fn send_status(
+    c: &Conductor,
+    socket: &UdpSocket,
+    to: SocketAddr,
+    stats: &OscStats,
+    started: Instant,
+) {
     let t = &c.telemetry;
     let clamp = |v: u64| v.min(i32::MAX as u64) as i32;
     let msg = OscMessage {

@@ -6,7 +6,9 @@
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
-use crate::audio::{AudioEngine, Command, LayerError, Layers, Rig, RigHandle, TempoTarget, Telemetry};
+use crate::audio::{
+    AudioEngine, Command, LayerError, Layers, Rig, RigHandle, Telemetry, TempoTarget,
+};
 use crate::control::{ControlLoop, Controls};
 use crate::gen::rules::RuleSource;
 use crate::gen::{Generator, NoteEvent, NoteSource, SamplingParams, STEPS_PER_BEAT};
@@ -25,7 +27,13 @@ pub enum SessionError {
 /// Builds the composer a scene asks for. A model that cannot run is logged once and replaced by
 /// the rule-based source, so the room never goes silent.
 pub fn make_source(scene: &Scene, seed: u64) -> Box<dyn NoteSource> {
-    let rules = || Box::new(RuleSource::new(scene.tonic, scene.generator.scale_lock, seed));
+    let rules = || {
+        Box::new(RuleSource::new(
+            scene.tonic,
+            scene.generator.scale_lock,
+            seed,
+        ))
+    };
     match scene.generator.source {
         SourceKind::Rules => rules(),
         SourceKind::Model => match crate::model_source(scene, seed) {

@@ -168,7 +168,10 @@ impl AudioEngine {
     }
 
     /// Replaces the queue to the recorder, returning the old one.
-    pub fn set_recorder(&mut self, recorder: Option<rtrb::Producer<f32>>) -> Option<rtrb::Producer<f32>> {
+    pub fn set_recorder(
+        &mut self,
+        recorder: Option<rtrb::Producer<f32>>,
+    ) -> Option<rtrb::Producer<f32>> {
         std::mem::replace(&mut self.recorder, recorder)
     }
 
@@ -303,15 +306,32 @@ impl AudioEngine {
                 ll[k] = self.layer_buf[(pos + k) * 2];
                 lr[k] = self.layer_buf[(pos + k) * 2 + 1];
             }
-            self.rig
-                .render(n, self.clock, &ll[..n], &lr[..n], &mut self.left, &mut self.right);
+            self.rig.render(
+                n,
+                self.clock,
+                &ll[..n],
+                &lr[..n],
+                &mut self.left,
+                &mut self.right,
+            );
             if let Some(old) = &mut self.fading_rig {
                 let zero = [0f32; 64];
-                old.render(n, self.clock, &zero[..n], &zero[..n], &mut self.old_left, &mut self.old_right);
+                old.render(
+                    n,
+                    self.clock,
+                    &zero[..n],
+                    &zero[..n],
+                    &mut self.old_left,
+                    &mut self.old_right,
+                );
                 for k in 0..n {
-                    let x = ((self.crossfade + k as u32) as f32 / self.crossfade_len as f32).min(1.0);
+                    let x =
+                        ((self.crossfade + k as u32) as f32 / self.crossfade_len as f32).min(1.0);
                     // Equal-power crossfade between the scenes.
-                    let (g_old, g_new) = ((x * std::f32::consts::FRAC_PI_2).cos(), (x * std::f32::consts::FRAC_PI_2).sin());
+                    let (g_old, g_new) = (
+                        (x * std::f32::consts::FRAC_PI_2).cos(),
+                        (x * std::f32::consts::FRAC_PI_2).sin(),
+                    );
                     self.left[k] = self.left[k] * g_new + self.old_left[k] * g_old;
                     self.right[k] = self.right[k] * g_new + self.old_right[k] * g_old;
                 }
@@ -332,7 +352,10 @@ impl AudioEngine {
                         self.fade_step = 0.0;
                     }
                 }
-                let (l, r) = (self.left[k] * self.fade_gain, self.right[k] * self.fade_gain);
+                let (l, r) = (
+                    self.left[k] * self.fade_gain,
+                    self.right[k] * self.fade_gain,
+                );
                 let (l, r) = (sanitize(l), sanitize(r));
                 peak = peak.max(l.abs()).max(r.abs());
                 let frame = &mut out[(pos + k) * channels..(pos + k + 1) * channels];

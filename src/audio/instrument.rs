@@ -24,7 +24,8 @@ pub fn voice_unit(
         }
         InstrumentKind::Pluck => {
             // Bright at the attack, darkening as the envelope falls.
-            let osc = var(freq) >> ((saw() * 0.45) & (mul(2.0) >> square() * 0.1) & (triangle() * 0.3));
+            let osc =
+                var(freq) >> ((saw() * 0.45) & (mul(2.0) >> square() * 0.1) & (triangle() * 0.3));
             let cut = ((pass() * 1.4 + 0.12) * smooth_cutoff()) >> clip_to(40.0, 18_000.0);
             Box::new((osc | cut | dc(0.9)) >> lowpass())
         }
@@ -55,8 +56,7 @@ pub fn master_unit(
     sample_rate: f32,
 ) -> Box<dyn AudioUnit> {
     let ceiling = 10f32.powf(ceiling_db / 20.0);
-    let wet = reverb_stereo(room, time, 0.5)
-        * (var(reverb) >> follow(0.2) >> split::<U2>());
+    let wet = reverb_stereo(room, time, 0.5) * (var(reverb) >> follow(0.2) >> split::<U2>());
     let with_reverb = multipass::<U2>() & wet;
     let gain = var(volume) >> follow(0.05) >> split::<U2>();
     let chain = with_reverb

@@ -41,10 +41,7 @@ impl Backend for HandOff {
     type Error = LayerError;
 
     fn setup(settings: Self::Settings, _buffer: usize) -> Result<(Self, u32), Self::Error> {
-        Ok((
-            HandOff { tx: settings.tx },
-            settings.sample_rate,
-        ))
+        Ok((HandOff { tx: settings.tx }, settings.sample_rate))
     }
 
     fn start(&mut self, renderer: Renderer) -> Result<(), Self::Error> {
@@ -135,7 +132,9 @@ impl Layers {
             p.handle.stop(tween(2.0));
         }
         for (layer, (data, gain_db, fade)) in scene.layers.iter().zip(decoded) {
-            let data = data.volume(Decibels(gain_db)).fade_in_tween(Some(tween(fade)));
+            let data = data
+                .volume(Decibels(gain_db))
+                .fade_in_tween(Some(tween(fade)));
             let handle = self.manager.play(data).map_err(|e| LayerError::Play {
                 name: layer.name.clone(),
                 message: e.to_string(),

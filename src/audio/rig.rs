@@ -41,7 +41,11 @@ fn db_to_gain(db: f32) -> f32 {
 impl Rig {
     pub fn build(scene: &Scene, sample_rate: f32) -> (Rig, RigHandle) {
         let cutoff: Vec<Shared> = scene.instruments.iter().map(|i| shared(i.cutoff)).collect();
-        let gain_db: Vec<Shared> = scene.instruments.iter().map(|i| shared(i.gain_db)).collect();
+        let gain_db: Vec<Shared> = scene
+            .instruments
+            .iter()
+            .map(|i| shared(i.gain_db))
+            .collect();
         let reverb = shared(scene.master.reverb);
         let volume = shared(scene.master.volume);
         let pools = scene
@@ -59,7 +63,11 @@ impl Rig {
         routes[PERFORMER as usize] = 1 << scene.performer_index();
         let rig = Rig {
             pools,
-            gain_now: scene.instruments.iter().map(|i| db_to_gain(i.gain_db)).collect(),
+            gain_now: scene
+                .instruments
+                .iter()
+                .map(|i| db_to_gain(i.gain_db))
+                .collect(),
             gain_target: gain_db.clone(),
             routes,
             master: master_unit(

@@ -113,7 +113,11 @@ impl VoicePool {
             .voices
             .iter()
             .position(|v| v.tag == tag && v.pitch == pitch && !v.env.is_idle())
-            .or_else(|| self.voices.iter().position(|v| v.env.is_idle() && v.next.is_none()));
+            .or_else(|| {
+                self.voices
+                    .iter()
+                    .position(|v| v.env.is_idle() && v.next.is_none())
+            });
         if let Some(i) = idle {
             let v = &mut self.voices[i];
             v.next = None;
@@ -128,7 +132,12 @@ impl VoicePool {
             .enumerate()
             .filter(|(_, v)| v.env.is_releasing())
             .min_by(|a, b| a.1.env.level().total_cmp(&b.1.env.level()))
-            .or_else(|| self.voices.iter().enumerate().min_by_key(|(_, v)| v.started))
+            .or_else(|| {
+                self.voices
+                    .iter()
+                    .enumerate()
+                    .min_by_key(|(_, v)| v.started)
+            })
             .map(|(i, _)| i)
             .unwrap_or(0);
         let v = &mut self.voices[victim];

@@ -107,7 +107,12 @@ impl ControlLoop {
         };
         let mut this = Self {
             inputs: BTreeMap::new(),
-            mappings: scene.mappings.iter().cloned().map(MappingState::new).collect(),
+            mappings: scene
+                .mappings
+                .iter()
+                .cloned()
+                .map(MappingState::new)
+                .collect(),
             base_tempo: scene.tempo,
             base_volume: scene.master.volume,
             hours_gain: 1.0,
@@ -329,7 +334,10 @@ smooth = 0.0
         assert_eq!(c.input(&InputName::Valence), Some(-1.0));
         let after = c.tick(0.05).cond.major.unwrap();
         let expected = 0.5 * (-0.1f32).exp();
-        assert!((after - expected).abs() < 1e-5, "0.05 s into a 0.5 s smoother: {after}");
+        assert!(
+            (after - expected).abs() < 1e-5,
+            "0.05 s into a 0.5 s smoother: {after}"
+        );
         let mut last = 1.0;
         for _ in 0..500 {
             last = c.tick(0.01).cond.major.unwrap();

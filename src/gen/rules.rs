@@ -15,13 +15,13 @@ const VOICE_OFFSETS: [f32; VOICES] = [10.0, 3.0, -4.0, -13.0];
 const VOICE_ACTIVITY: [f32; VOICES] = [1.3, 1.0, 0.9, 0.8];
 /// Chords as scale degrees (0-based) of their root, for the progression walk.
 const PROGRESSION: [&[usize]; 7] = [
-    &[3, 4, 5, 1],    // I -> IV V vi ii
-    &[4, 6],          // ii -> V vii
-    &[5, 3],          // iii -> vi IV
-    &[4, 0, 1],       // IV -> V I ii
-    &[0, 5, 3],       // V -> I vi IV
-    &[1, 3, 4],       // vi -> ii IV V
-    &[0],             // vii -> I
+    &[3, 4, 5, 1], // I -> IV V vi ii
+    &[4, 6],       // ii -> V vii
+    &[5, 3],       // iii -> vi IV
+    &[4, 0, 1],    // IV -> V I ii
+    &[0, 5, 3],    // V -> I vi IV
+    &[1, 3, 4],    // vi -> ii IV V
+    &[0],          // vii -> I
 ];
 
 #[derive(Clone, Debug)]
@@ -236,15 +236,30 @@ mod tests {
     fn density_register_and_mode_are_honoured() {
         let sparse = run(&mut RuleSource::new(0, true, 3), &cond(1.0, 62.0, 1.0), 512);
         let dense = run(&mut RuleSource::new(0, true, 3), &cond(6.0, 62.0, 1.0), 512);
-        assert!(onsets(&dense) > 2 * onsets(&sparse), "{} vs {}", onsets(&dense), onsets(&sparse));
+        assert!(
+            onsets(&dense) > 2 * onsets(&sparse),
+            "{} vs {}",
+            onsets(&dense),
+            onsets(&sparse)
+        );
 
         let mean = |steps: &[Step]| {
-            let v: Vec<f32> = steps.iter().flatten().flatten().map(|&p| p as f32).collect();
+            let v: Vec<f32> = steps
+                .iter()
+                .flatten()
+                .flatten()
+                .map(|&p| p as f32)
+                .collect();
             v.iter().sum::<f32>() / v.len() as f32
         };
         let low = run(&mut RuleSource::new(0, true, 3), &cond(3.0, 52.0, 1.0), 512);
         let high = run(&mut RuleSource::new(0, true, 3), &cond(3.0, 70.0, 1.0), 512);
-        assert!(mean(&high) > mean(&low) + 8.0, "{} vs {}", mean(&high), mean(&low));
+        assert!(
+            mean(&high) > mean(&low) + 8.0,
+            "{} vs {}",
+            mean(&high),
+            mean(&low)
+        );
 
         let minor = run(&mut RuleSource::new(0, true, 3), &cond(3.0, 62.0, 0.0), 256);
         let c_minor = PitchSet::scale(0, Mode::Minor);
@@ -257,7 +272,11 @@ mod tests {
 
     #[test]
     fn voices_stay_in_range_and_do_not_cross() {
-        let steps = run(&mut RuleSource::new(5, true, 9), &cond(8.0, 66.0, 1.0), 1000);
+        let steps = run(
+            &mut RuleSource::new(5, true, 9),
+            &cond(8.0, 66.0, 1.0),
+            1000,
+        );
         for s in steps {
             for v in 0..4 {
                 if let Some(p) = s[v] {

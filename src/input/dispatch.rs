@@ -188,7 +188,7 @@ pub fn message(m: &OscMessage, from: SocketAddr) -> Result<InputEvent, DispatchE
         "/roomscore/movement" => {
             a.expect_len(1, "f (0..1)")?;
             Ok(InputEvent::Movement(
-                a.num(0, 0.0, 1.0, "0..1", "f (0..1)")? as f32
+                a.num(0, 0.0, 1.0, "0..1", "f (0..1)")? as f32,
             ))
         }
         "/roomscore/mood" => {
@@ -219,7 +219,7 @@ pub fn message(m: &OscMessage, from: SocketAddr) -> Result<InputEvent, DispatchE
         "/roomscore/tempo" => {
             a.expect_len(1, "f (BPM)")?;
             Ok(InputEvent::Tempo(
-                a.num(0, 20.0, 300.0, "20..300", "f (BPM)")? as f32
+                a.num(0, 20.0, 300.0, "20..300", "f (BPM)")? as f32,
             ))
         }
         "/roomscore/volume" => {
@@ -293,7 +293,10 @@ mod tests {
             msg("/roomscore/in/door", vec![OscType::Double(2.0)]),
             Ok(InputEvent::Named("door".into(), 2.0))
         );
-        assert_eq!(msg("/roomscore/status", vec![]), Ok(InputEvent::Status(from())));
+        assert_eq!(
+            msg("/roomscore/status", vec![]),
+            Ok(InputEvent::Status(from()))
+        );
     }
 
     #[test]

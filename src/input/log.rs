@@ -79,14 +79,19 @@ pub fn parse_line(line: &str) -> Result<LoggedMessage, String> {
         .and_then(Value::as_str)
         .ok_or("field \"addr\" must be a string")?;
     if !addr.starts_with('/') {
-        return Err(format!("field \"addr\" is {addr:?}, expected an OSC address"));
+        return Err(format!(
+            "field \"addr\" is {addr:?}, expected an OSC address"
+        ));
     }
     let args = match obj.get("args") {
         None => Vec::new(),
         Some(Value::Array(a)) => a
             .iter()
             .enumerate()
-            .map(|(i, v)| json_to_osc(v).ok_or_else(|| format!("args[{i}] = {v} is not a number, string or bool")))
+            .map(|(i, v)| {
+                json_to_osc(v)
+                    .ok_or_else(|| format!("args[{i}] = {v} is not a number, string or bool"))
+            })
             .collect::<Result<_, _>>()?,
         Some(other) => return Err(format!("field \"args\" is {other}, expected an array")),
     };
@@ -182,7 +187,9 @@ mod tests {
     #[test]
     fn bad_lines_say_what() {
         assert!(parse_line("{").unwrap_err().starts_with("not JSON"));
-        assert!(parse_line(r#"{"t": -1, "addr": "/a"}"#).unwrap_err().contains("-1"));
+        assert!(parse_line(r#"{"t": -1, "addr": "/a"}"#)
+            .unwrap_err()
+            .contains("-1"));
         assert!(parse_line(r#"{"t": 1, "addr": "/a", "argz": []}"#)
             .unwrap_err()
             .contains("argz"));
@@ -201,7 +208,10 @@ mod tests {
         )
         .unwrap();
         let err = read(&p).unwrap_err().to_string();
-        assert!(err.ends_with(":4: not JSON: expected ident at line 1 column 2"), "{err}");
+        assert!(
+            err.ends_with(":4: not JSON: expected ident at line 1 column 2"),
+            "{err}"
+        );
         std::fs::write(
             &p,
             "{\"t\": 1.0, \"addr\": \"/roomscore/movement\", \"args\": [0.5]}\n{\"t\": 0.5, \"addr\": \"/roomscore/tempo\", \"args\": [90]}\n",

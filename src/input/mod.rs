@@ -1,8 +1,8 @@
 //! Inputs from the room and the stage: OSC over UDP, and input logs (JSON Lines) that replay a
 //! night in the gallery. Everything becomes an `InputEvent` before the control loop sees it.
 
-pub mod dispatch;
 pub mod access;
+pub mod dispatch;
 pub mod log;
 pub mod osc;
 
@@ -12,13 +12,19 @@ use std::net::SocketAddr;
 #[derive(Clone, Debug, PartialEq)]
 pub enum InputEvent {
     Movement(f32),
-    Mood { valence: f32, arousal: f32 },
+    Mood {
+        valence: f32,
+        arousal: f32,
+    },
     Presence(i32),
     Scene(String),
     Tempo(f32),
     Volume(f32),
     /// Sound a note now on the performer instrument; velocity 0 releases it.
-    Note { pitch: u8, velocity: u8 },
+    Note {
+        pitch: u8,
+        velocity: u8,
+    },
     /// `/roomscore/in/<name>`
     Named(String, f32),
     /// Reply with the engine's status to this address.

@@ -11,5 +11,7 @@ pub fn load_source(scene: &Scene, _seed: u64) -> Result<Box<dyn NoteSource>, Str
         .as_ref()
         .map(|p| p.display().to_string())
         .unwrap_or_default();
-    Err(format!("{path}: this build has no ONNX runtime support yet"))
+    Err(format!(
+        "{path}: this build has no ONNX runtime support yet"
+    ))
 }

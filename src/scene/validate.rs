@@ -126,7 +126,10 @@ fn build(c: &mut Checker, raw: RawScene, path: &Path, base_dir: &Path) -> Scene 
     let tonic = parse_tonic(&meta.key).unwrap_or_else(|| {
         c.fail(
             &[key("scene"), key("key")],
-            format!("key {:?} is not a tonic such as \"C\", \"F#\" or \"Bb\"", meta.key),
+            format!(
+                "key {:?} is not a tonic such as \"C\", \"F#\" or \"Bb\"",
+                meta.key
+            ),
         );
         0
     });
@@ -181,7 +184,10 @@ fn build(c: &mut Checker, raw: RawScene, path: &Path, base_dir: &Path) -> Scene 
 
     let mut instruments = Vec::new();
     if raw.instruments.is_empty() {
-        c.fail(&[key("instrument")], "a scene needs at least one [[instrument]]");
+        c.fail(
+            &[key("instrument")],
+            "a scene needs at least one [[instrument]]",
+        );
     }
     for (i, ri) in raw.instruments.iter().enumerate() {
         instruments.push(instrument(c, i, ri));
@@ -289,7 +295,10 @@ fn instrument(c: &mut Checker, i: usize, ri: &RawInstrument) -> Instrument {
     if !valid_name(&ri.name) {
         c.fail(
             &ip("name"),
-            format!("name {:?} must be 1-64 letters, digits, '_' or '-'", ri.name),
+            format!(
+                "name {:?} must be 1-64 letters, digits, '_' or '-'",
+                ri.name
+            ),
         );
     }
     let kind = InstrumentKind::parse(&ri.kind).unwrap_or_else(|| {
@@ -306,12 +315,22 @@ fn instrument(c: &mut Checker, i: usize, ri: &RawInstrument) -> Instrument {
     for (j, v) in ri.voices.iter().enumerate() {
         match Voice::parse(v) {
             Some(voice) if voices.contains(&voice) => c.fail(
-                &[key("instrument"), Seg::Index(i), key("voices"), Seg::Index(j)],
+                &[
+                    key("instrument"),
+                    Seg::Index(i),
+                    key("voices"),
+                    Seg::Index(j),
+                ],
                 format!("voice {v:?} is listed twice"),
             ),
             Some(voice) => voices.push(voice),
             None => c.fail(
-                &[key("instrument"), Seg::Index(i), key("voices"), Seg::Index(j)],
+                &[
+                    key("instrument"),
+                    Seg::Index(i),
+                    key("voices"),
+                    Seg::Index(j),
+                ],
                 format!("voice {v:?} is not one of \"soprano\", \"alto\", \"tenor\", \"bass\""),
             ),
         }
@@ -345,7 +364,12 @@ fn instrument(c: &mut Checker, i: usize, ri: &RawInstrument) -> Instrument {
         decay: c.range(&ip("decay"), ri.decay.unwrap_or(decay), 0.001, 20.0),
         sustain: c.range(&ip("sustain"), ri.sustain.unwrap_or(sustain), 0.0, 1.0),
         release: c.range(&ip("release"), ri.release.unwrap_or(release), 0.005, 20.0),
-        cutoff: c.range(&ip("cutoff"), ri.cutoff.unwrap_or(default_cutoff), 40.0, 20000.0),
+        cutoff: c.range(
+            &ip("cutoff"),
+            ri.cutoff.unwrap_or(default_cutoff),
+            40.0,
+            20000.0,
+        ),
         octave: c.range(&ip("octave"), ri.octave.unwrap_or(0), -3, 3) as i8,
         pan: c.range(&ip("pan"), ri.pan.unwrap_or(0.0), -1.0, 1.0),
         spread: c.range(&ip("spread"), ri.spread.unwrap_or(0.3), 0.0, 1.0),
@@ -356,7 +380,10 @@ fn instrument(c: &mut Checker, i: usize, ri: &RawInstrument) -> Instrument {
 fn layer(c: &mut Checker, i: usize, rl: &RawLayer, base_dir: &Path) -> Layer {
     let lp = |f: &str| p(&[key("layer"), Seg::Index(i), key(f)]);
     if !valid_name(&rl.name) {
-        c.fail(&lp("name"), format!("name {:?} is not a valid name", rl.name));
+        c.fail(
+            &lp("name"),
+            format!("name {:?} is not a valid name", rl.name),
+        );
     }
     let file = base_dir.join(&rl.file);
     match std::fs::File::open(&file) {
@@ -534,13 +561,19 @@ range = [1.0, 6.0]
         let text = GOOD.replace("tempo = 90", "tempo = 90\ntempi = 3");
         let err = parse(&text).unwrap_err();
         let msg = err.to_string();
-        assert!(msg.starts_with("scenes/t.toml:5:1: unknown field `tempi`"), "{msg}");
+        assert!(
+            msg.starts_with("scenes/t.toml:5:1: unknown field `tempi`"),
+            "{msg}"
+        );
         assert!(msg.contains("tempi"), "{msg}");
     }
 
     #[test]
     fn out_of_range_names_field_and_line() {
-        let text = GOOD.replace("voices = [\"alto\", \"tenor\"]", "voices = [\"alto\", \"tenor\"]\npolyphony = 500");
+        let text = GOOD.replace(
+            "voices = [\"alto\", \"tenor\"]",
+            "voices = [\"alto\", \"tenor\"]\npolyphony = 500",
+        );
         let err = parse(&text).unwrap_err();
         let p = &err.problems()[0];
         assert_eq!(p.field, "instrument[0].polyphony");

@@ -1,0 +1,83 @@
+//! The command line as an operator meets it: checking scenes, bad input.
+
+use super::common::*;
+
+#[test]
+fn shipped_scenes_validate() {
+    for name in ["gallery", "performer", "night"] {
+        let p = scene(name);
+        let out = roomscore(&["check", p.to_str().unwrap()]);
+        assert!(
+            out.status.success(),
+            "{name}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
+
+#[test]
+fn malformed_scenes_name_file_line_and_field() {
+    let dir = tempfile::tempdir().unwrap();
+    let text = std::fs::read_to_string(scene("gallery"))
+        .unwrap()
+        .replace("polyphony = 10", "polyphony = 1000")
+        .replace("tempo = 66", "tempo = 66\ntempoo = 3");
+    let p = dir.path().join("bad.toml");
+    std::fs::write(&p, &text).unwrap();
+    let out = roomscore(&["check", p.to_str().unwrap()]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    // Unknown keys are found first (the file does not parse into a scene).
+    let line = text.lines().position(|l| l.starts_with("tempoo")).unwrap() + 1;
+    assert!(
+        err.contains(&format!("bad.toml:{line}:1: unknown field `tempoo`")),
+        "{err}"
+    );
+
+    let text = text.replace("tempoo = 3\n", "");
+    std::fs::write(&p, &text).unwrap();
+    let out = roomscore(&["check", p.to_str().unwrap()]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    let line = text
+        .lines()
+        .position(|l| l.contains("polyphony = 1000"))
+        .unwrap()
+        + 1;
+    assert!(
+        err.contains(&format!("bad.toml:{line}:13: field `instrument[0].polyphony`: value 1000 is out of range (expected 1 to 64)")),
+        "{err}"
+    );
+
+    let text = text.replace("samples/air.wav", "samples/missing.wav");
+    std::fs::write(&p, &text).unwrap();
+    let err =
+        String::from_utf8_lossy(&roomscore(&["check", p.to_str().unwrap()]).stderr).into_owned();
+    assert!(err.contains("field `layer[0].file`: sample file"), "{err}");
+    assert!(err.contains("missing.wav"), "{err}");
+}
+
+#[test]
+fn render_refuses_bad_input_logs_with_their_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("in.jsonl");
+    std::fs::write(
+        &log,
+        "{\"t\": 0.5, \"addr\": \"/roomscore/movement\", \"args\": [0.2]}\n{\"t\": \"soon\", \"addr\": \"/x\"}\n",
+    )
+    .unwrap();
+    let out = roomscore(&[
+        "render",
+        "--seconds",
+        "1",
+        "--inputs",
+        log.to_str().unwrap(),
+        "--out",
+        dir.path().join("x.wav").to_str().unwrap(),
+    ]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("in.jsonl:2: field \"t\" must be a number"),
+        "{err}"
+    );
+}

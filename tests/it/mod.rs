@@ -1,0 +1,5 @@
+mod alsa;
+mod cli;
+mod common;
+mod osc_live;
+mod render;

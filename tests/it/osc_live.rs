@@ -1,0 +1,227 @@
+//! A running `play`, steered by real OSC clients over real UDP sockets: our own encoder, and
+//! liblo's `oscsend`. What it did is read back through `/roomscore/status` and the recording.
+
+use std::net::UdpSocket;
+use std::time::{Duration, Instant};
+
+use nannou_osc::rosc::{decoder, encoder, OscMessage, OscPacket, OscType};
+
+use super::common::*;
+
+struct Status {
+    scene: String,
+    tempo: f32,
+    notes: i32,
+    dropped: i32,
+    xruns: i32,
+    source: String,
+    invalid: i32,
+}
+
+fn send(sock: &UdpSocket, port: u16, addr: &str, args: Vec<OscType>) {
+    let bytes = encoder::encode(&OscPacket::Message(OscMessage {
+        addr: addr.into(),
+        args,
+    }))
+    .unwrap();
+    sock.send_to(&bytes, ("127.0.0.1", port)).unwrap();
+}
+
+fn status(sock: &UdpSocket, port: u16) -> Option<Status> {
+    send(sock, port, "/roomscore/status", vec![]);
+    let mut buf = [0u8; 2048];
+    let (n, _) = sock.recv_from(&mut buf).ok()?;
+    let (_, packet) = decoder::decode_udp(&buf[..n]).ok()?;
+    let OscPacket::Message(m) = packet else {
+        return None;
+    };
+    assert_eq!(m.addr, "/roomscore/status");
+    let s = |i: usize| match &m.args[i] {
+        OscType::String(s) => s.clone(),
+        other => panic!("arg {i} is {other:?}"),
+    };
+    let int = |i: usize| match &m.args[i] {
+        OscType::Int(v) => *v,
+        other => panic!("arg {i} is {other:?}"),
+    };
+    let float = |i: usize| match &m.args[i] {
+        OscType::Float(v) => *v,
+        other => panic!("arg {i} is {other:?}"),
+    };
+    Some(Status {
+        scene: s(0),
+        tempo: float(1),
+        notes: int(2),
+        dropped: int(3),
+        xruns: int(4),
+        source: s(5),
+        invalid: int(6),
+    })
+}
+
+fn wait_for_status(sock: &UdpSocket, port: u16) -> Status {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        if let Some(s) = status(sock, port) {
+            return s;
+        }
+        assert!(Instant::now() < deadline, "no /roomscore/status reply");
+    }
+}
+
+#[test]
+fn osc_steers_a_running_engine() {
+    assert!(
+        command_exists("oscsend"),
+        "liblo's oscsend is needed (apt-get install liblo-tools)"
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let rec = dir.path().join("live.wav");
+    let log = dir.path().join("live.jsonl");
+    let osc = format!("127.0.0.1:{port}");
+    let mut child = spawn_play(
+        &[
+            "--output",
+            "null",
+            "--osc",
+            &osc,
+            "--record",
+            rec.to_str().unwrap(),
+            "--log-inputs",
+            log.to_str().unwrap(),
+        ],
+        &[],
+    );
+    let started = Instant::now();
+    let sock = UdpSocket::bind("127.0.0.1:0").unwrap();
+    sock.set_read_timeout(Some(Duration::from_millis(300)))
+        .unwrap();
+    let s0 = wait_for_status(&sock, port);
+    assert_eq!(s0.scene, "gallery");
+    assert_eq!(s0.source, "rules");
+
+    // The room is still: count notes over 5 s.
+    send(
+        &sock,
+        port,
+        "/roomscore/movement",
+        vec![OscType::Float(0.0)],
+    );
+    std::thread::sleep(Duration::from_secs(1));
+    let a = status(&sock, port).unwrap();
+    std::thread::sleep(Duration::from_secs(5));
+    let b = status(&sock, port).unwrap();
+    let still = (b.notes - a.notes) as f64 / 5.0;
+
+    // Visitors move: the music gets busier (after the mapping's 1.5 s smoothing).
+    send(
+        &sock,
+        port,
+        "/roomscore/movement",
+        vec![OscType::Float(1.0)],
+    );
+    std::thread::sleep(Duration::from_secs(4));
+    let c = status(&sock, port).unwrap();
+    std::thread::sleep(Duration::from_secs(5));
+    let d = status(&sock, port).unwrap();
+    let busy = (d.notes - c.notes) as f64 / 5.0;
+    assert!(
+        busy > 2.0 * still.max(0.2),
+        "notes/s: still {still:.2}, busy {busy:.2}"
+    );
+
+    // Garbage, NaN, a wrong type and an unknown address are counted, not fatal.
+    sock.send_to(b"\x00\x01garbage", ("127.0.0.1", port))
+        .unwrap();
+    send(
+        &sock,
+        port,
+        "/roomscore/movement",
+        vec![OscType::Float(f32::NAN)],
+    );
+    send(
+        &sock,
+        port,
+        "/roomscore/mood",
+        vec![OscType::String("happy".into())],
+    );
+    send(&sock, port, "/roomscore/nothing", vec![]);
+    send(
+        &sock,
+        port,
+        "/roomscore/note",
+        vec![OscType::Int(76), OscType::Int(100)],
+    );
+    std::thread::sleep(Duration::from_millis(300));
+    let e = status(&sock, port).unwrap();
+    assert_eq!(e.invalid - d.invalid, 4);
+    assert_eq!(e.dropped, 0);
+    assert_eq!(e.xruns, 0);
+
+    // A performer changes scene and tempo with liblo's oscsend.
+    let oscsend = |args: &[&str]| {
+        let ok = std::process::Command::new("oscsend")
+            .args(["127.0.0.1", &port.to_string()])
+            .args(args)
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "oscsend {args:?}");
+    };
+    oscsend(&["/roomscore/scene", "s", "performer"]);
+    oscsend(&["/roomscore/tempo", "f", "132"]);
+    std::thread::sleep(Duration::from_millis(500));
+    let f = status(&sock, port).unwrap();
+    assert_eq!(f.scene, "performer");
+    assert!((f.tempo - 132.0).abs() < 0.01, "tempo {}", f.tempo);
+    oscsend(&["/roomscore/scene", "s", "no_such_scene"]);
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(
+        status(&sock, port).unwrap().scene,
+        "performer",
+        "a bad scene keeps the old one"
+    );
+
+    let played = started.elapsed().as_secs_f64();
+    let out = terminate(&mut child);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(stderr.contains("no_such_scene.toml"), "{stderr}");
+
+    // The recording is a valid WAV as long as the session, and it is not silent.
+    let (spec, samples) = read_wav(&rec);
+    assert_eq!((spec.channels, spec.sample_rate), (2, 48_000));
+    let secs = samples.len() as f64 / 2.0 / 48_000.0;
+    assert!(
+        secs > played - 1.0 && secs < played + 2.5,
+        "recorded {secs:.1} s of {played:.1} s"
+    );
+    let peak = samples.iter().fold(0f32, |m, s| m.max(s.abs()));
+    assert!(peak > 0.02 && peak <= 1.0, "peak {peak}");
+    // The fade-out leaves the last samples quiet.
+    let tail = &samples[samples.len() - 2000..];
+    assert!(tail.iter().all(|s| s.abs() < 0.01), "ends faded out");
+
+    let logged = std::fs::read_to_string(&log).unwrap();
+    assert!(
+        logged.contains(r#""addr": "/roomscore/movement", "args": [1.0]"#),
+        "{logged}"
+    );
+    assert!(
+        logged.contains(r#""addr": "/roomscore/note", "args": [76, 100]"#),
+        "{logged}"
+    );
+    assert!(logged.contains(r#""args": ["performer"]"#), "{logged}");
+    assert!(!logged.contains("NaN"), "{logged}");
+}
+
+#[test]
+fn a_taken_osc_port_is_a_clear_error_before_any_sound() {
+    let taken = UdpSocket::bind("127.0.0.1:0").unwrap();
+    let addr = taken.local_addr().unwrap().to_string();
+    let out = roomscore(&["play", "--output", "null", "--osc", &addr, "--seconds", "1"]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains(&format!("cannot listen on {addr}")), "{err}");
+}
