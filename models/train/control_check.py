@@ -37,10 +37,10 @@ def generate(sess, dims, cvec, steps, rng, temperature=1.0, top_p=0.95):
         q[keep] = p[keep]
         q /= q.sum()
         t = int(rng.choice(len(q), p=q))
-        v = len(out) % 4
+        v = len(out) % 4  # the voice of the token just sampled (S, A, T, B, S, ...)
         out.append(t)
         tok = np.array([[t]], np.int64)
-        voi = np.array([[(v + 1) % 4]], np.int64)
+        voi = np.array([[v]], np.int64)  # voices[i] is the voice of tokens[i] itself
     return np.array(out).reshape(steps, 4)
 
 
