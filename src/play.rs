@@ -14,12 +14,14 @@ use crossbeam_channel::{select, Receiver, Sender};
 use nannou_osc::rosc::{OscMessage, OscPacket, OscType};
 
 use crate::audio::Command;
+use crate::input::access::{Access, AllowList};
 use crate::input::osc::{self, LiveClock, OscStats, OscThread};
 use crate::input::TimedEvent;
 use crate::output::{self, NullOutput, Output, OutputRequest};
 use crate::record::Recorder;
 use crate::scene::Scene;
 use crate::session::{self, BuildOptions, Composer, ComposerMsg, Conductor, Outcome, Parts};
+use crate::systemd::Notifier;
 
 const TICK: Duration = Duration::from_millis(5);
 const FADE_SECONDS: f32 = 1.0;
@@ -54,6 +56,40 @@ pub struct PlayArgs {
     /// Stop (with the usual fade) after this many seconds.
     #[arg(long)]
     pub seconds: Option<f64>,
+    /// Accept OSC only from these networks (CIDR). Default: loopback and private networks.
+    #[arg(long, num_args = 1.., value_name = "CIDR")]
+    pub osc_allow: Vec<String>,
+    /// Accept control messages (scene, tempo, volume, note, status) only from these networks,
+    /// within --osc-allow. Default: the same as --osc-allow.
+    #[arg(long, num_args = 1.., value_name = "CIDR")]
+    pub control_allow: Vec<String>,
+}
+
+/// Loopback, private and link-local networks: a kiosk's sensors live there, and an engine that
+/// finds itself on a public address should not take orders from the internet.
+pub const DEFAULT_ALLOW: [&str; 8] = [
+    "127.0.0.0/8",
+    "10.0.0.0/8",
+    "172.16.0.0/12",
+    "192.168.0.0/16",
+    "169.254.0.0/16",
+    "::1/128",
+    "fc00::/7",
+    "fe80::/10",
+];
+
+fn access(args: &PlayArgs) -> anyhow::Result<Access> {
+    let sensors = if args.osc_allow.is_empty() {
+        AllowList::parse(DEFAULT_ALLOW)?
+    } else {
+        AllowList::parse(&args.osc_allow).context("--osc-allow")?
+    };
+    let control = if args.control_allow.is_empty() {
+        sensors.clone()
+    } else {
+        AllowList::parse(&args.control_allow).context("--control-allow")?
+    };
+    Ok(Access { sensors, control })
 }
 
 enum ControlMsg {
@@ -65,6 +101,7 @@ enum ControlMsg {
 pub fn run(args: PlayArgs) -> anyhow::Result<()> {
     // Everything that can be wrong with the set-up is found before any sound.
     let scene = Scene::load(&args.scene)?;
+    let access = access(&args)?;
     let scenes_dir = args
         .scene
         .parent()
@@ -114,6 +151,9 @@ pub fn run(args: PlayArgs) -> anyhow::Result<()> {
         },
     )?;
     let telemetry = conductor.telemetry.clone();
+    // The first notes are queued before the first callback, so none of them starts late.
+    let mut composer = composer;
+    composer.fill(0.0);
     let engine = Arc::new(Mutex::new(engine));
     let out = match &negotiated {
         Some(n) => match output::start_cpal(n, engine.clone(), telemetry.clone()) {
@@ -156,6 +196,7 @@ pub fn run(args: PlayArgs) -> anyhow::Result<()> {
         },
         input_tx,
         stats.clone(),
+        access,
         args.log_inputs.as_deref(),
     )?;
 
@@ -165,6 +206,10 @@ pub fn run(args: PlayArgs) -> anyhow::Result<()> {
         .name("composer".into())
         .spawn(move || composer_loop(composer, comp_rx, comp_tel))?;
 
+    let notifier = Notifier::from_env().unwrap_or_else(|e| {
+        tracing::warn!("systemd notification disabled: {e}");
+        Notifier::disabled()
+    });
     let (ctl_tx, ctl_rx) = crossbeam_channel::bounded::<ControlMsg>(16);
     let scene_path = args.scene.clone();
     let started = Instant::now();
@@ -174,6 +219,7 @@ pub fn run(args: PlayArgs) -> anyhow::Result<()> {
         .spawn(move || {
             conductor_loop(
                 conductor, input_rx, ctl_rx, comp_tx, reply, ctl_stats, scene_path, started,
+                notifier,
             )
         })?;
 
@@ -263,7 +309,10 @@ fn conductor_loop(
     stats: Arc<OscStats>,
     scene_path: PathBuf,
     started: Instant,
+    notifier: Notifier,
 ) {
+    let _ = notifier.ready();
+    let mut watchdog = Watchdog::new(&notifier);
     let mut last_tick = Instant::now();
     let mut outcomes: Vec<Outcome> = Vec::new();
     loop {
@@ -278,17 +327,18 @@ fn conductor_loop(
                 }
             }
             recv(ctl) -> msg => match msg {
-                Ok(ControlMsg::Reload) => match Scene::load(&scene_path) {
-                    Ok(scene) => match conductor.switch_scene(scene) {
-                        Ok(m) => {
-                            tracing::info!("SIGHUP: reloaded {}", scene_path.display());
-                            outcomes.push(Outcome::Composer(m));
-                        }
-                        Err(e) => tracing::error!("SIGHUP: {e}; keeping the scene that plays"),
-                    },
-                    Err(e) => tracing::error!("SIGHUP: {e}; keeping the scene that plays"),
-                },
-                Ok(ControlMsg::FadeOut(s)) => conductor.send(Command::FadeOut(s)),
+                Ok(ControlMsg::Reload) => {
+                    let _ = notifier.reloading();
+                    match reload(&mut conductor, &scene_path) {
+                        Ok(m) => outcomes.push(Outcome::Composer(m)),
+                        Err(e) => tracing::error!("SIGHUP: {e:#}; keeping the scene that plays"),
+                    }
+                    let _ = notifier.ready();
+                }
+                Ok(ControlMsg::FadeOut(s)) => {
+                    let _ = notifier.stopping();
+                    conductor.send(Command::FadeOut(s));
+                }
                 Ok(ControlMsg::Stop) | Err(_) => return,
             },
             default(wait) => {}
@@ -303,6 +353,7 @@ fn conductor_loop(
                 }
                 Err(e) => tracing::error!("{e}"),
             }
+            watchdog.feed(&notifier, &conductor);
         }
         for o in outcomes.drain(..) {
             match o {
@@ -315,6 +366,55 @@ fn conductor_loop(
                 Outcome::Status(addr) => send_status(&conductor, &reply, addr, &stats, started),
             }
         }
+    }
+}
+
+/// Loads the scene file again and switches to it; on any error the old scene plays on.
+fn reload(conductor: &mut Conductor, path: &Path) -> anyhow::Result<ComposerMsg> {
+    let scene = Scene::load(path)?;
+    let msg = conductor.switch_scene(scene)?;
+    tracing::info!("SIGHUP: reloaded {}", path.display());
+    Ok(msg)
+}
+
+/// Feeds systemd's watchdog only while the audio clock moves, so a stuck audio path gets the
+/// service restarted; and keeps the unit's status line current.
+struct Watchdog {
+    interval: Option<Duration>,
+    last: Instant,
+    last_clock: u64,
+}
+
+impl Watchdog {
+    fn new(n: &Notifier) -> Self {
+        Watchdog {
+            interval: n.watchdog_interval(),
+            last: Instant::now(),
+            last_clock: 0,
+        }
+    }
+
+    fn feed(&mut self, n: &Notifier, c: &Conductor) {
+        let every = self.interval.unwrap_or(Duration::from_secs(10));
+        if !n.is_enabled() || self.last.elapsed() < every {
+            return;
+        }
+        self.last = Instant::now();
+        let clock = c.now_sample();
+        let t = &c.telemetry;
+        let _ = n.status(&format!(
+            "scene {}, {} notes, {} xruns, source {}",
+            c.scene.name,
+            t.notes_played.load(Relaxed),
+            t.xruns.load(Relaxed),
+            c.source_name.lock().map(|s| s.clone()).unwrap_or_default()
+        ));
+        if self.interval.is_some() && clock > self.last_clock {
+            let _ = n.watchdog();
+        } else if self.interval.is_some() {
+            tracing::error!("the audio clock has not moved since the last watchdog ping");
+        }
+        self.last_clock = clock;
     }
 }
 

@@ -11,8 +11,10 @@ use std::time::{Duration, Instant, SystemTime};
 
 use nannou_osc::rosc::OscTime;
 
+use super::access::Access;
 use super::dispatch::{self, Clock};
 use super::log::LogWriter;
+use super::InputEvent;
 use super::{TimedEvent, When};
 use crate::audio::Telemetry;
 
@@ -25,6 +27,8 @@ pub struct OscStats {
     pub invalid: AtomicU64,
     /// Good messages the control loop had no room for.
     pub dropped: AtomicU64,
+    /// Messages from senders outside the allow lists.
+    pub denied: AtomicU64,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -92,6 +96,7 @@ impl OscThread {
         clock: LiveClock,
         tx: crossbeam_channel::Sender<TimedEvent>,
         stats: Arc<OscStats>,
+        access: Access,
         log: Option<&Path>,
     ) -> Result<OscThread, OscError> {
         let mut log = match log {
@@ -113,6 +118,7 @@ impl OscThread {
                 let mut errors = Vec::new();
                 let mut last_warn = Instant::now() - Duration::from_secs(2);
                 let mut unreported = 0u64;
+                let mut last_denied_warn = Instant::now() - Duration::from_secs(2);
                 while !stop2.load(Relaxed) {
                     let (len, from) = match socket.recv_from(&mut buf) {
                         Ok(r) => r,
@@ -124,6 +130,14 @@ impl OscThread {
                     dispatch::dispatch_packet(&buf[..len], from, &clock, &mut events, &mut errors);
                     for ev in events.drain(..) {
                         stats.messages.fetch_add(1, Relaxed);
+                        if let Err(denied) = access.check(from.ip(), address(&ev.event)) {
+                            stats.denied.fetch_add(1, Relaxed);
+                            if last_denied_warn.elapsed() >= Duration::from_secs(1) {
+                                tracing::warn!("{denied}");
+                                last_denied_warn = Instant::now();
+                            }
+                            continue;
+                        }
                         if let Some(w) = &mut log {
                             if let Some(line) = loggable(&ev) {
                                 let t = match ev.when {
@@ -162,6 +176,21 @@ impl OscThread {
             stop,
             thread: Some(thread),
         })
+    }
+}
+
+/// The OSC address an event came in on, for the allow lists.
+fn address(ev: &InputEvent) -> &'static str {
+    match ev {
+        InputEvent::Movement(_) => "/roomscore/movement",
+        InputEvent::Mood { .. } => "/roomscore/mood",
+        InputEvent::Presence(_) => "/roomscore/presence",
+        InputEvent::Scene(_) => "/roomscore/scene",
+        InputEvent::Tempo(_) => "/roomscore/tempo",
+        InputEvent::Volume(_) => "/roomscore/volume",
+        InputEvent::Note { .. } => "/roomscore/note",
+        InputEvent::Named(..) => "/roomscore/in/",
+        InputEvent::Status(_) => "/roomscore/status",
     }
 }
 
