@@ -92,6 +92,15 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let r = roomscore::render::render(&opts)?;
             let elapsed = started.elapsed().as_secs_f64();
             roomscore::render::write_wav(&a.out, &r.samples, r.sample_rate)?;
+            let lufs = roomscore::loudness::integrated_lufs(&r.samples, 2, r.sample_rate);
+            let dc = roomscore::loudness::dc_offset(&r.samples, 2);
+            println!(
+                "loudness {} LUFS integrated, sample peak {:.2} dBFS, DC offset {:.1e} / {:.1e}",
+                lufs.map_or("(silent)".to_string(), |l| format!("{l:.1}")),
+                roomscore::loudness::sample_peak_dbfs(&r.samples),
+                dc.first().copied().unwrap_or(0.0),
+                dc.get(1).copied().unwrap_or(0.0)
+            );
             if let Some(m) = &a.midi {
                 roomscore::midi::write(m, &r.notes, &r.tempi)
                     .with_context(|| format!("writing {}", m.display()))?;
