@@ -36,6 +36,8 @@ enum Cmd {
     Devices,
     /// Measure render speed and audio-callback cost.
     Bench(roomscore::bench::BenchArgs),
+    /// The trained model: card, JSB evaluation, control check, decoding benchmark.
+    Model(roomscore::model::cli::ModelArgs),
 }
 
 #[derive(clap::Args)]
@@ -76,6 +78,7 @@ fn main() -> ExitCode {
 fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
         Cmd::Play(args) => roomscore::play::run(args).map(|_| ExitCode::SUCCESS),
+        Cmd::Model(args) => roomscore::model::cli::run(args).map(|_| ExitCode::SUCCESS),
         Cmd::Render(a) => {
             if !(a.seconds.is_finite() && a.seconds > 0.0 && a.seconds <= 86_400.0) {
                 anyhow::bail!("--seconds {} must be between 0 and 86400", a.seconds);

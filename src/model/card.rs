@@ -1,0 +1,476 @@
+//! The model card: the JSON file beside every `.onnx` model that says everything the engine needs
+//! to know about it (vocabulary, voices and ranges, conditioning layout and normalisation, styles,
+//! context length, ONNX names and shapes, architecture, the file's sha256). The engine reads
+//! nothing about a model from anywhere else, so a retrained model with another vocabulary or
+//! another conditioning layout runs without code changes as long as its card says so.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+use super::ModelError;
+
+/// The conditioning attributes the engine knows how to fill.
+#[derive(Clone, Debug, Deserialize)]
+pub struct ScalarAttr {
+    pub index: usize,
+    pub known_flag_index: usize,
+    /// Raw units that normalise to 0 and 1 (clipped).
+    pub range: [f32; 2],
+    /// The measurement window, in steps, centred on the step.
+    pub window_steps: usize,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+pub struct ModeAttr {
+    pub index: usize,
+    pub known_flag_index: usize,
+    pub ks_major: [f64; 12],
+    pub ks_minor: [f64; 12],
+    pub window_steps: usize,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+pub struct StyleAttr {
+    pub indices: Vec<usize>,
+    pub order: Vec<String>,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+pub struct CondLayout {
+    pub dim: usize,
+    pub names: Vec<String>,
+    pub density: ScalarAttr,
+    pub register: ScalarAttr,
+    pub mode: ModeAttr,
+    pub style: StyleAttr,
+    /// The vector of the published evaluation protocol (everything unknown, style chorale).
+    pub eval_vector: Vec<f32>,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+pub struct Vocabulary {
+    pub size: usize,
+    pub silence: i64,
+    pub bos: i64,
+    pub pitch_offset: i64,
+    pub pitch_min: u8,
+    pub pitch_max: u8,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+pub struct Voices {
+    pub names: Vec<String>,
+    pub start_id: i64,
+    pub n_ids: i64,
+    #[serde(default)]
+    pub ranges_seen_in_training_data_before_transposition:
+        Option<BTreeMap<String, Option<[u8; 2]>>>,
+    #[serde(default)]
+    pub transposition_augmentation_semitones: Option<[i32; 2]>,
+}
+
+/// A dimension in the card's ONNX shapes: a number, or a symbol such as "T" or "P+T".
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(untagged)]
+pub enum Dim {
+    Fixed(i64),
+    Symbol(String),
+}
+
+#[derive(Clone, Debug, Deserialize)]
+pub struct Io {
+    pub name: String,
+    pub dtype: String,
+    pub shape: Vec<Dim>,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+pub struct Onnx {
+    pub opset: i64,
+    pub inputs: Vec<Io>,
+    pub outputs: Vec<Io>,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+pub struct Architecture {
+    pub layers: usize,
+    pub heads: usize,
+    pub head_dim: usize,
+    #[serde(default)]
+    pub d_model: Option<usize>,
+    #[serde(default)]
+    pub params: Option<u64>,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+pub struct Card {
+    pub name: String,
+    pub format_version: u32,
+    pub file: String,
+    pub sha256: String,
+    pub vocabulary: Vocabulary,
+    pub voices: Voices,
+    pub styles: Vec<String>,
+    pub conditioning: CondLayout,
+    pub context_length: usize,
+    pub max_positions: usize,
+    pub onnx: Onnx,
+    pub architecture: Architecture,
+    /// Kept whole for `roomscore model info` and for the measured figures.
+    #[serde(skip)]
+    pub raw: serde_json::Value,
+    #[serde(skip)]
+    pub path: PathBuf,
+}
+
+/// The ONNX names by role. The card lists inputs as tokens, voices, cond, past_k, past_v and
+/// outputs as logits, present_k, present_v; the names themselves come from the card.
+#[derive(Clone, Debug)]
+pub struct IoNames {
+    pub tokens: String,
+    pub voices: String,
+    pub cond: String,
+    pub past_k: String,
+    pub past_v: String,
+    pub logits: String,
+    pub present_k: String,
+    pub present_v: String,
+}
+
+/// Where a model's card lives: `X.json` beside `X.onnx`.
+pub fn card_path_for(model: &Path) -> PathBuf {
+    model.with_extension("json")
+}
+
+impl Card {
+    /// Reads and validates the card at `path`.
+    pub fn load(path: &Path) -> Result<Card, ModelError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ModelError::Io {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Card::parse(&text, path)
+    }
+
+    /// Parses and validates card text; `path` names the card in errors.
+    pub fn parse(text: &str, path: &Path) -> Result<Card, ModelError> {
+        let raw: serde_json::Value = serde_json::from_str(text).map_err(|e| ModelError::Card {
+            path: path.to_path_buf(),
+            field: "(json)".into(),
+            message: e.to_string(),
+        })?;
+        // serde_path_to_error is not a dependency; deserialising through the Value and naming
+        // serde's message is enough, since serde names the missing or mistyped field itself.
+        let mut card: Card = serde_json::from_value(raw.clone()).map_err(|e| ModelError::Card {
+            path: path.to_path_buf(),
+            field: field_of(&e.to_string()),
+            message: e.to_string(),
+        })?;
+        card.raw = raw;
+        card.path = path.to_path_buf();
+        card.validate()?;
+        Ok(card)
+    }
+
+    fn bad(&self, field: &str, message: impl Into<String>) -> ModelError {
+        ModelError::Card {
+            path: self.path.clone(),
+            field: field.into(),
+            message: message.into(),
+        }
+    }
+
+    fn validate(&self) -> Result<(), ModelError> {
+        if self.format_version != 1 {
+            return Err(self.bad(
+                "format_version",
+                format!(
+                    "{} is not a version this engine reads (1)",
+                    self.format_version
+                ),
+            ));
+        }
+        if self.sha256.len() != 64 || !self.sha256.chars().all(|c| c.is_ascii_hexdigit()) {
+            return Err(self.bad("sha256", "not 64 hex digits"));
+        }
+        let v = &self.vocabulary;
+        if v.pitch_min > v.pitch_max || v.pitch_max > 127 {
+            return Err(self.bad("vocabulary.pitch_min/pitch_max", "not a MIDI range"));
+        }
+        let span = (v.pitch_max - v.pitch_min) as i64 + 1;
+        if v.pitch_offset < 0 || (v.pitch_offset + span) as usize != v.size {
+            return Err(self.bad(
+                "vocabulary.size",
+                format!(
+                    "{} != pitch_offset {} + {} pitches",
+                    v.size, v.pitch_offset, span
+                ),
+            ));
+        }
+        for (name, id) in [("silence", v.silence), ("bos", v.bos)] {
+            if id < 0 || id >= v.pitch_offset || (name == "bos" && id == v.silence) {
+                return Err(self.bad(
+                    &format!("vocabulary.{name}"),
+                    format!("{id} collides with a pitch token or the other special token"),
+                ));
+            }
+        }
+        if self.voices.names.len() != crate::gen::VOICES {
+            return Err(self.bad(
+                "voices.names",
+                format!(
+                    "{} voices; the engine plays {}",
+                    self.voices.names.len(),
+                    crate::gen::VOICES
+                ),
+            ));
+        }
+        if self.voices.start_id < crate::gen::VOICES as i64
+            || self.voices.start_id >= self.voices.n_ids
+        {
+            return Err(self.bad(
+                "voices.start_id",
+                "must be a voice id after the four voices",
+            ));
+        }
+        let c = &self.conditioning;
+        if c.names.len() != c.dim {
+            return Err(self.bad(
+                "conditioning.names",
+                format!("{} names for dim {}", c.names.len(), c.dim),
+            ));
+        }
+        if c.eval_vector.len() != c.dim {
+            return Err(self.bad(
+                "conditioning.eval_vector",
+                format!("length {} != dim {}", c.eval_vector.len(), c.dim),
+            ));
+        }
+        for (name, a) in [("density", &c.density), ("register", &c.register)] {
+            if a.index >= c.dim || a.known_flag_index >= c.dim {
+                return Err(self.bad(&format!("conditioning.{name}.index"), "outside the vector"));
+            }
+            if !a.range.iter().all(|x| x.is_finite()) || a.range[1] <= a.range[0] {
+                return Err(self.bad(&format!("conditioning.{name}.range"), "empty range"));
+            }
+            if a.window_steps == 0 {
+                return Err(self.bad(&format!("conditioning.{name}.window_steps"), "zero"));
+            }
+        }
+        if c.mode.index >= c.dim || c.mode.known_flag_index >= c.dim {
+            return Err(self.bad("conditioning.mode.index", "outside the vector"));
+        }
+        if c.style.indices.len() != c.style.order.len()
+            || c.style.indices.iter().any(|&i| i >= c.dim)
+        {
+            return Err(self.bad(
+                "conditioning.style",
+                "indices and order disagree or point outside the vector",
+            ));
+        }
+        if c.style.order != self.styles {
+            return Err(self.bad("conditioning.style.order", "differs from styles"));
+        }
+        if self.context_length < 8 || self.context_length > self.max_positions {
+            return Err(self.bad(
+                "context_length",
+                format!(
+                    "{} (max_positions {})",
+                    self.context_length, self.max_positions
+                ),
+            ));
+        }
+        let a = &self.architecture;
+        if a.layers == 0 || a.heads == 0 || a.head_dim == 0 {
+            return Err(self.bad(
+                "architecture",
+                "layers, heads and head_dim must be positive",
+            ));
+        }
+        if self.onnx.inputs.len() != 5 || self.onnx.outputs.len() != 3 {
+            return Err(self.bad(
+                "onnx.inputs/outputs",
+                "expected 5 inputs (tokens, voices, cond, past_k, past_v) and 3 outputs (logits, present_k, present_v)",
+            ));
+        }
+        let cache = |last: &str| {
+            vec![
+                Dim::Fixed(a.layers as i64),
+                Dim::Fixed(1),
+                Dim::Fixed(a.heads as i64),
+                Dim::Symbol(last.into()),
+                Dim::Fixed(a.head_dim as i64),
+            ]
+        };
+        let t = || Dim::Symbol("T".into());
+        let expect: [(&Io, &str, Vec<Dim>, &str); 8] = [
+            (
+                &self.onnx.inputs[0],
+                "int64",
+                vec![Dim::Fixed(1), t()],
+                "onnx.inputs[0] (tokens)",
+            ),
+            (
+                &self.onnx.inputs[1],
+                "int64",
+                vec![Dim::Fixed(1), t()],
+                "onnx.inputs[1] (voices)",
+            ),
+            (
+                &self.onnx.inputs[2],
+                "float32",
+                vec![Dim::Fixed(1), t(), Dim::Fixed(c.dim as i64)],
+                "onnx.inputs[2] (cond)",
+            ),
+            (
+                &self.onnx.inputs[3],
+                "float32",
+                cache("P"),
+                "onnx.inputs[3] (past_k)",
+            ),
+            (
+                &self.onnx.inputs[4],
+                "float32",
+                cache("P"),
+                "onnx.inputs[4] (past_v)",
+            ),
+            (
+                &self.onnx.outputs[0],
+                "float32",
+                vec![Dim::Fixed(1), t(), Dim::Fixed(v.size as i64)],
+                "onnx.outputs[0] (logits)",
+            ),
+            (
+                &self.onnx.outputs[1],
+                "float32",
+                cache("P+T"),
+                "onnx.outputs[1] (present_k)",
+            ),
+            (
+                &self.onnx.outputs[2],
+                "float32",
+                cache("P+T"),
+                "onnx.outputs[2] (present_v)",
+            ),
+        ];
+        for (io, dtype, shape, field) in expect {
+            if io.dtype != dtype {
+                return Err(self.bad(
+                    field,
+                    format!("{} has dtype {}, expected {dtype}", io.name, io.dtype),
+                ));
+            }
+            // Symbols are names only; fixed sizes must agree with the rest of the card.
+            let agrees = io.shape.len() == shape.len()
+                && io.shape.iter().zip(&shape).all(|(a, b)| match (a, b) {
+                    (Dim::Fixed(x), Dim::Fixed(y)) => x == y,
+                    (Dim::Symbol(_), Dim::Symbol(_)) => true,
+                    _ => false,
+                });
+            if !agrees {
+                return Err(self.bad(
+                    field,
+                    format!("{} has shape {:?}, expected {:?}", io.name, io.shape, shape),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    pub fn io_names(&self) -> IoNames {
+        let i = |k: usize| self.onnx.inputs[k].name.clone();
+        let o = |k: usize| self.onnx.outputs[k].name.clone();
+        IoNames {
+            tokens: i(0),
+            voices: i(1),
+            cond: i(2),
+            past_k: i(3),
+            past_v: i(4),
+            logits: o(0),
+            present_k: o(1),
+            present_v: o(2),
+        }
+    }
+
+    /// The model file the card describes (its `file`, beside the card).
+    pub fn model_path(&self) -> PathBuf {
+        self.path
+            .parent()
+            .unwrap_or_else(|| Path::new("."))
+            .join(&self.file)
+    }
+
+    pub fn pitch_token(&self, pitch: u8) -> Option<i64> {
+        let v = &self.vocabulary;
+        (v.pitch_min..=v.pitch_max)
+            .contains(&pitch)
+            .then(|| v.pitch_offset + (pitch - v.pitch_min) as i64)
+    }
+
+    pub fn token_pitch(&self, token: i64) -> Option<u8> {
+        let v = &self.vocabulary;
+        let p = token - v.pitch_offset + v.pitch_min as i64;
+        (token >= v.pitch_offset && p <= v.pitch_max as i64).then_some(p as u8)
+    }
+
+    pub fn token_of(&self, t: crate::gen::Token) -> Result<i64, ModelError> {
+        match t {
+            None => Ok(self.vocabulary.silence),
+            Some(p) => self.pitch_token(p).ok_or_else(|| {
+                self.bad(
+                    "vocabulary",
+                    format!("pitch {p} is outside the model's range"),
+                )
+            }),
+        }
+    }
+
+    /// The range a voice may sing in: the engine's voice range, inside the pitches the model saw
+    /// in training (widened by its transposition augmentation) and inside its vocabulary.
+    pub fn voice_range(&self, voice: usize) -> (u8, u8) {
+        let (mut lo, mut hi) = crate::gen::rules::VOICE_RANGES[voice];
+        let v = &self.vocabulary;
+        lo = lo.max(v.pitch_min);
+        hi = hi.min(v.pitch_max);
+        let seen = self
+            .voices
+            .ranges_seen_in_training_data_before_transposition
+            .as_ref()
+            .and_then(|m| m.get(&self.voices.names[voice]).copied().flatten());
+        if let Some([slo, shi]) = seen {
+            let [down, up] = self
+                .voices
+                .transposition_augmentation_semitones
+                .unwrap_or([0, 0]);
+            let slo = (slo as i32 + down.min(0)).clamp(0, 127) as u8;
+            let shi = (shi as i32 + up.max(0)).clamp(0, 127) as u8;
+            // Only narrow when the two overlap; a card whose training ranges miss the engine's
+            // range entirely still gets the engine's range rather than nothing.
+            if slo.max(lo) <= shi.min(hi) {
+                lo = lo.max(slo);
+                hi = hi.min(shi);
+            }
+        }
+        (lo, hi)
+    }
+
+    /// One of the measured figures, when the card has it (`evaluation.figures.<key>`).
+    pub fn figure(&self, key: &str) -> Option<f64> {
+        self.raw
+            .get("evaluation")?
+            .get("figures")?
+            .get(key)?
+            .as_f64()
+    }
+}
+
+/// Pulls the field name out of a serde message such as "missing field `x`".
+fn field_of(message: &str) -> String {
+    message
+        .split('`')
+        .nth(1)
+        .map(str::to_string)
+        .unwrap_or_else(|| "(structure)".into())
+}

@@ -1,0 +1,423 @@
+//! `roomscore model …`: print the card (`info`), score the JSB benchmark (`eval`), check that
+//! the conditioning steers what comes out (`control`) and time a decoding step (`bench`).
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::Context;
+
+use super::card::{card_path_for, Card};
+use super::features::{features, grid_mode, spearman};
+use super::runtime::{self, BackendKind, BACKEND_ENV};
+use super::source::ModelSource;
+use super::{eval, Model};
+use crate::control::Conditioning;
+use crate::gen::{NoteSource, SamplingParams, Step};
+use crate::music::Mode;
+
+#[derive(clap::Args, Debug)]
+pub struct ModelArgs {
+    #[command(subcommand)]
+    pub cmd: ModelCmd,
+}
+
+#[derive(clap::Subcommand, Debug)]
+pub enum ModelCmd {
+    /// Print the model card (and whether the file matches its hash).
+    Info {
+        /// The .onnx file or its .json card [default: models/roomscore-satb.onnx]
+        model: Option<PathBuf>,
+        /// Print the card's JSON as it is.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Mean NLL per token on the JSB Chorales, teacher-forced, by the card's protocol.
+    Eval {
+        /// Jsb16thSeparated.json
+        #[arg(long)]
+        jsb: PathBuf,
+        #[arg(long, default_value = "test")]
+        split: String,
+        #[arg(long)]
+        model: Option<PathBuf>,
+        /// Score only the first N pieces.
+        #[arg(long)]
+        limit: Option<usize>,
+    },
+    /// Sweep density, register and mode; measure what comes out the way the training data was
+    /// measured; print Spearman's rho per attribute and the major/minor hit rate.
+    Control {
+        #[arg(long)]
+        model: Option<PathBuf>,
+        /// Steps generated per setting.
+        #[arg(long, default_value_t = 64)]
+        steps: usize,
+        /// Generations per setting.
+        #[arg(long, default_value_t = 2)]
+        reps: usize,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        #[arg(long, default_value_t = 1.0)]
+        temperature: f32,
+        #[arg(long, default_value_t = 0.95)]
+        top_p: f32,
+        #[arg(long, default_value = "chorale")]
+        style: String,
+    },
+    /// Per-step (4 tokens) decoding latency and tokens/s on one thread, per available backend.
+    Bench {
+        #[arg(long)]
+        model: Option<PathBuf>,
+        /// Steps timed (the cache fills and re-primes every context/8 steps; those count too).
+        #[arg(long, default_value_t = 400)]
+        steps: usize,
+        /// Time only the backend this process runs (how `bench` runs each backend).
+        #[arg(long, hide = true)]
+        this_process: bool,
+    },
+}
+
+/// `models/roomscore-satb.onnx` under the working directory, else under the source tree.
+pub fn default_model() -> PathBuf {
+    let rel = Path::new("models").join("roomscore-satb.onnx");
+    if rel.exists() {
+        return rel;
+    }
+    let built = Path::new(env!("CARGO_MANIFEST_DIR")).join(&rel);
+    if built.exists() {
+        built
+    } else {
+        rel
+    }
+}
+
+pub fn run(args: ModelArgs) -> anyhow::Result<()> {
+    match args.cmd {
+        ModelCmd::Info { model, json } => info(&model.unwrap_or_else(default_model), json),
+        ModelCmd::Eval {
+            jsb,
+            split,
+            model,
+            limit,
+        } => eval_cmd(&model.unwrap_or_else(default_model), &jsb, &split, limit),
+        ModelCmd::Control {
+            model,
+            steps,
+            reps,
+            seed,
+            temperature,
+            top_p,
+            style,
+        } => control(
+            &model.unwrap_or_else(default_model),
+            steps,
+            reps,
+            seed,
+            SamplingParams { temperature, top_p },
+            &style,
+        ),
+        ModelCmd::Bench {
+            model,
+            steps,
+            this_process,
+        } => {
+            let model = model.unwrap_or_else(default_model);
+            if this_process {
+                bench_here(&model, steps)
+            } else {
+                bench_all(&model, steps)
+            }
+        }
+    }
+}
+
+fn info(path: &Path, json: bool) -> anyhow::Result<()> {
+    let card = Card::load(&card_path_for(path))?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&card.raw)?);
+        return Ok(());
+    }
+    let onnx = card.model_path();
+    let hash = match std::fs::read(&onnx) {
+        Ok(bytes) => {
+            use sha2::Digest;
+            let actual = super::hex(&sha2::Sha256::digest(&bytes));
+            if actual == card.sha256 {
+                format!(
+                    "{} (matches {}, {} bytes)",
+                    card.sha256,
+                    onnx.display(),
+                    bytes.len()
+                )
+            } else {
+                format!("{} (MISMATCH: {} is {actual})", card.sha256, onnx.display())
+            }
+        }
+        Err(e) => format!("{} ({}: {e})", card.sha256, onnx.display()),
+    };
+    let v = &card.vocabulary;
+    let a = &card.architecture;
+    let c = &card.conditioning;
+    println!("model        {} ({})", card.name, card.path.display());
+    println!("file         {}", card.file);
+    println!("sha256       {hash}");
+    println!(
+        "vocabulary   {} tokens: silence {}, BOS {}, MIDI {}..={} at {}..",
+        v.size, v.silence, v.bos, v.pitch_min, v.pitch_max, v.pitch_offset
+    );
+    for (i, name) in card.voices.names.iter().enumerate() {
+        let (lo, hi) = card.voice_range(i);
+        println!("voice {i}      {name:<8} id {i}, sampled in MIDI {lo}..={hi}");
+    }
+    println!("styles       {}", card.styles.join(", "));
+    println!("conditioning {} floats: {}", c.dim, c.names.join(", "));
+    println!(
+        "             density {:?} onsets/beat over {} steps; register {:?} MIDI over {} steps; mode K-S over {} steps",
+        c.density.range, c.density.window_steps, c.register.range, c.register.window_steps, c.mode.window_steps
+    );
+    println!(
+        "context      {} tokens (max positions {})",
+        card.context_length, card.max_positions
+    );
+    println!(
+        "architecture {} layers, {} heads x {}, d_model {}, {} parameters",
+        a.layers,
+        a.heads,
+        a.head_dim,
+        a.d_model
+            .map(|d| d.to_string())
+            .unwrap_or_else(|| "?".into()),
+        a.params
+            .map(|p| p.to_string())
+            .unwrap_or_else(|| "?".into())
+    );
+    let io = |v: &[super::card::Io]| {
+        v.iter()
+            .map(|i| format!("{} {} {:?}", i.name, i.dtype, i.shape))
+            .collect::<Vec<_>>()
+            .join("; ")
+    };
+    println!(
+        "onnx         opset {}; in: {}",
+        card.onnx.opset,
+        io(&card.onnx.inputs)
+    );
+    println!("             out: {}", io(&card.onnx.outputs));
+    if let Some(figs) = card
+        .raw
+        .get("evaluation")
+        .and_then(|e| e.get("figures"))
+        .and_then(|f| f.as_object())
+    {
+        for (k, v) in figs {
+            println!("figure       {k} = {v}");
+        }
+    }
+    Ok(())
+}
+
+fn eval_cmd(model: &Path, jsb: &Path, split: &str, limit: Option<usize>) -> anyhow::Result<()> {
+    let mut m = Model::open(model)?;
+    let mut pieces = eval::load_jsb(jsb, split, &m.card)?;
+    if let Some(n) = limit {
+        pieces.truncate(n);
+    }
+    let t0 = Instant::now();
+    let (nll, n) = eval::score_split(&mut m.net, &m.card, &pieces)?;
+    let backend = runtime::backend()?;
+    println!(
+        "JSB {split}: mean NLL {nll:.4} nats/token over {n} tokens ({} pieces; {:.1} s on {})",
+        pieces.len(),
+        t0.elapsed().as_secs_f64(),
+        backend.kind.name()
+    );
+    if limit.is_none() {
+        if let Some(py) = m.card.figure(&format!("jsb_{split}_nll")) {
+            println!(
+                "model card (Python, onnxruntime): {py:.5}; difference {:+.5}",
+                nll - py
+            );
+        }
+    }
+    Ok(())
+}
+
+/// Generates `steps` steps from a fresh composition under `cond`.
+fn generate(
+    src: &mut ModelSource,
+    cond: &Conditioning,
+    params: &SamplingParams,
+    steps: usize,
+    start: u64,
+) -> anyhow::Result<Vec<Step>> {
+    src.start_at(start);
+    (0..steps)
+        .map(|_| src.next_step(cond, params).map_err(anyhow::Error::from))
+        .collect()
+}
+
+fn control(
+    model: &Path,
+    steps: usize,
+    reps: usize,
+    seed: u64,
+    params: SamplingParams,
+    style: &str,
+) -> anyhow::Result<()> {
+    let m = Model::open(model)?;
+    let card = m.card.clone();
+    // No scale lock: the point is to hear what the model does with the mode it is asked for.
+    let mut src = ModelSource::new(m, 0, false, Mode::Major, seed);
+    let base = Conditioning {
+        density: None,
+        register: None,
+        major: None,
+        styles: vec![(style.to_string(), 1.0)],
+    };
+    let mut run = 0u64;
+    let sweeps: [(&str, &[f32]); 2] = [
+        ("density", &[1.0, 2.0, 3.0, 4.0, 5.0, 6.0]),
+        ("register", &[54.0, 58.0, 62.0, 66.0, 70.0]),
+    ];
+    for (attr, values) in sweeps {
+        let (mut asked, mut got) = (Vec::new(), Vec::new());
+        let mut pairs = Vec::new();
+        for &val in values {
+            for _ in 0..reps {
+                let mut cond = base.clone();
+                match attr {
+                    "density" => cond.density = Some(val),
+                    _ => cond.register = Some(val),
+                }
+                run += 1;
+                let grid = generate(&mut src, &cond, &params, steps, run * 100_000)?;
+                let f = features(&grid, &card);
+                let meas = if attr == "density" {
+                    mean(f.density.iter().map(|&x| x as f64))
+                } else {
+                    mean(
+                        f.register
+                            .iter()
+                            .filter(|x| x.is_finite())
+                            .map(|&x| x as f64),
+                    )
+                };
+                asked.push(val as f64);
+                got.push(meas);
+                pairs.push(format!("{val}->{meas:.2}"));
+            }
+        }
+        println!(
+            "{attr:<9} rho {:.3}   (asked->measured: {})",
+            spearman(&asked, &got),
+            pairs.join(" ")
+        );
+    }
+    let (mut hits, mut n) = (0, 0);
+    let mut detail = Vec::new();
+    for (mode, major) in [("major", 1.0f32), ("minor", 0.0)] {
+        let mut h = 0;
+        for _ in 0..reps * 2 {
+            let mut cond = base.clone();
+            cond.major = Some(major);
+            run += 1;
+            let grid = generate(&mut src, &cond, &params, steps, run * 100_000)?;
+            let heard = grid_mode(&grid, &card);
+            if heard == major as i8 {
+                h += 1;
+            }
+            n += 1;
+        }
+        hits += h;
+        detail.push(format!("{mode} {h}/{}", reps * 2));
+    }
+    println!(
+        "mode      hit rate {:.3}   ({}; {steps} steps each, temperature {}, top-p {}, style {style}, {} backend)",
+        hits as f64 / n as f64,
+        detail.join(", "),
+        params.temperature,
+        params.top_p,
+        runtime::backend()?.kind.name()
+    );
+    Ok(())
+}
+
+fn mean(it: impl Iterator<Item = f64>) -> f64 {
+    let (s, n) = it.fold((0.0, 0usize), |(s, n), x| (s + x, n + 1));
+    if n == 0 {
+        f64::NAN
+    } else {
+        s / n as f64
+    }
+}
+
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[i.min(sorted.len() - 1)]
+}
+
+/// Times `steps` decoding steps in this process's backend.
+fn bench_here(model: &Path, steps: usize) -> anyhow::Result<()> {
+    let m = Model::open(model)?;
+    let backend = runtime::backend()?.clone();
+    let mut src = ModelSource::new(m, 0, true, Mode::Major, 1);
+    let cond = Conditioning {
+        density: Some(3.0),
+        register: Some(62.0),
+        major: Some(1.0),
+        styles: vec![("chorale".into(), 1.0)],
+    };
+    let params = SamplingParams {
+        temperature: 1.0,
+        top_p: 0.95,
+    };
+    for _ in 0..8 {
+        src.next_step(&cond, &params)?;
+    }
+    src.start_at(0);
+    let mut times = Vec::with_capacity(steps);
+    let t0 = Instant::now();
+    for _ in 0..steps {
+        let t = Instant::now();
+        src.next_step(&cond, &params)?;
+        times.push(t.elapsed().as_secs_f64() * 1e3);
+    }
+    let total = t0.elapsed().as_secs_f64();
+    times.sort_by(f64::total_cmp);
+    println!(
+        "{:<6} per step (4 tokens): p50 {:.3} ms  p99 {:.3} ms  max {:.3} ms  {:.0} tokens/s  ({steps} steps, 1 thread; {backend})",
+        backend.kind.name(),
+        percentile(&times, 0.5),
+        percentile(&times, 0.99),
+        times.last().copied().unwrap_or(0.0),
+        (steps * 4) as f64 / total,
+    );
+    Ok(())
+}
+
+/// Runs the benchmark once per available backend, each in its own process (`ort` holds one
+/// backend per process).
+fn bench_all(model: &Path, steps: usize) -> anyhow::Result<()> {
+    let exe = std::env::current_exe().context("finding the roomscore binary")?;
+    let mut kinds = Vec::new();
+    match runtime::find_dylib() {
+        Some((path, _)) => kinds.push((BackendKind::OnnxRuntime, Some(path))),
+        None => println!("ort    not available: no libonnxruntime found"),
+    }
+    kinds.push((BackendKind::Tract, None));
+    for (kind, _) in kinds {
+        let status = std::process::Command::new(&exe)
+            .args(["model", "bench", "--this-process", "--steps"])
+            .arg(steps.to_string())
+            .arg("--model")
+            .arg(model)
+            .env(BACKEND_ENV, kind.name())
+            .env("OMP_NUM_THREADS", "1")
+            .status()
+            .with_context(|| format!("running {}", exe.display()))?;
+        if !status.success() {
+            anyhow::bail!("the {} benchmark failed ({status})", kind.name());
+        }
+    }
+    Ok(())
+}

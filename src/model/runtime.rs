@@ -1,0 +1,453 @@
+//! Which ONNX backend runs the model, and the session wrapper over it.
+//!
+//! `ort` holds one global backend per process. ONNX Runtime comes from the `libonnxruntime.so`
+//! of PyPI's `onnxruntime` wheel, loaded at run time, so a fresh clone needs no download outside
+//! the package registries; where no such library is found the pure-Rust tract backend
+//! (`ort-tract`) runs the same graph. With both `alternative-backend` and `load-dynamic`
+//! enabled `ort` will not install the dylib's API by itself, so it is handed to `ort::set_api`
+//! here. The choice is made once, logged in one line, and can be forced with
+//! `ROOMSCORE_MODEL_BACKEND=ort|tract` (the benchmark runs itself once per backend that way).
+
+use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
+
+use ort::session::builder::GraphOptimizationLevel;
+use ort::session::Session;
+use ort::value::TensorRef;
+
+use super::card::{Card, IoNames};
+use super::ModelError;
+
+/// The lowest ONNX Runtime minor version whose API `ort` was built for (`api-24`).
+const MIN_ORT_MINOR: u32 = 24;
+
+pub const BACKEND_ENV: &str = "ROOMSCORE_MODEL_BACKEND";
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BackendKind {
+    OnnxRuntime,
+    Tract,
+}
+
+impl BackendKind {
+    pub fn name(self) -> &'static str {
+        match self {
+            BackendKind::OnnxRuntime => "ort",
+            BackendKind::Tract => "tract",
+        }
+    }
+}
+
+/// The backend this process runs, and why.
+#[derive(Clone, Debug)]
+pub struct Backend {
+    pub kind: BackendKind,
+    /// The library and its version, for ONNX Runtime.
+    pub library: Option<(PathBuf, String)>,
+    pub why: String,
+}
+
+impl std::fmt::Display for Backend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match (&self.kind, &self.library) {
+            (BackendKind::OnnxRuntime, Some((path, version))) => write!(
+                f,
+                "ONNX Runtime {version} ({}; {})",
+                path.display(),
+                self.why
+            ),
+            _ => write!(f, "tract, pure Rust ({})", self.why),
+        }
+    }
+}
+
+struct Runtime {
+    backend: Backend,
+    env: ort::environment::Environment,
+}
+
+static RUNTIME: OnceLock<Result<Runtime, String>> = OnceLock::new();
+
+/// The process's backend, chosen (and logged) on first use.
+pub fn backend() -> Result<&'static Backend, ModelError> {
+    runtime().map(|r| &r.backend)
+}
+
+fn runtime() -> Result<&'static Runtime, ModelError> {
+    RUNTIME
+        .get_or_init(init)
+        .as_ref()
+        .map_err(|e| ModelError::Backend(e.clone()))
+}
+
+fn init() -> Result<Runtime, String> {
+    let forced = std::env::var(BACKEND_ENV).ok().filter(|s| !s.is_empty());
+    let backend = match forced.as_deref() {
+        Some("tract") => install_tract(format!("{BACKEND_ENV}=tract")),
+        Some("ort") => {
+            let (path, how) = find_dylib().ok_or_else(|| {
+                format!(
+                    "{BACKEND_ENV}=ort, but no libonnxruntime was found ({})",
+                    searched()
+                )
+            })?;
+            install_ort(&path, &how)?
+        }
+        Some(other) => return Err(format!("{BACKEND_ENV}={other}: expected ort or tract")),
+        None => match find_dylib() {
+            Some((path, how)) => match install_ort(&path, &how) {
+                Ok(b) => b,
+                Err(e) => {
+                    // A library that fails to load before `set_api` leaves the global API free,
+                    // so tract can still take over.
+                    install_tract(format!("{} could not be used: {e}", path.display()))
+                }
+            },
+            None => install_tract(format!("no libonnxruntime found ({})", searched())),
+        },
+    };
+    tracing::info!("model backend: {backend}");
+    let env = ort::init()
+        .with_name("roomscore")
+        .with_logger(std::sync::Arc::new(
+            |level: ort::logging::LogLevel, category: &str, _id: &str, _loc: &str, msg: &str| {
+                match level {
+                    ort::logging::LogLevel::Error | ort::logging::LogLevel::Fatal => {
+                        tracing::error!(target: "onnxruntime", "{category}: {msg}")
+                    }
+                    ort::logging::LogLevel::Warning => {
+                        tracing::warn!(target: "onnxruntime", "{category}: {msg}")
+                    }
+                    _ => tracing::debug!(target: "onnxruntime", "{category}: {msg}"),
+                }
+            },
+        ))
+        .build()
+        .map_err(|e| format!("{}: {e}", backend.kind.name()))?;
+    Ok(Runtime { backend, env })
+}
+
+fn install_tract(why: String) -> Backend {
+    ort::set_api(ort_tract::api());
+    Backend {
+        kind: BackendKind::Tract,
+        library: None,
+        why,
+    }
+}
+
+fn install_ort(path: &Path, how: &str) -> Result<Backend, String> {
+    // ort's own loader checks the version and keeps the library loaded for the process.
+    ort::init_from(path).map_err(|e| e.to_string())?;
+    // SAFETY: loading a shared library runs its initialisers; this is ONNX Runtime's own
+    // library, which is what `ort` would load itself. The handle is leaked on purpose: the API
+    // table handed to `ort` points into it for the rest of the process.
+    let lib = unsafe { libloading::Library::new(path) }.map_err(|e| e.to_string())?;
+    let lib: &'static libloading::Library = Box::leak(Box::new(lib));
+    // SAFETY: `OrtGetApiBase` has this signature in every ONNX Runtime release.
+    let get_base: libloading::Symbol<unsafe extern "C" fn() -> *const ort::sys::OrtApiBase> =
+        unsafe { lib.get(b"OrtGetApiBase") }
+            .map_err(|_| format!("{} does not export OrtGetApiBase", path.display()))?;
+    // SAFETY: the base is a static table inside the library; the version string is static too.
+    let (version, api) = unsafe {
+        let base = get_base();
+        if base.is_null() {
+            return Err("OrtGetApiBase returned null".into());
+        }
+        let version = std::ffi::CStr::from_ptr(((*base).GetVersionString)())
+            .to_string_lossy()
+            .into_owned();
+        let minor: u32 = version
+            .split('.')
+            .nth(1)
+            .and_then(|m| m.parse().ok())
+            .unwrap_or(0);
+        if minor < MIN_ORT_MINOR {
+            return Err(format!(
+                "version {version} is older than 1.{MIN_ORT_MINOR}, which this build needs"
+            ));
+        }
+        let api = ((*base).GetApi)(ort::sys::ORT_API_VERSION);
+        if api.is_null() {
+            return Err(format!(
+                "version {version} does not provide API {}",
+                ort::sys::ORT_API_VERSION
+            ));
+        }
+        (version, (*api).clone())
+    };
+    if !ort::set_api(api) {
+        return Err("another backend was installed first".into());
+    }
+    Ok(Backend {
+        kind: BackendKind::OnnxRuntime,
+        library: Some((path.to_path_buf(), version)),
+        why: how.to_string(),
+    })
+}
+
+fn searched() -> String {
+    format!(
+        "looked at ${}, .venv/lib/python3*/site-packages/onnxruntime/capi/ under the repository, \
+         and python3's onnxruntime package",
+        "ORT_DYLIB_PATH"
+    )
+}
+
+/// Finds `libonnxruntime.so*`: `$ORT_DYLIB_PATH`, else the repository's `.venv`, else the
+/// `onnxruntime` package of whatever `python3` is on the path. Returns the path and how it was
+/// found.
+pub fn find_dylib() -> Option<(PathBuf, String)> {
+    if let Some(p) = std::env::var_os("ORT_DYLIB_PATH").filter(|p| !p.is_empty()) {
+        let p = PathBuf::from(p);
+        if p.is_file() {
+            return Some((p, "from ORT_DYLIB_PATH".into()));
+        }
+        tracing::warn!(
+            "ORT_DYLIB_PATH={} is not a file; looking elsewhere",
+            p.display()
+        );
+    }
+    for root in repo_roots() {
+        let lib = root.join(".venv").join("lib");
+        let Ok(entries) = std::fs::read_dir(&lib) else {
+            continue;
+        };
+        let mut pythons: Vec<PathBuf> = entries
+            .flatten()
+            .map(|e| e.path())
+            .filter(|p| {
+                p.file_name()
+                    .and_then(|n| n.to_str())
+                    .is_some_and(|n| n.starts_with("python3"))
+            })
+            .collect();
+        pythons.sort();
+        for py in pythons.iter().rev() {
+            let capi = py.join("site-packages").join("onnxruntime").join("capi");
+            if let Some(found) = dylib_in(&capi) {
+                return Some((
+                    found,
+                    format!("from the virtual environment in {}", root.display()),
+                ));
+            }
+        }
+    }
+    let out = std::process::Command::new("python3")
+        .args([
+            "-c",
+            "import onnxruntime,os;print(os.path.dirname(onnxruntime.__file__))",
+        ])
+        .stderr(std::process::Stdio::null())
+        .output()
+        .ok()?;
+    if !out.status.success() {
+        return None;
+    }
+    let dir = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
+    dylib_in(&dir.join("capi")).map(|p| (p, "from python3's onnxruntime package".into()))
+}
+
+/// Where a `.venv` may sit: the working directory and its ancestors, and the source tree this
+/// binary was built from (a fresh clone builds in place).
+fn repo_roots() -> Vec<PathBuf> {
+    let mut roots = Vec::new();
+    if let Ok(cwd) = std::env::current_dir() {
+        roots.extend(cwd.ancestors().map(Path::to_path_buf));
+    }
+    roots.push(PathBuf::from(env!("CARGO_MANIFEST_DIR")));
+    roots.dedup();
+    roots
+}
+
+/// The newest-looking `libonnxruntime.so*` in `dir` (the wheel ships `libonnxruntime.so.1.x.y`).
+fn dylib_in(dir: &Path) -> Option<PathBuf> {
+    let mut libs: Vec<PathBuf> = std::fs::read_dir(dir)
+        .ok()?
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| {
+            p.file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.starts_with("libonnxruntime.so"))
+        })
+        .collect();
+    libs.sort();
+    libs.pop()
+}
+
+/// The key/value cache, laid out as the graph wants it: [layers, 1, heads, len, head_dim].
+#[derive(Clone, Debug, PartialEq)]
+pub struct Cache {
+    pub k: Vec<f32>,
+    pub v: Vec<f32>,
+    pub len: usize,
+}
+
+impl Cache {
+    pub fn empty() -> Self {
+        Cache {
+            k: Vec::new(),
+            v: Vec::new(),
+            len: 0,
+        }
+    }
+}
+
+/// A graph input or output: name, element type, shape (-1 = dynamic).
+pub type Port = (String, String, Vec<i64>);
+
+/// One model session with the card's names and sizes.
+pub struct Net {
+    session: Session,
+    names: IoNames,
+    pub layers: usize,
+    pub heads: usize,
+    pub head_dim: usize,
+    pub vocab: usize,
+    pub cond_dim: usize,
+    pub path: PathBuf,
+}
+
+fn ort_err(path: &Path, e: impl std::fmt::Display) -> ModelError {
+    ModelError::Run {
+        path: path.to_path_buf(),
+        message: e.to_string(),
+    }
+}
+
+impl Net {
+    /// Opens `bytes` (the model file at `path`, already hash-checked) on one intra-op thread.
+    pub fn open(card: &Card, path: &Path, bytes: &[u8]) -> Result<Net, ModelError> {
+        let rt = runtime()?;
+        let load = |e: ort::Error| ModelError::Load {
+            path: path.to_path_buf(),
+            message: e.to_string(),
+        };
+        let mut b = Session::builder(&rt.env)
+            .map_err(load)?
+            .with_optimization_level(GraphOptimizationLevel::Level3)
+            .map_err(|e| load(e.into()))?;
+        if rt.backend.kind == BackendKind::OnnxRuntime {
+            // One thread: the engine runs beside the audio thread on a small machine, and the
+            // step latency of this model is dominated by per-op overhead, not arithmetic.
+            b = b.with_intra_threads(1).map_err(|e| load(e.into()))?;
+            b = b.with_inter_threads(1).map_err(|e| load(e.into()))?;
+            b = b
+                .with_intra_op_spinning(false)
+                .map_err(|e| load(e.into()))?;
+        }
+        let session = b.commit_from_memory(bytes).map_err(load)?;
+        let a = &card.architecture;
+        Ok(Net {
+            session,
+            names: card.io_names(),
+            layers: a.layers,
+            heads: a.heads,
+            head_dim: a.head_dim,
+            vocab: card.vocabulary.size,
+            cond_dim: card.conditioning.dim,
+            path: path.to_path_buf(),
+        })
+    }
+
+    /// The graph's input and output names with their element types and shapes (-1 = dynamic).
+    pub fn signature(&self) -> (Vec<Port>, Vec<Port>) {
+        let describe = |o: &ort::value::Outlet| {
+            let t = o.dtype();
+            (
+                o.name().to_string(),
+                t.tensor_type()
+                    .map(|t| format!("{t:?}"))
+                    .unwrap_or_default(),
+                t.tensor_shape().map(|s| s.to_vec()).unwrap_or_default(),
+            )
+        };
+        (
+            self.session.inputs().iter().map(describe).collect(),
+            self.session.outputs().iter().map(describe).collect(),
+        )
+    }
+
+    /// Runs `tokens` (with their voices and `cond`, `cond_dim` floats per token) after `cache`,
+    /// returns their logits ([T * vocab]) and replaces `cache` by the present one.
+    pub fn forward(
+        &mut self,
+        tokens: &[i64],
+        voices: &[i64],
+        cond: &[f32],
+        cache: &mut Cache,
+    ) -> Result<Vec<f32>, ModelError> {
+        let t = tokens.len();
+        debug_assert_eq!(voices.len(), t);
+        debug_assert_eq!(cond.len(), t * self.cond_dim);
+        let p = cache.len;
+        let cache_shape = [self.layers, 1, self.heads, p, self.head_dim];
+        let path = self.path.clone();
+        let e = |e: ort::Error| ort_err(&path, e);
+        let outputs = self
+            .session
+            .run(ort::inputs![
+                self.names.tokens.as_str() => TensorRef::from_array_view(([1usize, t], tokens)).map_err(e)?,
+                self.names.voices.as_str() => TensorRef::from_array_view(([1usize, t], voices)).map_err(e)?,
+                self.names.cond.as_str() => TensorRef::from_array_view(([1usize, t, self.cond_dim], cond)).map_err(e)?,
+                self.names.past_k.as_str() => TensorRef::from_array_view((cache_shape, cache.k.as_slice())).map_err(e)?,
+                self.names.past_v.as_str() => TensorRef::from_array_view((cache_shape, cache.v.as_slice())).map_err(e)?,
+            ])
+            .map_err(e)?;
+        let (shape, logits) = outputs[self.names.logits.as_str()]
+            .try_extract_tensor::<f32>()
+            .map_err(e)?;
+        if shape.to_vec() != [1, t as i64, self.vocab as i64] {
+            return Err(ort_err(
+                &self.path,
+                format!(
+                    "logits have shape {shape:?}, the card says [1, {t}, {}]",
+                    self.vocab
+                ),
+            ));
+        }
+        let logits = logits.to_vec();
+        let want = [
+            self.layers as i64,
+            1,
+            self.heads as i64,
+            (p + t) as i64,
+            self.head_dim as i64,
+        ];
+        let take = |name: &str| -> Result<Vec<f32>, ModelError> {
+            let (shape, data) = outputs[name].try_extract_tensor::<f32>().map_err(e)?;
+            if shape.to_vec() != want {
+                return Err(ort_err(
+                    &path,
+                    format!("{name} has shape {shape:?}, expected {want:?}"),
+                ));
+            }
+            Ok(data.to_vec())
+        };
+        cache.k = take(self.names.present_k.as_str())?;
+        cache.v = take(self.names.present_v.as_str())?;
+        cache.len = p + t;
+        Ok(logits)
+    }
+
+    /// Keeps the first `len` positions of `cache` (rollback: rotary positions are relative, so a
+    /// truncated cache is exactly the cache of the shorter prefix).
+    pub fn truncate(&self, cache: &mut Cache, len: usize) {
+        if len >= cache.len {
+            return;
+        }
+        let (old, d) = (cache.len, self.head_dim);
+        let blocks = self.layers * self.heads;
+        let cut = |x: &mut Vec<f32>| {
+            for b in 0..blocks {
+                let (src, dst) = (b * old * d, b * len * d);
+                x.copy_within(src..src + len * d, dst);
+            }
+            x.truncate(blocks * len * d);
+        };
+        cut(&mut cache.k);
+        cut(&mut cache.v);
+        cache.len = len;
+    }
+}

@@ -1,0 +1,374 @@
+//! The model as a `NoteSource`: incremental decoding with the key/value cache, four tokens (S, A,
+//! T, B) per grid step, sampled with temperature and nucleus (top-p) from the engine's seeded
+//! RNG, inside each voice's range and optionally the scene's scale.
+//!
+//! Decoding keeps one token "pending": the cache holds every token but the last, and the last is
+//! fed, with the conditioning of the step being composed, to get the logits of the next. A
+//! conditioning change therefore reaches the very first token of the next step. When the cache
+//! is full it is re-primed by one fresh pass over the last half-context of tokens (positions are
+//! rotary, so starting again from position 0 is equivalent). Rollback keeps, per step, the RNG
+//! state and how the cache was built, so a rolled-back step decodes exactly as a fresh decode
+//! that took the same path would: truncating the cache is exact because earlier rows never
+//! change, and a rollback across a re-prime rebuilds the cache by replaying the same passes.
+
+use std::collections::VecDeque;
+
+use super::card::Card;
+use super::runtime::{Cache, Net};
+use super::{Model, ModelError};
+use crate::control::Conditioning;
+use crate::gen::{NoteSource, SamplingParams, SourceError, Step, VOICES};
+use crate::music::{Mode, PitchSet};
+use crate::rng::Rng;
+
+/// Steps of history kept for rollback (the generator rolls back at most its decode-ahead).
+const HISTORY: usize = 512;
+
+/// What is needed to put a step back exactly as it was first decoded.
+#[derive(Clone, Debug)]
+struct Snapshot {
+    rng: Rng,
+    /// Absolute index of the first token in the cache.
+    cache_start: usize,
+    /// Absolute index where the last re-priming pass ended (tokens from here on went through
+    /// the model one at a time).
+    prime_end: usize,
+}
+
+/// Conditioning turned into the model's vector by the card's layout and normalisation.
+pub fn cond_vector(card: &Card, cond: &Conditioning) -> Vec<f32> {
+    let c = &card.conditioning;
+    let mut x = vec![0.0f32; c.dim];
+    let norm = |v: f32, r: [f32; 2]| ((v - r[0]) / (r[1] - r[0])).clamp(0.0, 1.0);
+    if let Some(d) = cond.density.filter(|d| d.is_finite()) {
+        x[c.density.index] = norm(d, c.density.range);
+        x[c.density.known_flag_index] = 1.0;
+    }
+    if let Some(r) = cond.register.filter(|r| r.is_finite()) {
+        x[c.register.index] = norm(r, c.register.range);
+        x[c.register.known_flag_index] = 1.0;
+    }
+    if let Some(m) = cond.major.filter(|m| m.is_finite()) {
+        x[c.mode.index] = m.clamp(0.0, 1.0);
+        x[c.mode.known_flag_index] = 1.0;
+    }
+    // Unknown style names are ignored; weights that sum to nothing leave the style unknown,
+    // which is exactly the all-zero slice the model was trained to read as "any style".
+    for (name, w) in &cond.styles {
+        if let Some(k) = c.style.order.iter().position(|s| s == name) {
+            x[c.style.indices[k]] = w.clamp(0.0, 1.0);
+        }
+    }
+    x
+}
+
+/// Samples a token from `logits` with temperature and nucleus sampling, after `allowed` masks.
+/// Deterministic for a given RNG state: ties are broken by token id.
+pub fn sample(logits: &[f32], allowed: &[bool], params: &SamplingParams, rng: &mut Rng) -> usize {
+    let t = params.temperature.max(1e-3) as f64;
+    let mut cand: Vec<(usize, f64)> = logits
+        .iter()
+        .enumerate()
+        .filter(|(i, x)| allowed[*i] && x.is_finite())
+        .map(|(i, &x)| (i, x as f64 / t))
+        .collect();
+    if cand.is_empty() {
+        // Cannot happen with silence always allowed; keep the caller safe anyway.
+        return allowed.iter().position(|a| *a).unwrap_or(0);
+    }
+    let max = cand.iter().map(|c| c.1).fold(f64::NEG_INFINITY, f64::max);
+    let mut total = 0.0;
+    for c in cand.iter_mut() {
+        c.1 = (c.1 - max).exp();
+        total += c.1;
+    }
+    cand.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
+    let top_p = (params.top_p as f64).clamp(0.0, 1.0);
+    let mut kept = 0;
+    let mut cum = 0.0;
+    for c in &cand {
+        kept += 1;
+        cum += c.1 / total;
+        if cum >= top_p {
+            break;
+        }
+    }
+    cand.truncate(kept);
+    let mass: f64 = cand.iter().map(|c| c.1).sum();
+    let mut x = rng.next_f64() * mass;
+    for c in &cand {
+        if x < c.1 {
+            return c.0;
+        }
+        x -= c.1;
+    }
+    cand.last().map(|c| c.0).unwrap_or(0)
+}
+
+pub struct ModelSource {
+    net: Net,
+    card: Card,
+    tonic: u8,
+    scale_lock: bool,
+    /// The mode the scale mask uses when the conditioning leaves the mode unknown.
+    scene_mode: Mode,
+    seed: u64,
+    rng: Rng,
+    /// Tokens from absolute index `base` on, with the voice id and conditioning each was fed
+    /// with (the pending last token has no conditioning yet).
+    tokens: Vec<i64>,
+    voices: Vec<i64>,
+    conds: Vec<f32>,
+    base: usize,
+    cache: Cache,
+    cache_start: usize,
+    prime_end: usize,
+    /// The step the first token after BOS belongs to.
+    start_step: u64,
+    position: u64,
+    history: VecDeque<Snapshot>,
+    /// Which tokens each voice may take (range), before the scale mask.
+    range_mask: [Vec<bool>; VOICES],
+}
+
+impl ModelSource {
+    pub fn new(model: Model, tonic: u8, scale_lock: bool, scene_mode: Mode, seed: u64) -> Self {
+        let card = model.card;
+        let range_mask = std::array::from_fn(|v| {
+            let (lo, hi) = card.voice_range(v);
+            (0..card.vocabulary.size as i64)
+                .map(|tok| {
+                    tok == card.vocabulary.silence
+                        || card
+                            .token_pitch(tok)
+                            .is_some_and(|p| (lo..=hi).contains(&p))
+                })
+                .collect()
+        });
+        let mut s = ModelSource {
+            net: model.net,
+            card,
+            tonic,
+            scale_lock,
+            scene_mode,
+            seed,
+            rng: Rng::new(seed),
+            tokens: Vec::new(),
+            voices: Vec::new(),
+            conds: Vec::new(),
+            base: 0,
+            cache: Cache::empty(),
+            cache_start: 0,
+            prime_end: 0,
+            start_step: 0,
+            position: 0,
+            history: VecDeque::with_capacity(HISTORY),
+            range_mask,
+        };
+        s.start_at(0);
+        s
+    }
+
+    pub fn card(&self) -> &Card {
+        &self.card
+    }
+
+    fn fail(&self, e: ModelError) -> SourceError {
+        SourceError::Failed {
+            source_name: "model".into(),
+            message: e.to_string(),
+        }
+    }
+
+    /// Absolute index one past the last token.
+    fn end(&self) -> usize {
+        self.base + self.tokens.len()
+    }
+
+    /// Absolute index of the first token of `step` (after BOS).
+    fn step_index(&self, step: u64) -> usize {
+        1 + VOICES * (step - self.start_step) as usize
+    }
+
+    fn slice(&self, from: usize, to: usize) -> (&[i64], &[i64], &[f32]) {
+        let (a, b) = (from - self.base, to - self.base);
+        let d = self.card.conditioning.dim;
+        (
+            &self.tokens[a..b],
+            &self.voices[a..b],
+            &self.conds[a * d..b * d],
+        )
+    }
+
+    /// One fresh pass over tokens [from, to) (already fed once, so their conditioning is known).
+    fn prime(&mut self, from: usize, to: usize) -> Result<(), ModelError> {
+        let mut cache = Cache::empty();
+        if to > from {
+            let (t, v, c) = self.slice(from, to);
+            let (t, v, c) = (t.to_vec(), v.to_vec(), c.to_vec());
+            self.net.forward(&t, &v, &c, &mut cache)?;
+        }
+        self.cache = cache;
+        self.cache_start = from;
+        self.prime_end = to;
+        Ok(())
+    }
+
+    /// Feeds the pending token with `cond` and returns the logits that follow it.
+    fn feed_pending(&mut self, cond: &[f32]) -> Result<Vec<f32>, ModelError> {
+        let last = self.end() - 1;
+        if self.cache.len + 1 > self.card.context_length {
+            // Keep half a context so what follows still hears the recent music.
+            let keep = self.card.context_length / 2;
+            self.prime(last - keep, last)?;
+        }
+        debug_assert_eq!(self.cache_start + self.cache.len, last);
+        let d = self.card.conditioning.dim;
+        self.conds.truncate((last - self.base) * d);
+        self.conds.extend_from_slice(cond);
+        let (t, v) = (self.tokens[last - self.base], self.voices[last - self.base]);
+        self.net.forward(&[t], &[v], cond, &mut self.cache)
+    }
+
+    fn allowed(&self, voice: usize, cond: &Conditioning) -> Vec<bool> {
+        let mut allowed = self.range_mask[voice].clone();
+        if self.scale_lock {
+            let mode = cond
+                .major
+                .map(Mode::from_major_weight)
+                .unwrap_or(self.scene_mode);
+            let scale = PitchSet::scale(self.tonic, mode);
+            for (tok, a) in allowed.iter_mut().enumerate() {
+                if let Some(p) = self.card.token_pitch(tok as i64) {
+                    *a &= scale.contains(p);
+                }
+            }
+        }
+        allowed
+    }
+
+    fn decode_step(
+        &mut self,
+        cond: &Conditioning,
+        params: &SamplingParams,
+    ) -> Result<Step, ModelError> {
+        let vec = cond_vector(&self.card, cond);
+        let mut step: Step = [None; VOICES];
+        for (voice, slot) in step.iter_mut().enumerate() {
+            let logits = self.feed_pending(&vec)?;
+            let allowed = self.allowed(voice, cond);
+            let tok = sample(&logits, &allowed, params, &mut self.rng) as i64;
+            self.tokens.push(tok);
+            self.voices.push(voice as i64);
+            *slot = self.card.token_pitch(tok);
+        }
+        Ok(step)
+    }
+
+    /// Drops tokens no snapshot can reach any more, so a months-long run stays small.
+    fn compact(&mut self) {
+        let oldest = self
+            .history
+            .front()
+            .map(|s| s.cache_start)
+            .unwrap_or(self.cache_start)
+            .min(self.cache_start);
+        let drop = oldest - self.base;
+        if drop >= 4096 {
+            let d = self.card.conditioning.dim;
+            self.tokens.drain(..drop);
+            self.voices.drain(..drop);
+            self.conds.drain(..drop * d);
+            self.base += drop;
+        }
+    }
+}
+
+impl NoteSource for ModelSource {
+    fn name(&self) -> &str {
+        "model"
+    }
+
+    fn position(&self) -> u64 {
+        self.position
+    }
+
+    fn next_step(
+        &mut self,
+        cond: &Conditioning,
+        params: &SamplingParams,
+    ) -> Result<Step, SourceError> {
+        if self.history.len() == HISTORY {
+            self.history.pop_front();
+        }
+        self.history.push_back(Snapshot {
+            rng: self.rng.clone(),
+            cache_start: self.cache_start,
+            prime_end: self.prime_end,
+        });
+        let step = self.decode_step(cond, params).map_err(|e| self.fail(e))?;
+        self.position += 1;
+        self.compact();
+        Ok(step)
+    }
+
+    fn rollback(&mut self, step: u64) -> Result<(), SourceError> {
+        if step >= self.position {
+            return Ok(());
+        }
+        let back = (self.position - step) as usize;
+        if step < self.start_step || back > self.history.len() {
+            return Err(SourceError::Failed {
+                source_name: "model".into(),
+                message: format!(
+                    "cannot roll back to step {step}: only {} steps of history",
+                    self.history.len()
+                ),
+            });
+        }
+        let snap = self.history[self.history.len() - back].clone();
+        self.history.truncate(self.history.len() - back);
+        let keep = self.step_index(step);
+        let d = self.card.conditioning.dim;
+        self.tokens.truncate(keep - self.base);
+        self.voices.truncate(keep - self.base);
+        // The pending token's conditioning is given anew when it is fed again.
+        self.conds.truncate((keep - 1 - self.base) * d);
+        self.rng = snap.rng;
+        let cached_to = keep - 1;
+        if snap.cache_start == self.cache_start && snap.prime_end == self.prime_end {
+            self.net
+                .truncate(&mut self.cache, cached_to - self.cache_start);
+        } else {
+            // A re-prime happened since: rebuild the cache by the same passes that built it.
+            let rebuild = |s: &mut Self| -> Result<(), ModelError> {
+                s.prime(snap.cache_start, snap.prime_end)?;
+                for i in snap.prime_end..cached_to {
+                    let (t, v, c) = s.slice(i, i + 1);
+                    let (t, v, c) = (t.to_vec(), v.to_vec(), c.to_vec());
+                    s.net.forward(&t, &v, &c, &mut s.cache)?;
+                }
+                Ok(())
+            };
+            rebuild(self).map_err(|e| self.fail(e))?;
+        }
+        self.position = step;
+        Ok(())
+    }
+
+    fn start_at(&mut self, step: u64) {
+        let c = &self.card;
+        self.tokens = vec![c.vocabulary.bos];
+        self.voices = vec![c.voices.start_id];
+        self.conds.clear();
+        self.base = 0;
+        self.cache = Cache::empty();
+        self.cache_start = 0;
+        self.prime_end = 0;
+        self.start_step = step;
+        self.position = step;
+        self.history.clear();
+        // Each composition gets its own stream, the same for the same seed and start.
+        self.rng = Rng::new(self.seed ^ step.wrapping_mul(0x9E37_79B9_7F4A_7C15));
+    }
+}

@@ -1,0 +1,408 @@
+//! The trained model through the real runtime: ONNX Runtime from the repository's `.venv` when it
+//! is there (`.venv/bin/pip install onnxruntime==1.31.1`), else tract — no mocks. The card must
+//! agree with the graph, incremental decoding with a full pass, rollback with a fresh decode, the
+//! Rust NLL with the Python one on the committed fixture; broken or missing models must be clear
+//! errors, and `play` must fall back to the rule-based source and keep playing.
+//!
+//! The model is `models/roomscore-satb.onnx` (override with `ROOMSCORE_TEST_MODEL`), the fixture
+//! `models/fixtures/jsb_test_slice.json` (override with `ROOMSCORE_TEST_FIXTURE`).
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use roomscore::control::Conditioning;
+use roomscore::gen::{NoteSource, SamplingParams, Step};
+use roomscore::model::{eval, Cache, Model, ModelError, ModelSource};
+use roomscore::music::Mode;
+
+fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+fn model_path() -> PathBuf {
+    std::env::var_os("ROOMSCORE_TEST_MODEL")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| root().join("models/roomscore-satb.onnx"))
+}
+
+fn fixture() -> serde_json::Value {
+    let p = std::env::var_os("ROOMSCORE_TEST_FIXTURE")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| root().join("models/fixtures/jsb_test_slice.json"));
+    let text = std::fs::read_to_string(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
+    serde_json::from_str(&text).unwrap()
+}
+
+fn open() -> Model {
+    // Tests run from the package root, where the `.venv` with onnxruntime lives.
+    std::env::set_current_dir(root()).unwrap();
+    Model::open(&model_path()).unwrap_or_else(|e| panic!("{e}"))
+}
+
+fn ints(v: &serde_json::Value) -> Vec<i64> {
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_i64().unwrap())
+        .collect()
+}
+
+fn max_diff(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len());
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
+}
+
+#[test]
+fn card_and_vocabulary_agree_with_the_graph() {
+    let mut m = open();
+    let card = m.card.clone();
+    let (inputs, outputs) = m.net.signature();
+    let names =
+        |v: &[(String, String, Vec<i64>)]| v.iter().map(|x| x.0.clone()).collect::<Vec<_>>();
+    let mut have: Vec<String> = names(&inputs);
+    let mut want: Vec<String> = card.onnx.inputs.iter().map(|i| i.name.clone()).collect();
+    have.sort();
+    want.sort();
+    assert_eq!(have, want, "input names");
+    let mut have: Vec<String> = names(&outputs);
+    let mut want: Vec<String> = card.onnx.outputs.iter().map(|i| i.name.clone()).collect();
+    have.sort();
+    want.sort();
+    assert_eq!(have, want, "output names");
+    // The cond input's last dimension, where the graph states it, is the card's.
+    let cond_in = inputs
+        .iter()
+        .find(|i| i.0 == card.onnx.inputs[2].name)
+        .unwrap();
+    if let Some(&d) = cond_in.2.last().filter(|d| **d >= 0) {
+        assert_eq!(d as usize, card.conditioning.dim);
+    }
+    // Vocabulary size from the logits actually produced.
+    let t = [
+        card.vocabulary.bos,
+        card.pitch_token(60).unwrap(),
+        card.vocabulary.silence,
+    ];
+    let v = [card.voices.start_id, 0, 1];
+    let cond: Vec<f32> = card.conditioning.eval_vector.repeat(3);
+    let mut cache = Cache::empty();
+    let logits = m.net.forward(&t, &v, &cond, &mut cache).unwrap();
+    assert_eq!(logits.len(), 3 * card.vocabulary.size);
+    assert_eq!(cache.len, 3);
+    assert_eq!(
+        cache.k.len(),
+        card.architecture.layers * card.architecture.heads * 3 * card.architecture.head_dim
+    );
+    // Every pitch token maps back to its pitch; specials are not pitches.
+    for p in card.vocabulary.pitch_min..=card.vocabulary.pitch_max {
+        assert_eq!(card.token_pitch(card.pitch_token(p).unwrap()), Some(p));
+    }
+    assert_eq!(card.token_pitch(card.vocabulary.silence), None);
+    assert_eq!(card.token_pitch(card.vocabulary.bos), None);
+    assert_eq!(
+        card.pitch_token(card.vocabulary.pitch_max).unwrap() as usize,
+        card.vocabulary.size - 1
+    );
+}
+
+#[test]
+fn incremental_decoding_gives_the_logits_of_a_full_pass_and_of_python() {
+    let mut m = open();
+    let card = m.card.clone();
+    let fx = fixture();
+    let piece = &fx["pieces"][0];
+    let n = 72;
+    let tokens = &ints(&piece["tokens"])[..n];
+    let voices = &ints(&piece["voices"])[..n];
+    let cvec: Vec<f32> = fx["cond"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_f64().unwrap() as f32)
+        .collect();
+    let cond = cvec.repeat(n);
+    let vocab = card.vocabulary.size;
+    let mut full_cache = Cache::empty();
+    let full = m
+        .net
+        .forward(tokens, voices, &cond, &mut full_cache)
+        .unwrap();
+
+    // Python's logits for the same pass (onnxruntime, rounded to 1e-6).
+    for (i, row) in fx["reference_logits"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .enumerate()
+    {
+        let py: Vec<f32> = row
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_f64().unwrap() as f32)
+            .collect();
+        let d = max_diff(&full[i * vocab..(i + 1) * vocab], &py);
+        assert!(
+            d < 1e-4,
+            "position {i}: Rust vs Python logits differ by {d}"
+        );
+    }
+
+    // One token at a time, then four at a time (a step), like the source and the exporter.
+    let mut cache = Cache::empty();
+    let mut inc = Vec::new();
+    let mut i = 0;
+    while i < n {
+        let j = if i < 9 { i + 1 } else { (i + 4).min(n) };
+        let cd = cvec.repeat(j - i);
+        inc.extend(
+            m.net
+                .forward(&tokens[i..j], &voices[i..j], &cd, &mut cache)
+                .unwrap(),
+        );
+        i = j;
+    }
+    let d = max_diff(&inc, &full);
+    assert!(d < 1e-4, "incremental vs full logits differ by {d}");
+    assert!(max_diff(&cache.k, &full_cache.k) < 1e-4);
+    assert!(max_diff(&cache.v, &full_cache.v) < 1e-4);
+
+    // A truncated cache continues exactly like the prefix it keeps.
+    let r = 40;
+    let mut cut = full_cache.clone();
+    m.net.truncate(&mut cut, r);
+    let tail = m
+        .net
+        .forward(&tokens[r..], &voices[r..], &cvec.repeat(n - r), &mut cut)
+        .unwrap();
+    let d = max_diff(&tail, &full[r * vocab..]);
+    assert!(d < 1e-4, "truncated-cache continuation differs by {d}");
+}
+
+fn cond(density: f32, register: f32, major: f32) -> Conditioning {
+    Conditioning {
+        density: Some(density),
+        register: Some(register),
+        major: Some(major),
+        styles: vec![("chorale".into(), 1.0)],
+    }
+}
+
+const P: SamplingParams = SamplingParams {
+    temperature: 1.0,
+    top_p: 0.95,
+};
+
+fn decode(src: &mut ModelSource, c: &Conditioning, n: usize) -> Vec<Step> {
+    (0..n).map(|_| src.next_step(c, &P).unwrap()).collect()
+}
+
+#[test]
+fn rollback_gives_the_continuation_of_a_fresh_decode() {
+    let a = cond(2.0, 60.0, 1.0);
+    let b = cond(6.0, 68.0, 0.0);
+    // Twice: within one cache, and back across the step where the full cache is re-primed
+    // (the context holds context/4 steps).
+    let ctx_steps = open().card.context_length / 4;
+    for (ahead, back_to, then) in [
+        (20usize, 12usize, 10usize),
+        (ctx_steps + 6, ctx_steps - 4, 14),
+    ] {
+        let mut rolled = ModelSource::new(open(), 5, true, Mode::Major, 42);
+        let first = decode(&mut rolled, &a, ahead);
+        rolled.rollback(back_to as u64).unwrap();
+        assert_eq!(rolled.position(), back_to as u64);
+        let after = decode(&mut rolled, &b, then);
+
+        let mut fresh = ModelSource::new(open(), 5, true, Mode::Major, 42);
+        let prefix = decode(&mut fresh, &a, back_to);
+        assert_eq!(prefix, first[..back_to], "same seed, same prefix");
+        let expected = decode(&mut fresh, &b, then);
+        assert_eq!(after, expected, "rollback to {back_to} after {ahead} steps");
+        // The source actually made music, inside the scale (F major: tonic 5).
+        let scale = roomscore::music::PitchSet::scale(5, Mode::Major);
+        let minor = roomscore::music::PitchSet::scale(5, Mode::Minor);
+        assert!(first.iter().flatten().flatten().count() > 0);
+        assert!(first.iter().flatten().flatten().all(|&p| scale.contains(p)));
+        assert!(after.iter().flatten().flatten().all(|&p| minor.contains(p)));
+    }
+}
+
+#[test]
+fn voices_stay_in_their_ranges() {
+    let m = open();
+    let card = m.card.clone();
+    let mut src = ModelSource::new(m, 0, false, Mode::Major, 7);
+    let steps = decode(&mut src, &cond(4.0, 64.0, 1.0), 48);
+    for step in &steps {
+        for (v, p) in step.iter().enumerate() {
+            if let Some(p) = p {
+                let (lo, hi) = card.voice_range(v);
+                assert!(
+                    (lo..=hi).contains(p),
+                    "voice {v} sang {p} outside {lo}..={hi}"
+                );
+            }
+        }
+    }
+}
+
+fn copy_card_to(dir: &Path, onnx_bytes: &[u8], fix_hash: bool) -> PathBuf {
+    let card_src = model_path().with_extension("json");
+    let mut card: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(card_src).unwrap()).unwrap();
+    card["file"] = "broken.onnx".into();
+    if fix_hash {
+        use sha2::Digest;
+        let h: String = sha2::Sha256::digest(onnx_bytes)
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect();
+        card["sha256"] = h.into();
+    }
+    let onnx = dir.join("broken.onnx");
+    std::fs::write(&onnx, onnx_bytes).unwrap();
+    std::fs::write(dir.join("broken.json"), card.to_string()).unwrap();
+    onnx
+}
+
+#[test]
+fn corrupt_and_missing_models_are_clear_errors() {
+    std::env::set_current_dir(root()).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let good = std::fs::read(model_path()).unwrap();
+    let mut bad = good.clone();
+    let mid = bad.len() / 2;
+    bad[mid] ^= 0x5A;
+
+    // Bytes changed under the card: the hash says so, naming the file.
+    let onnx = copy_card_to(dir.path(), &bad, false);
+    let err = Model::open(&onnx)
+        .err()
+        .expect("corrupt model must not open");
+    assert!(matches!(err, ModelError::HashMismatch { .. }), "{err}");
+    let msg = err.to_string();
+    assert!(
+        msg.contains(&onnx.display().to_string()) && msg.contains("sha256"),
+        "{msg}"
+    );
+
+    // Garbage whose card matches it: the runtime refuses it, naming the file.
+    let onnx = copy_card_to(dir.path(), b"this is not an ONNX model", true);
+    let err = Model::open(&onnx).err().expect("garbage must not open");
+    let msg = err.to_string();
+    assert!(msg.contains(&onnx.display().to_string()), "{msg}");
+    assert!(matches!(err, ModelError::Load { .. }), "{msg}");
+
+    // No file at all.
+    let missing = dir.path().join("nowhere.onnx");
+    let msg = Model::open(&missing).err().unwrap().to_string();
+    assert!(msg.contains(&missing.display().to_string()), "{msg}");
+
+    // A card with a missing field names the field.
+    std::fs::write(dir.path().join("nocard.onnx"), &good).unwrap();
+    std::fs::write(dir.path().join("nocard.json"), r#"{"name": "x"}"#).unwrap();
+    let msg = Model::open(&dir.path().join("nocard.onnx"))
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        msg.contains("nocard.json") && msg.contains("format_version"),
+        "{msg}"
+    );
+}
+
+#[test]
+fn play_falls_back_to_the_rules_when_the_model_is_missing() {
+    let dir = tempfile::tempdir().unwrap();
+    let scene = dir.path().join("scene.toml");
+    std::fs::write(
+        &scene,
+        r#"
+[scene]
+name = "missing-model"
+tempo = 120
+key = "C"
+
+[generator]
+source = "model"
+model = "no/such/model.onnx"
+
+[[instrument]]
+name = "pad"
+kind = "pad"
+voices = ["soprano", "alto", "tenor", "bass"]
+"#,
+    )
+    .unwrap();
+    let port = std::net::UdpSocket::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let out = Command::new(env!("CARGO_BIN_EXE_roomscore"))
+        .args(["play", "--output", "null", "--seconds", "2", "--osc"])
+        .arg(format!("127.0.0.1:{port}"))
+        .arg("--scene")
+        .arg(&scene)
+        .current_dir(root())
+        .env("RUST_LOG", "info")
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stdout}\n{stderr}");
+    let all = format!("{stdout}\n{stderr}");
+    assert!(all.contains("rule-based"), "no fallback line:\n{all}");
+    assert!(
+        all.contains("model.onnx"),
+        "the fallback line should name the file:\n{all}"
+    );
+}
+
+#[test]
+fn rust_nll_equals_python_nll_on_the_fixture() {
+    let mut m = open();
+    let card = m.card.clone();
+    let fx = fixture();
+    assert_eq!(
+        fx["context_length"].as_u64().unwrap() as usize,
+        card.context_length
+    );
+    let cvec: Vec<f32> = fx["cond"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_f64().unwrap() as f32)
+        .collect();
+    assert_eq!(cvec, card.conditioning.eval_vector);
+    let (mut total, mut count) = (0.0, 0);
+    for piece in fx["pieces"].as_array().unwrap() {
+        let tokens = ints(&piece["tokens"]);
+        let voices = ints(&piece["voices"]);
+        let (t, c, windows) =
+            eval::score_sequence(&mut m.net, &card, &tokens, &voices, &cvec).unwrap();
+        let py_windows: Vec<(usize, usize, usize)> = piece["windows"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|w| {
+                let w = ints(w);
+                (w[0] as usize, w[1] as usize, w[2] as usize)
+            })
+            .collect();
+        assert_eq!(windows, py_windows, "windows");
+        assert_eq!(c as u64, piece["tokens_scored"].as_u64().unwrap());
+        total += t;
+        count += c;
+    }
+    let rust = total / count as f64;
+    let python = fx["mean_nll"].as_f64().unwrap();
+    assert!(
+        (rust - python).abs() < 0.002,
+        "Rust NLL {rust:.5} vs Python {python:.5}"
+    );
+}
