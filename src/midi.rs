@@ -17,7 +17,6 @@ pub enum MidiError {
     #[error("{path}: cannot read MIDI file: {source}")]
     Io {
         path: PathBuf,
-        #[source]
         source: std::io::Error,
     },
     #[error("{path}: not a standard MIDI file: {message}")]
@@ -27,7 +26,6 @@ pub enum MidiError {
     #[error("{path}: cannot write MIDI file: {source}")]
     Write {
         path: PathBuf,
-        #[source]
         source: std::io::Error,
     },
 }

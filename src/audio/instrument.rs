@@ -19,20 +19,20 @@ pub fn voice_unit(
         InstrumentKind::Pad => {
             // Two saws beating slowly, and a sine an octave down for body.
             let osc = var(freq)
-                >> ((saw() * 0.3) & (mul(1.0035) >> saw() * 0.3) & (mul(0.5) >> sine() * 0.35));
+                >> ((saw() * 0.3) & (mul(1.0035) >> (saw() * 0.3)) & (mul(0.5) >> (sine() * 0.35)));
             Box::new(sink() | ((osc | smooth_cutoff() | dc(0.6)) >> lowpass()))
         }
         InstrumentKind::Pluck => {
             // Bright at the attack, darkening as the envelope falls.
             let osc =
-                var(freq) >> ((saw() * 0.45) & (mul(2.0) >> square() * 0.1) & (triangle() * 0.3));
+                var(freq) >> ((saw() * 0.45) & (mul(2.0) >> (square() * 0.1)) & (triangle() * 0.3));
             let cut = ((pass() * 1.4 + 0.12) * smooth_cutoff()) >> clip_to(40.0, 18_000.0);
             Box::new((osc | cut | dc(0.9)) >> lowpass())
         }
         InstrumentKind::Bell => {
             // Two-operator FM at an inharmonic ratio; the index follows the envelope.
             let modulator = (var(freq) >> mul(3.5) >> sine()) * ((pass() * 1.6) * var(freq));
-            let carrier = (var(freq) + modulator) >> sine() * 0.6;
+            let carrier = (var(freq) + modulator) >> (sine() * 0.6);
             Box::new((carrier | smooth_cutoff() | dc(0.5)) >> lowpass())
         }
         InstrumentKind::Bass => {

@@ -48,7 +48,7 @@ impl RuleSource {
             tonic,
             scale_lock,
             state: State {
-                rng: Rng::new(seed ^ 0x5EED_0F_A11),
+                rng: Rng::new(seed ^ 0x0005_EED0_FA11),
                 prev: [None; VOICES],
                 chord_root: 0,
                 position: 0,

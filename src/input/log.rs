@@ -13,7 +13,6 @@ pub enum LogError {
     #[error("{path}: cannot read input log: {source}")]
     Io {
         path: PathBuf,
-        #[source]
         source: std::io::Error,
     },
     #[error("{path}:{line}: {message}")]

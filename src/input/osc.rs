@@ -36,13 +36,11 @@ pub enum OscError {
     #[error("OSC: cannot listen on {addr}: {source} (is another roomscore, or another program, using that port?)")]
     Bind {
         addr: SocketAddr,
-        #[source]
         source: std::io::Error,
     },
     #[error("{path}: cannot write input log: {source}")]
     Log {
         path: std::path::PathBuf,
-        #[source]
         source: std::io::Error,
     },
 }

@@ -20,7 +20,6 @@ pub enum SceneError {
     #[error("{path}: cannot read scene file: {source}")]
     Io {
         path: PathBuf,
-        #[source]
         source: std::io::Error,
     },
     #[error("{}", DisplayProblems(path, problems))]
