@@ -147,10 +147,10 @@ pub fn read(path: &Path) -> Result<Score, MidiError> {
         for ev in track {
             t += ev.delta.as_int() as u64;
             match ev.kind {
-                TrackEventKind::Meta(MetaMessage::Tempo(us)) => {
-                    if tempo.is_none_or(|(at, _)| t < at) {
-                        tempo = Some((t, 60_000_000.0 / us.as_int().max(1) as f64));
-                    }
+                TrackEventKind::Meta(MetaMessage::Tempo(us))
+                    if tempo.is_none_or(|(at, _)| t < at) =>
+                {
+                    tempo = Some((t, 60_000_000.0 / us.as_int().max(1) as f64));
                 }
                 TrackEventKind::Midi { channel, message } => {
                     let voice = channel.as_int() % 4;

@@ -166,8 +166,7 @@ impl Generator {
             if late {
                 self.stats.late_steps += 1;
             }
-            for v in 0..VOICES {
-                let (old, new) = (self.sounding[v], step[v]);
+            for (v, (&old, &new)) in self.sounding.iter().zip(step.iter()).enumerate() {
                 if old == new {
                     continue;
                 }

@@ -119,7 +119,7 @@ impl NoteSource for RuleSource {
 
         // Harmonic rhythm: a new chord every bar, or every half bar when the music is busy.
         let chord_len = if density > 5.0 { 8 } else { 16 };
-        let new_chord = pos % chord_len == 0;
+        let new_chord = pos.is_multiple_of(chord_len);
         if new_chord && pos > 0 {
             let options = PROGRESSION[self.state.chord_root];
             let i = (self.state.rng.next_f32() * options.len() as f32) as usize;
