@@ -52,8 +52,8 @@ pub enum ModelCmd {
         /// Steps generated per setting.
         #[arg(long, default_value_t = 64)]
         steps: usize,
-        /// Generations per setting.
-        #[arg(long, default_value_t = 2)]
+        /// Generations per setting (2 leaves rho at the mercy of sampling noise).
+        #[arg(long, default_value_t = 4)]
         reps: usize,
         #[arg(long, default_value_t = 0)]
         seed: u64,
