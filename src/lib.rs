@@ -18,6 +18,7 @@ pub mod session;
 
 pub use model::load_source as model_source;
 pub mod bench;
+pub mod doctor;
 pub mod logging;
 pub mod loudness;
 pub mod output;

@@ -38,6 +38,8 @@ enum Cmd {
     Bench(roomscore::bench::BenchArgs),
     /// The trained model: card, JSB evaluation, control check, decoding benchmark.
     Model(roomscore::model::cli::ModelArgs),
+    /// Check audio output, ONNX Runtime, the model, the OSC port and the scenes.
+    Doctor(roomscore::doctor::DoctorArgs),
 }
 
 #[derive(clap::Args)]
@@ -78,6 +80,11 @@ fn main() -> ExitCode {
 fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
         Cmd::Play(args) => roomscore::play::run(args).map(|_| ExitCode::SUCCESS),
+        Cmd::Doctor(args) => Ok(if roomscore::doctor::run(args) == 0 {
+            ExitCode::SUCCESS
+        } else {
+            ExitCode::FAILURE
+        }),
         Cmd::Model(args) => roomscore::model::cli::run(args).map(|_| ExitCode::SUCCESS),
         Cmd::Render(a) => {
             if !(a.seconds.is_finite() && a.seconds > 0.0 && a.seconds <= 86_400.0) {

@@ -81,3 +81,37 @@ fn render_refuses_bad_input_logs_with_their_line() {
         "{err}"
     );
 }
+
+#[test]
+fn doctor_names_each_problem_and_its_fix() {
+    let dir = tempfile::tempdir().unwrap();
+    let bad = dir.path().join("bad.toml");
+    std::fs::write(&bad, "[scene]\nname = \"x\"\ntempo = 9999\n").unwrap();
+    let taken = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let port = taken.local_addr().unwrap().to_string();
+    let good = scene("gallery");
+    let out = roomscore(&[
+        "doctor",
+        "--osc",
+        &port,
+        "--scene",
+        bad.to_str().unwrap(),
+        "--scene",
+        good.to_str().unwrap(),
+    ]);
+    assert!(!out.status.success());
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains(&format!("PROBLEM  OSC port: {port}")),
+        "{text}"
+    );
+    assert!(
+        text.contains("bad.toml:3:9: field `scene.tempo`: value 9999"),
+        "{text}"
+    );
+    assert!(
+        text.contains("ok       scene:") && text.contains("(gallery)"),
+        "{text}"
+    );
+    assert!(text.contains("fix:"), "{text}");
+}

@@ -1,0 +1,152 @@
+//! `roomscore doctor`: checks what a kiosk needs (audio output, ONNX Runtime, the model and its
+//! card, the OSC port, the scenes) and says, for each problem, what is wrong and how to fix it.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use crate::output::{self, OutputRequest};
+use crate::scene::{Scene, SourceKind};
+
+#[derive(clap::Args, Debug, Clone)]
+pub struct DoctorArgs {
+    /// Scenes to check; default every scene in scenes/.
+    #[arg(long)]
+    pub scene: Vec<PathBuf>,
+    #[arg(long, default_value = "0.0.0.0:9000")]
+    pub osc: SocketAddr,
+    #[arg(long)]
+    pub host: Option<String>,
+    #[arg(long)]
+    pub output: Option<String>,
+}
+
+struct Report {
+    problems: usize,
+}
+
+impl Report {
+    fn ok(&self, what: &str, detail: impl std::fmt::Display) {
+        println!("ok       {what}: {detail}");
+    }
+
+    fn problem(&mut self, what: &str, detail: impl std::fmt::Display, fix: &str) {
+        self.problems += 1;
+        println!("PROBLEM  {what}: {detail}\n         fix: {fix}");
+    }
+}
+
+fn scenes(args: &DoctorArgs) -> Vec<PathBuf> {
+    if !args.scene.is_empty() {
+        return args.scene.clone();
+    }
+    let mut v: Vec<PathBuf> = std::fs::read_dir("scenes")
+        .map(|d| {
+            d.filter_map(|e| e.ok().map(|e| e.path()))
+                .filter(|p| p.extension().is_some_and(|x| x == "toml"))
+                .collect()
+        })
+        .unwrap_or_default();
+    v.sort();
+    v
+}
+
+/// Runs every check; returns the number of problems found.
+pub fn run(args: DoctorArgs) -> usize {
+    let mut r = Report { problems: 0 };
+
+    let req = OutputRequest {
+        device: args.output.clone(),
+        host: args.host.clone(),
+        buffer: 256,
+        sample_rate: None,
+    };
+    match output::negotiate(&req) {
+        Ok(n) => r.ok(
+            "audio output",
+            format!(
+                "{} device {:?}, {} ch, {} Hz",
+                n.host, n.name, n.channels, n.sample_rate
+            ),
+        ),
+        Err(e) => r.problem(
+            "audio output",
+            e,
+            "plug in the sound card and check `aplay -l` and `roomscore devices`; \
+             without one, play runs against the null output (silent)",
+        ),
+    }
+
+    match crate::model::runtime::backend() {
+        Ok(b) => r.ok("model runtime", b),
+        Err(e) => r.problem(
+            "model runtime",
+            e,
+            "python3 -m venv .venv && .venv/bin/pip install onnxruntime==1.31.1, or set ORT_DYLIB_PATH",
+        ),
+    }
+
+    match std::net::UdpSocket::bind(args.osc) {
+        Ok(_) => r.ok("OSC port", format!("{} is free", args.osc)),
+        Err(e) => r.problem(
+            "OSC port",
+            format!("{}: {e}", args.osc),
+            "stop what uses the port (`ss -ulpn`), e.g. a running roomscore service, or pass --osc",
+        ),
+    }
+
+    let list = scenes(&args);
+    if list.is_empty() {
+        r.problem(
+            "scenes",
+            "no scene files found",
+            "run from the installation directory, or pass --scene",
+        );
+    }
+    let mut models: Vec<PathBuf> = Vec::new();
+    for path in &list {
+        match Scene::load(path) {
+            Ok(s) => {
+                r.ok("scene", format!("{} ({})", path.display(), s.name));
+                if s.generator.source == SourceKind::Model {
+                    let m = crate::model::scene_model_path(&s);
+                    if !models.contains(&m) {
+                        models.push(m);
+                    }
+                }
+            }
+            Err(e) => r.problem(
+                "scene",
+                e,
+                "fix the field named above; `roomscore check FILE` re-checks",
+            ),
+        }
+    }
+    for m in models {
+        check_model(&mut r, &m);
+    }
+    if r.problems == 0 {
+        println!("no problems found");
+    } else {
+        println!("{} problem(s) found", r.problems);
+    }
+    r.problems
+}
+
+fn check_model(r: &mut Report, path: &Path) {
+    match crate::model::Model::open(path) {
+        Ok(m) => r.ok(
+            "model",
+            format!(
+                "{} verified against its card {}",
+                path.display(),
+                m.path.display()
+            ),
+        ),
+        Err(e) => r.problem(
+            "model",
+            e,
+            "restore models/ from the repository (the card's sha256 must match the .onnx file); \
+             meanwhile the engine plays the rule-based composer",
+        ),
+    }
+}
