@@ -51,6 +51,9 @@ pub struct PlayArgs {
     /// Write every accepted OSC message to this JSON Lines file (replay with `render --inputs`).
     #[arg(long)]
     pub log_inputs: Option<PathBuf>,
+    /// Replay an input log live: each message is applied at its logged time on the sample clock.
+    #[arg(long)]
+    pub inputs: Option<PathBuf>,
     #[arg(long)]
     pub seed: Option<u64>,
     /// Stop (with the usual fade) after this many seconds.
@@ -102,6 +105,10 @@ pub fn run(args: PlayArgs) -> anyhow::Result<()> {
     // Everything that can be wrong with the set-up is found before any sound.
     let scene = Scene::load(&args.scene)?;
     let access = access(&args)?;
+    let replay = match &args.inputs {
+        Some(p) => crate::input::log::read(p)?,
+        None => Vec::new(),
+    };
     let scenes_dir = args
         .scene
         .parent()
@@ -151,8 +158,25 @@ pub fn run(args: PlayArgs) -> anyhow::Result<()> {
         },
     )?;
     let telemetry = conductor.telemetry.clone();
+    let mut conductor = conductor;
+    let from: SocketAddr = ([127, 0, 0, 1], 0).into();
+    let mut replayed_now = Vec::new();
+    for (i, m) in replay.iter().enumerate() {
+        match crate::input::dispatch::message(&m.message, from) {
+            Ok(event) => {
+                let when = crate::input::When::Sample((m.t * sample_rate as f64).round() as u64);
+                if let Outcome::Composer(msg) = conductor.handle(TimedEvent { when, event })? {
+                    replayed_now.push(msg);
+                }
+            }
+            Err(e) => tracing::warn!("input log message {}: {e}", i + 1),
+        }
+    }
     // The first notes are queued before the first callback, so none of them starts late.
     let mut composer = composer;
+    for msg in replayed_now {
+        composer.handle(msg, 0.0);
+    }
     composer.fill(0.0);
     let engine = Arc::new(Mutex::new(engine));
     let out = match &negotiated {

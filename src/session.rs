@@ -346,11 +346,26 @@ impl Conductor {
             .load(std::sync::atomic::Ordering::Relaxed)
     }
 
-    /// Applies one input. Notes go straight to the audio thread (on their sample, when tagged);
-    /// everything else waits for its sample here, if it has one.
+    /// How far ahead of its sample a time-tagged note is handed to the audio thread, which
+    /// places it exactly; the audio thread's pending list stays short.
+    fn note_lead(&self) -> u64 {
+        (self.sample_rate / 4.0) as u64
+    }
+
+    /// When a scheduled event is due: notes a little early (the audio thread places them on
+    /// their sample), everything else at its sample.
+    fn due_at(&self, sample: u64, event: &InputEvent) -> u64 {
+        match event {
+            InputEvent::Note { .. } => sample.saturating_sub(self.note_lead()),
+            _ => sample,
+        }
+    }
+
+    /// Applies one input. Notes go to the audio thread (on their sample, when tagged); anything
+    /// tagged for later waits here until it is due.
     pub fn handle(&mut self, ev: TimedEvent) -> Result<Outcome, SessionError> {
-        if let (When::Sample(s), false) = (ev.when, matches!(ev.event, InputEvent::Note { .. })) {
-            if s > self.now_sample() {
+        if let When::Sample(s) = ev.when {
+            if self.due_at(s, &ev.event) > self.now_sample() {
                 self.scheduled.push((s, ev.event));
                 return Ok(Outcome::Nothing);
             }
@@ -423,9 +438,19 @@ impl Conductor {
         let now = self.now_sample();
         let mut outcomes = Vec::new();
         if !self.scheduled.is_empty() {
-            self.scheduled.sort_by_key(|(s, _)| *s);
-            let due = self.scheduled.partition_point(|(s, _)| *s <= now);
-            let ready: Vec<_> = self.scheduled.drain(..due).collect();
+            let lead = self.note_lead();
+            let ready: Vec<_> = {
+                let (ready, later): (Vec<_>, Vec<_>) = std::mem::take(&mut self.scheduled)
+                    .into_iter()
+                    .partition(|(s, ev)| match ev {
+                        InputEvent::Note { .. } => s.saturating_sub(lead) <= now,
+                        _ => *s <= now,
+                    });
+                self.scheduled = later;
+                let mut ready = ready;
+                ready.sort_by_key(|(s, _)| *s);
+                ready
+            };
             for (s, ev) in ready {
                 outcomes.push(self.apply(ev, Some(s))?);
             }

@@ -225,3 +225,52 @@ fn a_taken_osc_port_is_a_clear_error_before_any_sound() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains(&format!("cannot listen on {addr}")), "{err}");
 }
+
+#[test]
+fn play_replays_an_input_log_on_its_times() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("night.jsonl");
+    std::fs::write(
+        &log,
+        "{\"t\": 0.5, \"addr\": \"/roomscore/scene\", \"args\": [\"performer\"]}\n\
+         {\"t\": 1.0, \"addr\": \"/roomscore/tempo\", \"args\": [140.0]}\n\
+         {\"t\": 1.2, \"addr\": \"/roomscore/note\", \"args\": [79, 110]}\n\
+         {\"t\": 30.0, \"addr\": \"/roomscore/tempo\", \"args\": [60.0]}\n",
+    )
+    .unwrap();
+    let port = free_port();
+    let osc = format!("127.0.0.1:{port}");
+    let mut child = spawn_play(
+        &[
+            "--output",
+            "null",
+            "--osc",
+            &osc,
+            "--inputs",
+            log.to_str().unwrap(),
+        ],
+        &[],
+    );
+    let sock = UdpSocket::bind("127.0.0.1:0").unwrap();
+    sock.set_read_timeout(Some(Duration::from_millis(300)))
+        .unwrap();
+    let first = wait_for_status(&sock, port);
+    std::thread::sleep(Duration::from_secs(3));
+    let s = status(&sock, port).unwrap();
+    let out = terminate(&mut child);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        s.scene, "performer",
+        "the scene change at 0.5 s was replayed"
+    );
+    assert!(
+        (s.tempo - 140.0).abs() < 0.01,
+        "tempo {} (the change at 30 s is still to come)",
+        s.tempo
+    );
+    assert!(s.notes > first.notes);
+}
