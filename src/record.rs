@@ -14,6 +14,16 @@ pub enum RecordError {
     Wav { path: PathBuf, message: String },
 }
 
+/// Every WAV the engine writes, live or offline: stereo 32-bit float.
+pub fn wav_spec(sample_rate: u32) -> hound::WavSpec {
+    hound::WavSpec {
+        channels: 2,
+        sample_rate,
+        bits_per_sample: 32,
+        sample_format: hound::SampleFormat::Float,
+    }
+}
+
 pub struct Recorder {
     stop: Arc<AtomicBool>,
     thread: Option<JoinHandle<Result<u64, RecordError>>>,
@@ -32,13 +42,7 @@ impl Recorder {
             path: path.to_path_buf(),
             message: e.to_string(),
         };
-        let spec = hound::WavSpec {
-            channels: 2,
-            sample_rate,
-            bits_per_sample: 32,
-            sample_format: hound::SampleFormat::Float,
-        };
-        let mut writer = hound::WavWriter::create(path, spec).map_err(err)?;
+        let mut writer = hound::WavWriter::create(path, wav_spec(sample_rate)).map_err(err)?;
         let (tx, mut rx) = rtrb::RingBuffer::new((sample_rate as f32 * seconds) as usize * 2);
         let stop = Arc::new(AtomicBool::new(false));
         let stop2 = stop.clone();

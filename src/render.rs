@@ -155,13 +155,8 @@ pub fn write_wav(path: &Path, samples: &[f32], sample_rate: u32) -> Result<(), R
         path: path.to_path_buf(),
         message: e.to_string(),
     };
-    let spec = hound::WavSpec {
-        channels: 2,
-        sample_rate,
-        bits_per_sample: 32,
-        sample_format: hound::SampleFormat::Float,
-    };
-    let mut w = hound::WavWriter::create(path, spec).map_err(err)?;
+    let mut w =
+        hound::WavWriter::create(path, crate::record::wav_spec(sample_rate)).map_err(err)?;
     for &s in samples {
         w.write_sample(s).map_err(err)?;
     }

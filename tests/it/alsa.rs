@@ -70,15 +70,3 @@ fn play_through_alsa_writes_exactly_what_the_graph_produced() {
     assert_eq!(differing, 0, "bit-exact");
     assert!(recorded[..n].iter().any(|s| s.abs() > 1e-4), "not silence");
 }
-
-/// Waits for a `--seconds` run to end by itself, bounded.
-fn terminate_after(child: &mut std::process::Child, secs: u64) -> std::process::Output {
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(secs);
-    while std::time::Instant::now() < deadline {
-        if let Ok(Some(_)) = child.try_wait() {
-            break;
-        }
-        std::thread::sleep(std::time::Duration::from_millis(50));
-    }
-    terminate(child)
-}

@@ -99,13 +99,9 @@ fn play_through_jack_reaches_the_playback_ports_sample_for_sample() {
         ],
         &[("JACK_DEFAULT_SERVER", &server)],
     );
-    let status = (0..200).find_map(|_| {
-        std::thread::sleep(Duration::from_millis(100));
-        child.try_wait().ok().flatten()
-    });
-    let out = terminate(&mut child);
+    let out = terminate_after(&mut child, 20);
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(status.is_some_and(|s| s.success()), "{stderr}");
+    assert!(out.status.success(), "{stderr}");
     assert!(stderr.contains("JACK device"), "{stderr}");
     let _ = capture.wait();
     drop(jackd);
