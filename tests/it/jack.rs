@@ -30,7 +30,18 @@ fn float_data_chunk(bytes: &[u8]) -> Vec<f32> {
 struct Jack(std::process::Child);
 
 impl Drop for Jack {
+    // SIGTERM, not SIGKILL: a killed jackd leaves its entry in JACK's shared-memory registry,
+    // and after a few of those no server can start on the machine ("Too many servers").
     fn drop(&mut self) {
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.0.id().to_string()])
+            .status();
+        for _ in 0..50 {
+            if let Ok(Some(_)) = self.0.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
         let _ = self.0.kill();
         let _ = self.0.wait();
     }
