@@ -159,17 +159,13 @@ pub fn run(args: PlayArgs) -> anyhow::Result<()> {
     )?;
     let telemetry = conductor.telemetry.clone();
     let mut conductor = conductor;
-    let from: SocketAddr = ([127, 0, 0, 1], 0).into();
     let mut replayed_now = Vec::new();
-    for (i, m) in replay.iter().enumerate() {
-        match crate::input::dispatch::message(&m.message, from) {
-            Ok(event) => {
-                let when = crate::input::When::Sample((m.t * sample_rate as f64).round() as u64);
-                if let Outcome::Composer(msg) = conductor.handle(TimedEvent { when, event })? {
-                    replayed_now.push(msg);
-                }
+    if let Some(path) = &args.inputs {
+        for (sample, event) in crate::input::log::to_events(path, &replay, sample_rate).0 {
+            let when = crate::input::When::Sample(sample);
+            if let Outcome::Composer(msg) = conductor.handle(TimedEvent { when, event })? {
+                replayed_now.push(msg);
             }
-            Err(e) => tracing::warn!("input log message {}: {e}", i + 1),
         }
     }
     // The first notes are queued before the first callback, so none of them starts late.

@@ -5,7 +5,6 @@
 
 use std::path::{Path, PathBuf};
 
-use crate::input::dispatch;
 use crate::input::log::{self, LogError};
 use crate::input::{TimedEvent, When};
 use crate::midi::{self, MidiError};
@@ -56,34 +55,6 @@ pub struct Rendered {
     pub inputs_refused: usize,
 }
 
-/// One log message, already checked against the address space.
-struct Scheduled {
-    sample: u64,
-    event: TimedEvent,
-}
-
-fn load_inputs(path: &Path, sample_rate: u32) -> Result<(Vec<Scheduled>, usize), RenderError> {
-    let from: std::net::SocketAddr = ([127, 0, 0, 1], 0).into();
-    let mut out = Vec::new();
-    let mut refused = 0;
-    for (i, m) in log::read(path)?.into_iter().enumerate() {
-        match dispatch::message(&m.message, from) {
-            Ok(event) => out.push(Scheduled {
-                sample: (m.t * sample_rate as f64).round() as u64,
-                event: TimedEvent {
-                    when: When::Now,
-                    event,
-                },
-            }),
-            Err(e) => {
-                refused += 1;
-                tracing::warn!("{}: message {}: {e}", path.display(), i + 1);
-            }
-        }
-    }
-    Ok((out, refused))
-}
-
 pub fn render(opts: &RenderOptions) -> Result<Rendered, RenderError> {
     let scene = Scene::load(&opts.scene)?;
     let scenes_dir = opts
@@ -93,7 +64,7 @@ pub fn render(opts: &RenderOptions) -> Result<Rendered, RenderError> {
         .unwrap_or_else(|| PathBuf::from("."));
     let score = opts.score.as_deref().map(midi::read).transpose()?;
     let (inputs, refused) = match &opts.inputs {
-        Some(p) => load_inputs(p, opts.sample_rate)?,
+        Some(p) => log::to_events(p, &log::read(p)?, opts.sample_rate),
         None => (Vec::new(), 0),
     };
     let Parts {
@@ -120,13 +91,17 @@ pub fn render(opts: &RenderOptions) -> Result<Rendered, RenderError> {
     while done < total {
         let n = (total - done).min(BLOCK);
         let now = done as u64;
-        while let Some(s) = inputs.get(next_input) {
-            if s.sample > now {
+        while let Some((sample, event)) = inputs.get(next_input) {
+            if *sample > now {
                 break;
             }
             next_input += 1;
             let beat = conductor.telemetry.beat();
-            match conductor.handle(s.event.clone())? {
+            let ev = TimedEvent {
+                when: When::Now,
+                event: event.clone(),
+            };
+            match conductor.handle(ev)? {
                 Outcome::Composer(msg) => composer.handle(msg, beat),
                 Outcome::Nothing | Outcome::Status(_) => {}
             }

@@ -438,19 +438,11 @@ impl Conductor {
         let now = self.now_sample();
         let mut outcomes = Vec::new();
         if !self.scheduled.is_empty() {
-            let lead = self.note_lead();
-            let ready: Vec<_> = {
-                let (ready, later): (Vec<_>, Vec<_>) = std::mem::take(&mut self.scheduled)
-                    .into_iter()
-                    .partition(|(s, ev)| match ev {
-                        InputEvent::Note { .. } => s.saturating_sub(lead) <= now,
-                        _ => *s <= now,
-                    });
-                self.scheduled = later;
-                let mut ready = ready;
-                ready.sort_by_key(|(s, _)| *s);
-                ready
-            };
+            let (mut ready, later): (Vec<_>, Vec<_>) = std::mem::take(&mut self.scheduled)
+                .into_iter()
+                .partition(|(s, ev)| self.due_at(*s, ev) <= now);
+            self.scheduled = later;
+            ready.sort_by_key(|(s, _)| *s);
             for (s, ev) in ready {
                 outcomes.push(self.apply(ev, Some(s))?);
             }

@@ -118,6 +118,28 @@ fn json_to_osc(v: &Value) -> Option<OscType> {
     }
 }
 
+/// Checks logged messages against the OSC address space and places each on the sample clock.
+/// Refused messages are logged with their position in `path` and counted.
+pub fn to_events(
+    path: &Path,
+    messages: &[LoggedMessage],
+    sample_rate: u32,
+) -> (Vec<(u64, super::InputEvent)>, usize) {
+    let from: std::net::SocketAddr = ([127, 0, 0, 1], 0).into();
+    let mut out = Vec::new();
+    let mut refused = 0;
+    for (i, m) in messages.iter().enumerate() {
+        match super::dispatch::message(&m.message, from) {
+            Ok(event) => out.push(((m.t * sample_rate as f64).round() as u64, event)),
+            Err(e) => {
+                refused += 1;
+                tracing::warn!("{}: message {}: {e}", path.display(), i + 1);
+            }
+        }
+    }
+    (out, refused)
+}
+
 /// Formats one message as a log line (no newline). Floats keep a decimal point so that they
 /// replay as floats; values JSON cannot hold are written as null.
 pub fn format_line(t: f64, message: &OscMessage) -> String {
