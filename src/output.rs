@@ -12,6 +12,9 @@ use cpal::traits::{DeviceTrait, HostTrait, StreamTrait};
 
 use crate::audio::{AudioEngine, Telemetry};
 
+mod supervisor;
+pub use supervisor::Supervisor;
+
 pub type SharedEngine = Arc<Mutex<AudioEngine>>;
 
 #[derive(Debug, thiserror::Error)]
@@ -166,6 +169,8 @@ pub enum Output {
     Cpal {
         stream: cpal::Stream,
         lost: Arc<AtomicBool>,
+        /// What the host said when it gave up on the device.
+        reason: Arc<Mutex<Option<String>>>,
         description: String,
     },
     Null(NullOutput),
@@ -186,6 +191,13 @@ impl Output {
             Output::Null(_) => false,
         }
     }
+
+    pub fn lost_reason(&self) -> Option<String> {
+        match self {
+            Output::Cpal { reason, .. } => reason.lock().ok().and_then(|r| r.clone()),
+            Output::Null(_) => None,
+        }
+    }
 }
 
 pub fn start_cpal(
@@ -198,12 +210,20 @@ pub fn start_cpal(
     let sr = neg.sample_rate as f32;
     let err_tel = telemetry.clone();
     let err_lost = lost.clone();
+    let reason = Arc::new(Mutex::new(None));
+    let err_reason = reason.clone();
+    // Hosts call this from their own threads, not from inside the audio callback.
     let on_error = move |e: cpal::Error| match e.kind() {
         cpal::ErrorKind::Xrun => {
             err_tel.xruns.fetch_add(1, Relaxed);
         }
         cpal::ErrorKind::DeviceChanged | cpal::ErrorKind::RealtimeDenied => {}
-        _ => err_lost.store(true, Relaxed),
+        _ => {
+            if let Ok(mut r) = err_reason.lock() {
+                r.get_or_insert_with(|| e.to_string());
+            }
+            err_lost.store(true, Relaxed);
+        }
     };
     let dev_err = |e: cpal::Error| OutputError::Device {
         device: neg.name.clone(),
@@ -241,6 +261,7 @@ pub fn start_cpal(
     Ok(Output::Cpal {
         stream,
         lost,
+        reason,
         description: format!(
             "{} device {:?}, {} ch, {} Hz, {} frames, {:?}",
             neg.host,

@@ -17,7 +17,7 @@ use crate::audio::Command;
 use crate::input::access::{Access, AllowList};
 use crate::input::osc::{self, LiveClock, OscStats, OscThread};
 use crate::input::TimedEvent;
-use crate::output::{self, NullOutput, Output, OutputRequest};
+use crate::output::{self, NullOutput, Output, OutputRequest, Supervisor};
 use crate::record::Recorder;
 use crate::scene::Scene;
 use crate::session::{self, BuildOptions, Composer, ComposerMsg, Conductor, Outcome, Parts};
@@ -175,19 +175,16 @@ pub fn run(args: PlayArgs) -> anyhow::Result<()> {
     }
     composer.fill(0.0);
     let engine = Arc::new(Mutex::new(engine));
-    let out = match &negotiated {
-        Some(n) => match output::start_cpal(n, engine.clone(), telemetry.clone()) {
-            Ok(o) => o,
-            Err(e) => {
-                tracing::warn!("{e}; playing on against the null output");
-                Output::Null(NullOutput::start(
-                    engine.clone(),
-                    telemetry.clone(),
-                    sample_rate,
-                    args.buffer,
-                ))
-            }
-        },
+    let started_output = match &negotiated {
+        Some(n) => output::start_cpal(n, engine.clone(), telemetry.clone()).unwrap_or_else(|e| {
+            tracing::warn!("{e}; playing on against the null output");
+            Output::Null(NullOutput::start(
+                engine.clone(),
+                telemetry.clone(),
+                sample_rate,
+                args.buffer,
+            ))
+        }),
         None => Output::Null(NullOutput::start(
             engine.clone(),
             telemetry.clone(),
@@ -195,6 +192,16 @@ pub fn run(args: PlayArgs) -> anyhow::Result<()> {
             args.buffer,
         )),
     };
+    // `--output null` means no device at all; otherwise a missing or lost one is looked for.
+    let wanted = (args.output.as_deref() != Some("null")).then_some(req);
+    let mut out = Supervisor::new(
+        wanted,
+        started_output,
+        engine.clone(),
+        telemetry.clone(),
+        sample_rate,
+        args.buffer,
+    );
     tracing::info!(
         scene = %conductor.scene.name,
         source = composer.source_name(),
@@ -243,7 +250,7 @@ pub fn run(args: PlayArgs) -> anyhow::Result<()> {
             )
         })?;
 
-    wait_for_stop(&ctl_tx, args.seconds)?;
+    wait_for_stop(&ctl_tx, args.seconds, &mut out)?;
     let _ = ctl_tx.send(ControlMsg::FadeOut(FADE_SECONDS));
     std::thread::sleep(Duration::from_secs_f32(FADE_SECONDS + 0.15));
     let _ = ctl_tx.send(ControlMsg::Stop);
@@ -276,7 +283,13 @@ pub fn run(args: PlayArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn wait_for_stop(ctl: &Sender<ControlMsg>, seconds: Option<f64>) -> anyhow::Result<()> {
+/// The main thread owns the output streams (cpal's are not all `Send`), so it also watches
+/// over the device while it waits for a signal.
+fn wait_for_stop(
+    ctl: &Sender<ControlMsg>,
+    seconds: Option<f64>,
+    out: &mut Supervisor,
+) -> anyhow::Result<()> {
     use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
     let mut signals = signal_hook::iterator::Signals::new([SIGINT, SIGTERM, SIGHUP])?;
     let deadline = seconds.map(|s| Instant::now() + Duration::from_secs_f64(s.max(0.0)));
@@ -295,6 +308,7 @@ fn wait_for_stop(ctl: &Sender<ControlMsg>, seconds: Option<f64>) -> anyhow::Resu
         if deadline.is_some_and(|d| Instant::now() >= d) {
             return Ok(());
         }
+        out.poll();
         std::thread::sleep(Duration::from_millis(20));
     }
 }
@@ -440,7 +454,8 @@ impl Watchdog {
 
 /// Replies `/roomscore/status` with: scene (s), tempo (f), notes played (i), dropped messages
 /// (i), xruns (i), source (s), invalid messages (i), late notes (i), sounding voices (i),
-/// seconds playing (f), audio load peak in percent (f).
+/// seconds playing (f), audio load peak in percent (f), output (s: `device` or `null`), times
+/// the device was lost (i).
 fn send_status(
     c: &Conductor,
     socket: &UdpSocket,
@@ -464,6 +479,15 @@ fn send_status(
             OscType::Int(t.voices_active.load(Relaxed) as i32),
             OscType::Float(started.elapsed().as_secs_f32()),
             OscType::Float(t.load_max_ppm.load(Relaxed) as f32 / 1e4),
+            OscType::String(
+                if t.on_device.load(Relaxed) {
+                    "device"
+                } else {
+                    "null"
+                }
+                .into(),
+            ),
+            OscType::Int(clamp(t.device_losses.load(Relaxed))),
         ],
     };
     match nannou_osc::rosc::encoder::encode(&OscPacket::Message(msg)) {

@@ -30,6 +30,8 @@ FIELDS = [
     ("sounding voices", "i"),
     ("seconds playing", "f"),
     ("audio load peak %", "f"),
+    ("output", "s"),
+    ("times the device was lost", "i"),
 ]
 
 

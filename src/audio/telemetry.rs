@@ -1,7 +1,7 @@
 //! What the audio thread tells everyone else, as atomics: the sample clock, the beat, what it
 //! played and what went wrong. Written by one thread, read by any.
 
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering::Relaxed};
 
 #[derive(Default, Debug)]
 pub struct Telemetry {
@@ -31,6 +31,10 @@ pub struct Telemetry {
     pub record_dropped: AtomicU64,
     /// Callbacks that found the engine busy (being moved between outputs) and played silence.
     pub busy_callbacks: AtomicU64,
+    /// Whether a sound device (not the null output) drives the engine now.
+    pub on_device: AtomicBool,
+    /// Times the device was lost and the null output took over.
+    pub device_losses: AtomicU64,
 }
 
 impl Telemetry {

@@ -1,8 +1,11 @@
 //! Helpers shared by the integration tests.
 
+use std::net::UdpSocket;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
+
+use nannou_osc::rosc::{decoder, encoder, OscMessage, OscPacket, OscType};
 
 pub fn bin() -> &'static str {
     env!("CARGO_BIN_EXE_roomscore")
@@ -118,4 +121,71 @@ pub fn terminate_after(child: &mut std::process::Child, secs: u64) -> std::proce
         std::thread::sleep(std::time::Duration::from_millis(50));
     }
     terminate(child)
+}
+
+/// The engine's `/roomscore/status` reply (the README lists its arguments).
+pub struct Status {
+    pub scene: String,
+    pub tempo: f32,
+    pub notes: i32,
+    pub dropped: i32,
+    pub xruns: i32,
+    pub source: String,
+    pub invalid: i32,
+    /// `device`, or `null` while the null output plays.
+    pub output: String,
+    pub device_losses: i32,
+}
+
+pub fn send(sock: &UdpSocket, port: u16, addr: &str, args: Vec<OscType>) {
+    let bytes = encoder::encode(&OscPacket::Message(OscMessage {
+        addr: addr.into(),
+        args,
+    }))
+    .unwrap();
+    sock.send_to(&bytes, ("127.0.0.1", port)).unwrap();
+}
+
+pub fn status(sock: &UdpSocket, port: u16) -> Option<Status> {
+    send(sock, port, "/roomscore/status", vec![]);
+    let mut buf = [0u8; 2048];
+    let (n, _) = sock.recv_from(&mut buf).ok()?;
+    let (_, packet) = decoder::decode_udp(&buf[..n]).ok()?;
+    let OscPacket::Message(m) = packet else {
+        return None;
+    };
+    assert_eq!(m.addr, "/roomscore/status");
+    let s = |i: usize| match &m.args[i] {
+        OscType::String(s) => s.clone(),
+        other => panic!("arg {i} is {other:?}"),
+    };
+    let int = |i: usize| match &m.args[i] {
+        OscType::Int(v) => *v,
+        other => panic!("arg {i} is {other:?}"),
+    };
+    let float = |i: usize| match &m.args[i] {
+        OscType::Float(v) => *v,
+        other => panic!("arg {i} is {other:?}"),
+    };
+    Some(Status {
+        scene: s(0),
+        tempo: float(1),
+        notes: int(2),
+        dropped: int(3),
+        xruns: int(4),
+        source: s(5),
+        invalid: int(6),
+        output: s(11),
+        device_losses: int(12),
+    })
+}
+
+pub fn wait_for_status(sock: &UdpSocket, port: u16) -> Status {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        if let Some(s) = status(sock, port) {
+            return s;
+        }
+        assert!(Instant::now() < deadline, "no /roomscore/status reply");
+    }
 }

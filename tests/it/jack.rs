@@ -1,9 +1,12 @@
-//! `play` through cpal's JACK host against a JACK dummy server, paced in real time, with what
-//! reaches the playback ports captured by `jack_capture`. The test runs its own named server so
-//! it neither needs nor disturbs one that is already running.
+//! `play` against a JACK dummy server, paced in real time, with what reaches the playback ports
+//! captured by `jack_capture`: through cpal's JACK host, through its ALSA host bridged to JACK by
+//! alsa-plugins' `jack` PCM, and with the server going away and coming back under a running
+//! engine. Each test runs its own named server so it neither needs nor disturbs another.
 
+use std::net::UdpSocket;
+use std::path::Path;
 use std::process::{Command, Stdio};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use super::common::*;
 
@@ -27,40 +30,26 @@ fn float_data_chunk(bytes: &[u8]) -> Vec<f32> {
     panic!("no data chunk");
 }
 
-struct Jack(std::process::Child);
-
-impl Drop for Jack {
-    // SIGTERM, not SIGKILL: a killed jackd leaves its entry in JACK's shared-memory registry,
-    // and after a few of those no server can start on the machine ("Too many servers").
-    fn drop(&mut self) {
-        let _ = Command::new("kill")
-            .args(["-TERM", &self.0.id().to_string()])
-            .status();
-        for _ in 0..50 {
-            if let Ok(Some(_)) = self.0.try_wait() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
+/// A named `jackd` dummy server at 48 kHz, 256 frames, stopped with SIGTERM when dropped: a
+/// killed jackd leaves its entry in JACK's shared-memory registry, and after a few of those no
+/// server can start on the machine ("Too many servers already active").
+struct Jack {
+    name: String,
+    child: std::process::Child,
 }
 
-#[test]
-fn play_through_jack_reaches_the_playback_ports_sample_for_sample() {
-    for tool in ["jackd", "jack_capture", "jack_lsp"] {
-        assert!(
-            command_exists(tool),
-            "{tool} is needed (apt-get install jackd2 jack-capture)"
-        );
-    }
-    let server = format!("roomscore-test-{}", std::process::id());
-    let jackd = Jack(
-        Command::new("jackd")
+impl Jack {
+    fn start(name: &str) -> Jack {
+        for tool in ["jackd", "jack_capture", "jack_lsp"] {
+            assert!(
+                command_exists(tool),
+                "{tool} is needed (apt-get install jackd2 jack-capture)"
+            );
+        }
+        let child = Command::new("jackd")
             .args([
                 "-n",
-                &server,
+                name,
                 "--no-realtime",
                 "-d",
                 "dummy",
@@ -72,57 +61,60 @@ fn play_through_jack_reaches_the_playback_ports_sample_for_sample() {
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
-            .expect("start jackd"),
-    );
-    let up = (0..50).any(|_| {
-        std::thread::sleep(Duration::from_millis(100));
-        Command::new("jack_lsp")
-            .env("JACK_DEFAULT_SERVER", &server)
-            .output()
-            .map(|o| String::from_utf8_lossy(&o.stdout).contains("system:playback_1"))
-            .unwrap_or(false)
-    });
-    assert!(up, "jackd dummy server did not come up");
+            .expect("start jackd");
+        let jack = Jack {
+            name: name.to_string(),
+            child,
+        };
+        let up = (0..50).any(|_| {
+            std::thread::sleep(Duration::from_millis(100));
+            Command::new("jack_lsp")
+                .env("JACK_DEFAULT_SERVER", name)
+                .output()
+                .map(|o| String::from_utf8_lossy(&o.stdout).contains("system:playback_1"))
+                .unwrap_or(false)
+        });
+        assert!(up, "jackd dummy server {name} did not come up");
+        jack
+    }
 
-    let dir = tempfile::tempdir().unwrap();
-    let captured = dir.path().join("capture.wav");
-    let rec = dir.path().join("rec.wav");
-    let mut capture = Command::new("jack_capture")
-        .args(["-b", "FLOAT", "-d", "6", "--daemon"])
-        .arg(&captured)
-        .env("JACK_DEFAULT_SERVER", &server)
-        .spawn()
-        .expect("start jack_capture");
-    std::thread::sleep(Duration::from_millis(500));
-    let osc = format!("127.0.0.1:{}", free_port());
-    let mut child = spawn_play(
-        &[
-            "--host",
-            "jack",
-            "--buffer",
-            "256",
-            "--osc",
-            &osc,
-            "--record",
-            rec.to_str().unwrap(),
-            "--seconds",
-            "3",
-        ],
-        &[("JACK_DEFAULT_SERVER", &server)],
-    );
-    let out = terminate_after(&mut child, 20);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "{stderr}");
-    assert!(stderr.contains("JACK device"), "{stderr}");
-    let _ = capture.wait();
-    drop(jackd);
+    /// Starts `jack_capture` on the playback ports for `seconds`.
+    fn capture(&self, to: &Path, seconds: u32) -> std::process::Child {
+        Command::new("jack_capture")
+            .args(["-b", "FLOAT", "-d", &seconds.to_string(), "--daemon"])
+            .arg(to)
+            .env("JACK_DEFAULT_SERVER", &self.name)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start jack_capture")
+    }
+}
 
-    let cap = float_data_chunk(&std::fs::read(&captured).unwrap());
-    let (_, recorded) = read_wav(&rec);
-    // Windows of the recording (from half a second in: the first callbacks run before JACK
-    // connects the ports) must each appear bit for bit in the capture. An xrun on a loaded
-    // machine can cut one window, so three of four must be found.
-    let found = [0.5, 1.0, 1.5, 2.0]
+impl Drop for Jack {
+    fn drop(&mut self) {
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status();
+        for _ in 0..50 {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn server_name(test: &str) -> String {
+    format!("roomscore-{test}-{}", std::process::id())
+}
+
+/// How many of four windows of the recording (from half a second in: the first callbacks run
+/// before the ports are connected) appear bit for bit in the capture.
+fn windows_found(recorded: &[f32], cap: &[f32]) -> usize {
+    [0.5, 1.0, 1.5, 2.0]
         .iter()
         .filter(|&&at| {
             let k = ((at * 48_000.0) as usize) * 2;
@@ -137,9 +129,159 @@ fn play_through_jack_reaches_the_playback_ports_sample_for_sample() {
                         .all(|(a, b)| a.to_bits() == b.to_bits())
                 })
         })
-        .count();
+        .count()
+}
+
+/// Plays three seconds into the server through `args`, and checks that what the engine recorded
+/// reached the playback ports unchanged. An xrun on a loaded machine can cut one window, so
+/// three of four must be found.
+fn plays_bit_exact_through(jack: &Jack, args: &[&str], env: &[(&str, &str)], expect: &str) {
+    let dir = tempfile::tempdir().unwrap();
+    let captured = dir.path().join("capture.wav");
+    let rec = dir.path().join("rec.wav");
+    let mut capture = jack.capture(&captured, 6);
+    std::thread::sleep(Duration::from_millis(500));
+    let osc = format!("127.0.0.1:{}", free_port());
+    let mut all = vec![
+        "--buffer",
+        "256",
+        "--osc",
+        &osc,
+        "--seconds",
+        "3",
+        "--record",
+    ];
+    all.push(rec.to_str().unwrap());
+    all.extend_from_slice(args);
+    let mut env = env.to_vec();
+    env.push(("JACK_DEFAULT_SERVER", &jack.name));
+    let mut child = spawn_play(&all, &env);
+    let out = terminate_after(&mut child, 20);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(stderr.contains(expect), "{stderr}");
+    let _ = capture.wait();
+    let cap = float_data_chunk(&std::fs::read(&captured).unwrap());
+    let (_, recorded) = read_wav(&rec);
+    let found = windows_found(&recorded, &cap);
     assert!(
         found >= 3,
         "{found} of 4 windows reached the playback ports bit-exact"
     );
+}
+
+#[test]
+fn play_through_jack_reaches_the_playback_ports_sample_for_sample() {
+    let jack = Jack::start(&server_name("jack"));
+    plays_bit_exact_through(&jack, &["--host", "jack"], &[], "JACK device");
+}
+
+#[test]
+fn play_through_alsa_bridged_to_jack_reaches_the_playback_ports_sample_for_sample() {
+    let plugin = Command::new("dpkg")
+        .args(["-s", "libasound2-plugins"])
+        .output()
+        .map(|o| o.status.success())
+        .unwrap_or(false);
+    assert!(
+        plugin,
+        "ALSA's jack PCM is needed (apt-get install libasound2-plugins)"
+    );
+    let jack = Jack::start(&server_name("alsa-jack"));
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(dir.path().join("alsa")).unwrap();
+    // cpal's ALSA host asks for `default`; a private asoundrc makes that JACK's playback ports.
+    std::fs::write(
+        dir.path().join("alsa/asoundrc"),
+        "pcm.!default {\n  type plug\n  slave.pcm \"rsjack\"\n}\n\
+         pcm.rsjack {\n  type jack\n  playback_ports { 0 system:playback_1 1 system:playback_2 }\n}\n",
+    )
+    .unwrap();
+    let xdg = dir.path().to_str().unwrap();
+    plays_bit_exact_through(
+        &jack,
+        &["--host", "alsa", "--output", "default"],
+        &[("XDG_CONFIG_HOME", xdg)],
+        "ALSA device",
+    );
+}
+
+/// Polls the engine's status until `pred` holds, within `secs`.
+fn status_until(
+    sock: &UdpSocket,
+    port: u16,
+    secs: u64,
+    what: &str,
+    pred: impl Fn(&Status) -> bool,
+) -> Status {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    loop {
+        if let Some(s) = status(sock, port) {
+            if pred(&s) {
+                return s;
+            }
+        }
+        assert!(Instant::now() < deadline, "timed out waiting until {what}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn a_lost_jack_server_is_survived_on_the_null_output_and_resumed_when_it_returns() {
+    let name = server_name("lost");
+    let jack = Jack::start(&name);
+    let port = free_port();
+    let osc = format!("127.0.0.1:{port}");
+    let mut child = spawn_play(
+        &[
+            "--host",
+            "jack",
+            "--buffer",
+            "256",
+            "--osc",
+            &osc,
+            "--seconds",
+            "40",
+        ],
+        &[("JACK_DEFAULT_SERVER", &name)],
+    );
+    let sock = UdpSocket::bind("127.0.0.1:0").unwrap();
+    sock.set_read_timeout(Some(Duration::from_millis(300)))
+        .unwrap();
+    status_until(&sock, port, 20, "playing on the device", |s| {
+        s.output == "device"
+    });
+
+    // The card goes away.
+    drop(jack);
+    let lost = status_until(&sock, port, 10, "on the null output", |s| {
+        s.output == "null" && s.device_losses == 1
+    });
+    // The room keeps playing while there is no device: notes still count up.
+    status_until(&sock, port, 15, "notes played with no device", |s| {
+        s.notes > lost.notes && s.output == "null"
+    });
+
+    // And comes back: the engine finds it without a restart, and its sound reaches the ports.
+    let jack = Jack::start(&name);
+    status_until(&sock, port, 20, "back on the device", |s| {
+        s.output == "device"
+    });
+    let dir = tempfile::tempdir().unwrap();
+    let captured = dir.path().join("after.wav");
+    let mut capture = jack.capture(&captured, 2);
+    let _ = capture.wait();
+    let cap = float_data_chunk(&std::fs::read(&captured).unwrap());
+    let peak = cap.iter().fold(0f32, |m, s| m.max(s.abs()));
+    assert!(
+        peak > 1e-3,
+        "silence on the ports after the device came back (peak {peak})"
+    );
+
+    let out = terminate(&mut child);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(stderr.contains("audio device lost"), "{stderr}");
+    assert!(stderr.contains("audio device back"), "{stderr}");
+    drop(jack);
 }

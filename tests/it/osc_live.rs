@@ -4,70 +4,9 @@
 use std::net::UdpSocket;
 use std::time::{Duration, Instant};
 
-use nannou_osc::rosc::{decoder, encoder, OscMessage, OscPacket, OscType};
+use nannou_osc::rosc::OscType;
 
 use super::common::*;
-
-struct Status {
-    scene: String,
-    tempo: f32,
-    notes: i32,
-    dropped: i32,
-    xruns: i32,
-    source: String,
-    invalid: i32,
-}
-
-fn send(sock: &UdpSocket, port: u16, addr: &str, args: Vec<OscType>) {
-    let bytes = encoder::encode(&OscPacket::Message(OscMessage {
-        addr: addr.into(),
-        args,
-    }))
-    .unwrap();
-    sock.send_to(&bytes, ("127.0.0.1", port)).unwrap();
-}
-
-fn status(sock: &UdpSocket, port: u16) -> Option<Status> {
-    send(sock, port, "/roomscore/status", vec![]);
-    let mut buf = [0u8; 2048];
-    let (n, _) = sock.recv_from(&mut buf).ok()?;
-    let (_, packet) = decoder::decode_udp(&buf[..n]).ok()?;
-    let OscPacket::Message(m) = packet else {
-        return None;
-    };
-    assert_eq!(m.addr, "/roomscore/status");
-    let s = |i: usize| match &m.args[i] {
-        OscType::String(s) => s.clone(),
-        other => panic!("arg {i} is {other:?}"),
-    };
-    let int = |i: usize| match &m.args[i] {
-        OscType::Int(v) => *v,
-        other => panic!("arg {i} is {other:?}"),
-    };
-    let float = |i: usize| match &m.args[i] {
-        OscType::Float(v) => *v,
-        other => panic!("arg {i} is {other:?}"),
-    };
-    Some(Status {
-        scene: s(0),
-        tempo: float(1),
-        notes: int(2),
-        dropped: int(3),
-        xruns: int(4),
-        source: s(5),
-        invalid: int(6),
-    })
-}
-
-fn wait_for_status(sock: &UdpSocket, port: u16) -> Status {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        if let Some(s) = status(sock, port) {
-            return s;
-        }
-        assert!(Instant::now() < deadline, "no /roomscore/status reply");
-    }
-}
 
 #[test]
 fn osc_steers_a_running_engine() {

@@ -1,0 +1,164 @@
+//! Keeps the room playing whatever happens to the sound card. When the device goes (a USB card
+//! pulled, the JACK server gone, a stream that stops calling back) the null output takes the
+//! engine at once, so the clock, the composer and OSC carry on; the device is tried again with
+//! a growing pause, and when it answers at the engine's rate the engine moves back to it.
+
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use super::{negotiate, start_cpal, NullOutput, Output, OutputRequest, SharedEngine};
+use crate::audio::Telemetry;
+
+const FIRST_RETRY: Duration = Duration::from_millis(500);
+const MAX_RETRY: Duration = Duration::from_secs(8);
+/// A device stream whose clock has not moved for this long is treated as gone, whether or not
+/// the host said so: some drivers block instead of reporting an unplugged card.
+const STALL: Duration = Duration::from_millis(1500);
+
+pub struct Supervisor {
+    /// What to reopen; `None` when the operator asked for the null output.
+    request: Option<OutputRequest>,
+    engine: SharedEngine,
+    telemetry: Arc<Telemetry>,
+    sample_rate: u32,
+    frames: u32,
+    current: Output,
+    next_try: Instant,
+    backoff: Duration,
+    last_failure: Option<String>,
+    clock_seen: (u64, Instant),
+}
+
+impl Supervisor {
+    /// Takes over an output already started (or the null output when the device was missing at
+    /// start-up, in which case the device is looked for again from the first poll).
+    pub fn new(
+        request: Option<OutputRequest>,
+        current: Output,
+        engine: SharedEngine,
+        telemetry: Arc<Telemetry>,
+        sample_rate: u32,
+        frames: u32,
+    ) -> Self {
+        let on_device = matches!(current, Output::Cpal { .. });
+        telemetry.on_device.store(on_device, Relaxed);
+        let clock = telemetry.sample_clock.load(Relaxed);
+        Supervisor {
+            request,
+            engine,
+            telemetry,
+            sample_rate,
+            frames,
+            current,
+            next_try: Instant::now() + FIRST_RETRY,
+            backoff: FIRST_RETRY,
+            last_failure: None,
+            clock_seen: (clock, Instant::now()),
+        }
+    }
+
+    pub fn describe(&self) -> String {
+        self.current.describe()
+    }
+
+    /// Call often (every few tens of milliseconds) from the thread that owns the streams.
+    pub fn poll(&mut self) {
+        let now = Instant::now();
+        let clock = self.telemetry.sample_clock.load(Relaxed);
+        if clock != self.clock_seen.0 {
+            self.clock_seen = (clock, now);
+        }
+        match &self.current {
+            Output::Cpal { .. } => {
+                let stalled = now.duration_since(self.clock_seen.1) > STALL;
+                if self.current.is_lost() || stalled {
+                    let why = self
+                        .current
+                        .lost_reason()
+                        .unwrap_or_else(|| format!("no callback for {} ms", STALL.as_millis()));
+                    self.fall_back(&why);
+                }
+            }
+            Output::Null(_) => {
+                if self.request.is_some() && now >= self.next_try {
+                    self.try_device();
+                }
+            }
+        }
+    }
+
+    fn fall_back(&mut self, why: &str) {
+        self.telemetry.device_losses.fetch_add(1, Relaxed);
+        self.telemetry.on_device.store(false, Relaxed);
+        let gone = std::mem::replace(
+            &mut self.current,
+            Output::Null(NullOutput::start(
+                self.engine.clone(),
+                self.telemetry.clone(),
+                self.sample_rate,
+                self.frames,
+            )),
+        );
+        tracing::warn!(
+            "audio device lost ({why}): playing on against the null output, retrying from {} ms",
+            FIRST_RETRY.as_millis()
+        );
+        // Closing a dead stream can take a while (JACK waits for its server); the null output
+        // is already running, so the room does not wait with it.
+        std::thread::Builder::new()
+            .name("close-lost-stream".into())
+            .spawn(move || drop(gone))
+            .map(|_| ())
+            .unwrap_or_else(|e| tracing::warn!("closing the lost stream: {e}"));
+        self.backoff = FIRST_RETRY;
+        self.next_try = Instant::now() + FIRST_RETRY;
+        self.last_failure = None;
+    }
+
+    fn try_device(&mut self) {
+        let Some(req) = &self.request else { return };
+        let req = OutputRequest {
+            sample_rate: Some(self.sample_rate),
+            ..req.clone()
+        };
+        let attempt = negotiate(&req).and_then(|n| {
+            if n.sample_rate != self.sample_rate {
+                return Err(super::OutputError::Device {
+                    device: n.name.clone(),
+                    message: format!(
+                        "offers {} Hz, and the engine runs at {} Hz",
+                        n.sample_rate, self.sample_rate
+                    ),
+                });
+            }
+            start_cpal(&n, self.engine.clone(), self.telemetry.clone())
+        });
+        match attempt {
+            Ok(output) => {
+                // The null output stops (joins its thread) as it is replaced; from here the
+                // device's callback drives the engine.
+                self.current = output;
+                self.telemetry.on_device.store(true, Relaxed);
+                self.clock_seen = (self.telemetry.sample_clock.load(Relaxed), Instant::now());
+                self.backoff = FIRST_RETRY;
+                self.last_failure = None;
+                tracing::info!("audio device back: playing on {}", self.current.describe());
+            }
+            Err(e) => {
+                let message = e.to_string();
+                if self.last_failure.as_deref() != Some(message.as_str()) {
+                    tracing::warn!(
+                        "audio device still unavailable ({message}); retrying, at most every {} s",
+                        MAX_RETRY.as_secs()
+                    );
+                } else {
+                    tracing::debug!("audio device still unavailable: {message}");
+                }
+                self.last_failure = Some(message);
+                self.backoff = (self.backoff * 2).min(MAX_RETRY);
+                self.next_try = Instant::now() + self.backoff;
+            }
+        }
+    }
+}
