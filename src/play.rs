@@ -455,7 +455,7 @@ impl Watchdog {
 /// Replies `/roomscore/status` with: scene (s), tempo (f), notes played (i), dropped messages
 /// (i), xruns (i), source (s), invalid messages (i), late notes (i), sounding voices (i),
 /// seconds playing (f), audio load peak in percent (f), output (s: `device` or `null`), times
-/// the device was lost (i).
+/// the device was lost (i), messages refused by the allow lists (i).
 fn send_status(
     c: &Conductor,
     socket: &UdpSocket,
@@ -488,6 +488,7 @@ fn send_status(
                 .into(),
             ),
             OscType::Int(clamp(t.device_losses.load(Relaxed))),
+            OscType::Int(clamp(stats.denied.load(Relaxed))),
         ],
     };
     match nannou_osc::rosc::encoder::encode(&OscPacket::Message(msg)) {

@@ -32,6 +32,7 @@ FIELDS = [
     ("audio load peak %", "f"),
     ("output", "s"),
     ("times the device was lost", "i"),
+    ("refused by allow lists", "i"),
 ]
 
 

@@ -59,10 +59,42 @@ pub fn dispatch_packet(
     out: &mut Vec<TimedEvent>,
     errors: &mut Vec<DispatchError>,
 ) {
+    // rosc decodes nested bundles by recursion, so a hostile packet is measured before it is
+    // decoded: 64 KiB of nested bundle headers would otherwise be thousands of stack frames.
+    if nested_deeper_than(bytes, MAX_BUNDLE_DEPTH) {
+        errors.push(DispatchError::TooDeep);
+        return;
+    }
     match nannou_osc::rosc::decoder::decode_udp(bytes) {
         Ok((_, packet)) => dispatch_osc(&packet, from, clock, When::Now, 0, out, errors),
         Err(e) => errors.push(DispatchError::Decode(e.to_string())),
     }
+}
+
+const BUNDLE_TAG: &[u8] = b"#bundle\0";
+
+/// Whether any chain of bundles in `bytes` is more than `limit` deep, walked with a stack of
+/// our own instead of recursion. Malformed sizes end the walk of that bundle; the decoder
+/// refuses them afterwards.
+fn nested_deeper_than(bytes: &[u8], limit: usize) -> bool {
+    let mut stack = vec![(bytes, 1usize)];
+    while let Some((b, depth)) = stack.pop() {
+        if !b.starts_with(BUNDLE_TAG) {
+            continue;
+        }
+        if depth > limit {
+            return true;
+        }
+        // Tag (8 bytes) and time tag (8), then elements, each a big-endian size and content.
+        let mut rest = b.get(16..).unwrap_or_default();
+        while let Some((size, tail)) = rest.split_first_chunk::<4>() {
+            let n = u32::from_be_bytes(*size) as usize;
+            let Some(element) = tail.get(..n) else { break };
+            stack.push((element, depth + 1));
+            rest = &tail[n..];
+        }
+    }
+    false
 }
 
 fn dispatch_osc(
@@ -339,8 +371,49 @@ mod tests {
 
         out.clear();
         errors.clear();
+        // Exactly at the limit is accepted.
+        let mut packet = OscPacket::Message(OscMessage {
+            addr: "/roomscore/movement".into(),
+            args: vec![OscType::Float(0.5)],
+        });
+        for _ in 0..MAX_BUNDLE_DEPTH {
+            packet = OscPacket::Bundle(OscBundle {
+                timetag: OscTime::from((0, 1)),
+                content: vec![packet],
+            });
+        }
+        let bytes = encoder::encode(&packet).unwrap();
+        dispatch_packet(&bytes, from(), &NoClock, &mut out, &mut errors);
+        assert_eq!((out.len(), errors.len()), (1, 0));
+
+        out.clear();
         dispatch_packet(b"\xff\x00garbage", from(), &NoClock, &mut out, &mut errors);
         assert!(out.is_empty());
         assert!(matches!(errors[0], DispatchError::Decode(_)));
+    }
+
+    /// A whole UDP payload of nested bundle headers, each claiming the rest: refused by the
+    /// pre-scan on a small stack, before the recursive decoder sees it.
+    #[test]
+    fn a_packet_of_nested_headers_is_refused_without_recursion() {
+        let levels = 4000;
+        let mut bytes = Vec::new();
+        for i in 0..levels {
+            bytes.extend_from_slice(BUNDLE_TAG);
+            bytes.extend_from_slice(&[0, 0, 0, 0, 0, 0, 0, 1]);
+            let remaining = (levels - i - 1) * 20;
+            bytes.extend_from_slice(&(remaining as u32).to_be_bytes());
+        }
+        let result = std::thread::Builder::new()
+            .stack_size(64 << 10)
+            .spawn(move || {
+                let (mut out, mut errors) = (Vec::new(), Vec::new());
+                dispatch_packet(&bytes, from(), &NoClock, &mut out, &mut errors);
+                (out.len(), errors)
+            })
+            .unwrap()
+            .join()
+            .unwrap();
+        assert_eq!(result, (0, vec![DispatchError::TooDeep]));
     }
 }

@@ -108,8 +108,6 @@ impl OscThread {
         let stop2 = stop.clone();
         let thread = std::thread::Builder::new()
             .name("osc-in".into())
-            // rosc decodes nested bundles recursively; give it room before our depth check runs.
-            .stack_size(8 << 20)
             .spawn(move || {
                 let mut buf = vec![0u8; 65_536];
                 let mut events = Vec::new();
@@ -123,12 +121,21 @@ impl OscThread {
                         Err(_) => continue,
                     };
                     stats.packets.fetch_add(1, Relaxed);
+                    // A sender outside the allow list never reaches the decoder.
+                    if !access.sensors.allows(from.ip()) {
+                        stats.denied.fetch_add(1, Relaxed);
+                        if last_denied_warn.elapsed() >= Duration::from_secs(1) {
+                            tracing::warn!("OSC: refused a packet from {from}: not in --osc-allow");
+                            last_denied_warn = Instant::now();
+                        }
+                        continue;
+                    }
                     events.clear();
                     errors.clear();
                     dispatch::dispatch_packet(&buf[..len], from, &clock, &mut events, &mut errors);
                     for ev in events.drain(..) {
                         stats.messages.fetch_add(1, Relaxed);
-                        if let Err(denied) = access.check(from.ip(), address(&ev.event)) {
+                        if let Err(denied) = access.check(from.ip(), event_address(&ev.event)) {
                             stats.denied.fetch_add(1, Relaxed);
                             if last_denied_warn.elapsed() >= Duration::from_secs(1) {
                                 tracing::warn!("{denied}");
@@ -178,7 +185,7 @@ impl OscThread {
 }
 
 /// The OSC address an event came in on, for the allow lists.
-fn address(ev: &InputEvent) -> &'static str {
+pub fn event_address(ev: &InputEvent) -> &'static str {
     match ev {
         InputEvent::Movement(_) => "/roomscore/movement",
         InputEvent::Mood { .. } => "/roomscore/mood",

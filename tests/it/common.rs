@@ -123,7 +123,9 @@ pub fn terminate_after(child: &mut std::process::Child, secs: u64) -> std::proce
     terminate(child)
 }
 
-/// The engine's `/roomscore/status` reply (the README lists its arguments).
+/// The engine's `/roomscore/status` reply (the README lists its arguments). Each test reads
+/// the fields it needs.
+#[allow(dead_code)]
 pub struct Status {
     pub scene: String,
     pub tempo: f32,
@@ -135,6 +137,8 @@ pub struct Status {
     /// `device`, or `null` while the null output plays.
     pub output: String,
     pub device_losses: i32,
+    /// Packets and messages refused by `--osc-allow` / `--control-allow`.
+    pub denied: i32,
 }
 
 pub fn send(sock: &UdpSocket, port: u16, addr: &str, args: Vec<OscType>) {
@@ -177,6 +181,7 @@ pub fn status(sock: &UdpSocket, port: u16) -> Option<Status> {
         invalid: int(6),
         output: s(11),
         device_losses: int(12),
+        denied: int(13),
     })
 }
 
