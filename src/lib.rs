@@ -5,6 +5,7 @@
 //! on the real-time thread) → `output` (cpal, or the null output) or `render` (offline).
 
 pub mod audio;
+pub mod clock;
 pub mod control;
 pub mod gen;
 pub mod input;
@@ -19,6 +20,8 @@ pub mod session;
 pub use model::load_source as model_source;
 pub mod bench;
 pub mod doctor;
+#[cfg(feature = "jack")]
+pub mod latency;
 pub mod logging;
 pub mod loudness;
 pub mod output;

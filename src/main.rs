@@ -40,6 +40,9 @@ enum Cmd {
     Model(roomscore::model::cli::ModelArgs),
     /// Check audio output, ONNX Runtime, the model, the OSC port and the scenes.
     Doctor(roomscore::doctor::DoctorArgs),
+    /// Measure OSC-note-to-output latency against a running engine, on JACK's frame clock.
+    #[cfg(feature = "jack")]
+    Latency(roomscore::latency::LatencyArgs),
 }
 
 #[derive(clap::Args)]
@@ -86,6 +89,8 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             ExitCode::FAILURE
         }),
         Cmd::Model(args) => roomscore::model::cli::run(args).map(|_| ExitCode::SUCCESS),
+        #[cfg(feature = "jack")]
+        Cmd::Latency(args) => roomscore::latency::run(args).map(|_| ExitCode::SUCCESS),
         Cmd::Render(a) => {
             if !(a.seconds.is_finite() && a.seconds > 0.0 && a.seconds <= 86_400.0) {
                 anyhow::bail!("--seconds {} must be between 0 and 86400", a.seconds);

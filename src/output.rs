@@ -141,8 +141,14 @@ fn callback(
     channels: usize,
     telemetry: &Telemetry,
     sample_rate: f32,
+    plays_at: crate::clock::PlaysAt,
 ) {
     let started = Instant::now();
+    telemetry.anchor.store(
+        telemetry.sample_clock.load(Relaxed),
+        plays_at,
+        sample_rate as f64,
+    );
     match engine.try_lock() {
         Ok(mut e) => {
             #[cfg(feature = "rt-check")]
@@ -162,6 +168,12 @@ fn callback(
         telemetry.load_ppm.store(ppm, Relaxed);
         telemetry.load_max_ppm.fetch_max(ppm, Relaxed);
     }
+}
+
+/// When the buffer of this callback reaches the output, and on which clock.
+fn host_playback_ns(info: &cpal::OutputCallbackInfo) -> crate::clock::PlaysAt {
+    let t = info.timestamp();
+    crate::clock::playback_time(t.callback.as_nanos() as u64, t.playback.as_nanos() as u64)
 }
 
 /// A playing output. Dropping it stops the sound.
@@ -235,9 +247,10 @@ pub fn start_cpal(
             neg.device
                 .build_output_stream::<i16, _, _>(
                     neg.config,
-                    move |data: &mut [i16], _| {
+                    move |data: &mut [i16], info: &cpal::OutputCallbackInfo| {
                         let n = data.len().min(scratch.len());
-                        callback(&engine, &mut scratch[..n], channels, &telemetry, sr);
+                        let at = host_playback_ns(info);
+                        callback(&engine, &mut scratch[..n], channels, &telemetry, sr, at);
                         for (o, s) in data.iter_mut().zip(&scratch[..n]) {
                             *o = (s * 32767.0) as i16;
                         }
@@ -251,7 +264,10 @@ pub fn start_cpal(
             .device
             .build_output_stream::<f32, _, _>(
                 neg.config,
-                move |data: &mut [f32], _| callback(&engine, data, channels, &telemetry, sr),
+                move |data: &mut [f32], info: &cpal::OutputCallbackInfo| {
+                    let at = host_playback_ns(info);
+                    callback(&engine, data, channels, &telemetry, sr, at)
+                },
                 on_error,
                 None,
             )
@@ -301,7 +317,8 @@ impl NullOutput {
                 let period = Duration::from_secs_f64(frames as f64 / sample_rate as f64);
                 let mut deadline = Instant::now();
                 while !stop2.load(Relaxed) {
-                    callback(&engine, &mut buf, 2, &telemetry, sample_rate as f32);
+                    let at = crate::clock::PlaysAt::now(crate::clock::Timebase::Monotonic);
+                    callback(&engine, &mut buf, 2, &telemetry, sample_rate as f32, at);
                     deadline += period;
                     let now = Instant::now();
                     if deadline > now {

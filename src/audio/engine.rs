@@ -120,6 +120,7 @@ impl AudioEngine {
         let (commands_tx, commands) = rtrb::RingBuffer::new(COMMAND_QUEUE);
         let (garbage, garbage_rx) = rtrb::RingBuffer::new(8);
         telemetry.set_tempo(tempo.get());
+        telemetry.output_delay.store(rig.output_delay, Relaxed);
         let engine = AudioEngine {
             sample_rate,
             rig: Box::new(rig),
@@ -210,6 +211,7 @@ impl AudioEngine {
                     on,
                 }),
                 Command::SwapRig(new) => {
+                    self.telemetry.output_delay.store(new.output_delay, Relaxed);
                     let mut old = std::mem::replace(&mut self.rig, new);
                     old.release_all();
                     // A rig still fading from an earlier swap goes straight back.

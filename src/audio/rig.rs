@@ -23,6 +23,8 @@ pub struct Rig {
     mix: BufferArray<U2>,
     out: BufferArray<U2>,
     pub(super) performer_hold: u64,
+    /// Samples between a note's start and its sound at the output: the limiter's lookahead.
+    pub(super) output_delay: u32,
 }
 
 /// The control thread's side of a rig: its parameters.
@@ -54,6 +56,15 @@ impl Rig {
             .zip(&cutoff)
             .map(|(inst, c)| VoicePool::new(inst, c, sample_rate))
             .collect();
+        let mut master = master_unit(
+            scene.master.room,
+            scene.master.reverb_time,
+            scene.master.ceiling_db,
+            &reverb,
+            &volume,
+            sample_rate,
+        );
+        let output_delay = master.latency().unwrap_or(0.0).round().max(0.0) as u32;
         let mut routes = [0u64; 5];
         for (i, inst) in scene.instruments.iter().enumerate() {
             for v in &inst.voices {
@@ -70,17 +81,11 @@ impl Rig {
                 .collect(),
             gain_target: gain_db.clone(),
             routes,
-            master: master_unit(
-                scene.master.room,
-                scene.master.reverb_time,
-                scene.master.ceiling_db,
-                &reverb,
-                &volume,
-                sample_rate,
-            ),
+            master,
             mix: BufferArray::new(),
             out: BufferArray::new(),
             performer_hold: (scene.master.performer_hold * sample_rate) as u64,
+            output_delay,
         };
         (
             rig,

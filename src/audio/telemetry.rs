@@ -35,6 +35,11 @@ pub struct Telemetry {
     pub on_device: AtomicBool,
     /// Times the device was lost and the null output took over.
     pub device_losses: AtomicU64,
+    /// The sample that starts the buffer being rendered, and when it reaches the output.
+    pub anchor: crate::clock::Anchor,
+    /// Samples from a note's start to its sound at the output (the master limiter's lookahead);
+    /// time-tagged events are started this much early so they are heard on their time.
+    pub output_delay: AtomicU32,
 }
 
 impl Telemetry {

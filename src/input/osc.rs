@@ -73,13 +73,19 @@ impl Clock for LiveClock {
             return None;
         }
         let when: SystemTime = tag.into();
-        let now = SystemTime::now();
-        let ahead = match when.duration_since(now) {
-            Ok(d) => d.as_secs_f64(),
-            Err(e) => -e.duration().as_secs_f64(),
-        };
-        let s = self.now_sample() as f64 + ahead * self.sample_rate;
-        Some(s.max(0.0) as u64)
+        let delay = self.telemetry.output_delay.load(Relaxed) as u64;
+        match self.telemetry.anchor.sample_at(when, self.sample_rate) {
+            Some(s) => Some(s.saturating_sub(delay)),
+            // Before the first buffer: from the clock as it stands.
+            None => {
+                let ahead = match when.duration_since(SystemTime::now()) {
+                    Ok(d) => d.as_secs_f64(),
+                    Err(e) => -e.duration().as_secs_f64(),
+                };
+                let s = self.now_sample() as f64 + ahead * self.sample_rate;
+                Some(s.max(0.0) as u64)
+            }
+        }
     }
 }
 
