@@ -4,112 +4,12 @@
 //! engine. Each test runs its own named server so it neither needs nor disturbs another.
 
 use std::net::UdpSocket;
-use std::path::Path;
-use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+
+use std::process::Command;
+use std::time::Duration;
 
 use super::common::*;
-
-/// The samples of a 32-bit float WAV, read from its `data` chunk. jack_capture writes an
-/// extensible header through libsndfile, which hound does not decode as plain float samples.
-fn float_data_chunk(bytes: &[u8]) -> Vec<f32> {
-    assert_eq!(&bytes[..4], b"RIFF");
-    let mut i = 12;
-    while i + 8 <= bytes.len() {
-        let id = &bytes[i..i + 4];
-        let len = u32::from_le_bytes(bytes[i + 4..i + 8].try_into().unwrap()) as usize;
-        if id == b"data" {
-            let end = (i + 8 + len).min(bytes.len());
-            return bytes[i + 8..end]
-                .chunks_exact(4)
-                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-                .collect();
-        }
-        i += 8 + len + (len & 1);
-    }
-    panic!("no data chunk");
-}
-
-/// A named `jackd` dummy server at 48 kHz, 256 frames, stopped with SIGTERM when dropped: a
-/// killed jackd leaves its entry in JACK's shared-memory registry, and after a few of those no
-/// server can start on the machine ("Too many servers already active").
-struct Jack {
-    name: String,
-    child: std::process::Child,
-}
-
-impl Jack {
-    fn start(name: &str) -> Jack {
-        for tool in ["jackd", "jack_capture", "jack_lsp"] {
-            assert!(
-                command_exists(tool),
-                "{tool} is needed (apt-get install jackd2 jack-capture)"
-            );
-        }
-        let child = Command::new("jackd")
-            .args([
-                "-n",
-                name,
-                "--no-realtime",
-                "-d",
-                "dummy",
-                "-r",
-                "48000",
-                "-p",
-                "256",
-            ])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("start jackd");
-        let jack = Jack {
-            name: name.to_string(),
-            child,
-        };
-        let up = (0..50).any(|_| {
-            std::thread::sleep(Duration::from_millis(100));
-            Command::new("jack_lsp")
-                .env("JACK_DEFAULT_SERVER", name)
-                .output()
-                .map(|o| String::from_utf8_lossy(&o.stdout).contains("system:playback_1"))
-                .unwrap_or(false)
-        });
-        assert!(up, "jackd dummy server {name} did not come up");
-        jack
-    }
-
-    /// Starts `jack_capture` on the playback ports for `seconds`.
-    fn capture(&self, to: &Path, seconds: u32) -> std::process::Child {
-        Command::new("jack_capture")
-            .args(["-b", "FLOAT", "-d", &seconds.to_string(), "--daemon"])
-            .arg(to)
-            .env("JACK_DEFAULT_SERVER", &self.name)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("start jack_capture")
-    }
-}
-
-impl Drop for Jack {
-    fn drop(&mut self) {
-        let _ = Command::new("kill")
-            .args(["-TERM", &self.child.id().to_string()])
-            .status();
-        for _ in 0..50 {
-            if let Ok(Some(_)) = self.child.try_wait() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn server_name(test: &str) -> String {
-    format!("roomscore-{test}-{}", std::process::id())
-}
+use super::jackd::*;
 
 /// How many of four windows of the recording (from half a second in: the first callbacks run
 /// before the ports are connected) appear bit for bit in the capture.
@@ -204,26 +104,6 @@ fn play_through_alsa_bridged_to_jack_reaches_the_playback_ports_sample_for_sampl
         &[("XDG_CONFIG_HOME", xdg)],
         "ALSA device",
     );
-}
-
-/// Polls the engine's status until `pred` holds, within `secs`.
-fn status_until(
-    sock: &UdpSocket,
-    port: u16,
-    secs: u64,
-    what: &str,
-    pred: impl Fn(&Status) -> bool,
-) -> Status {
-    let deadline = Instant::now() + Duration::from_secs(secs);
-    loop {
-        if let Some(s) = status(sock, port) {
-            if pred(&s) {
-                return s;
-            }
-        }
-        assert!(Instant::now() < deadline, "timed out waiting until {what}");
-        std::thread::sleep(Duration::from_millis(100));
-    }
 }
 
 #[test]

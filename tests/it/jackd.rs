@@ -1,0 +1,136 @@
+//! A private JACK dummy server for the tests that play through JACK, and the helpers they share.
+
+use std::net::UdpSocket;
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use super::common::*;
+
+/// The samples of a 32-bit float WAV, read from its `data` chunk. jack_capture writes an
+/// extensible header through libsndfile, which hound does not decode as plain float samples.
+pub fn float_data_chunk(bytes: &[u8]) -> Vec<f32> {
+    assert_eq!(&bytes[..4], b"RIFF");
+    let mut i = 12;
+    while i + 8 <= bytes.len() {
+        let id = &bytes[i..i + 4];
+        let len = u32::from_le_bytes(bytes[i + 4..i + 8].try_into().unwrap()) as usize;
+        if id == b"data" {
+            let end = (i + 8 + len).min(bytes.len());
+            return bytes[i + 8..end]
+                .chunks_exact(4)
+                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+                .collect();
+        }
+        i += 8 + len + (len & 1);
+    }
+    panic!("no data chunk");
+}
+
+/// A named `jackd` dummy server at 48 kHz, 256 frames, stopped with SIGTERM when dropped: a
+/// killed jackd leaves its entry in JACK's shared-memory registry, and after a few of those no
+/// server can start on the machine ("Too many servers already active").
+pub struct Jack {
+    pub name: String,
+    child: std::process::Child,
+}
+
+impl Jack {
+    /// A server without real-time scheduling: what any machine can run.
+    pub fn start(name: &str) -> Jack {
+        Jack::launch(name, "--no-realtime").expect("jackd dummy server did not come up")
+    }
+
+    /// A server with real-time scheduling where the machine grants it (as root, or with
+    /// rtprio limits), else without; the second value says which. (Used by tests/latency.rs.)
+    #[allow(dead_code)]
+    pub fn start_realtime(name: &str) -> (Jack, bool) {
+        match Jack::launch(name, "--realtime") {
+            Some(j) => (j, true),
+            None => (Jack::start(name), false),
+        }
+    }
+
+    fn launch(name: &str, mode: &str) -> Option<Jack> {
+        for tool in ["jackd", "jack_capture", "jack_lsp"] {
+            assert!(
+                command_exists(tool),
+                "{tool} is needed (apt-get install jackd2 jack-capture)"
+            );
+        }
+        let child = Command::new("jackd")
+            .args(["-n", name, mode, "-d", "dummy", "-r", "48000", "-p", "256"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start jackd");
+        let mut jack = Jack {
+            name: name.to_string(),
+            child,
+        };
+        let up = (0..50).any(|_| {
+            std::thread::sleep(Duration::from_millis(100));
+            if let Ok(Some(_)) = jack.child.try_wait() {
+                return false;
+            }
+            Command::new("jack_lsp")
+                .env("JACK_DEFAULT_SERVER", name)
+                .output()
+                .map(|o| String::from_utf8_lossy(&o.stdout).contains("system:playback_1"))
+                .unwrap_or(false)
+        });
+        up.then_some(jack)
+    }
+
+    /// Starts `jack_capture` on the playback ports for `seconds`.
+    pub fn capture(&self, to: &Path, seconds: u32) -> std::process::Child {
+        Command::new("jack_capture")
+            .args(["-b", "FLOAT", "-d", &seconds.to_string(), "--daemon"])
+            .arg(to)
+            .env("JACK_DEFAULT_SERVER", &self.name)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start jack_capture")
+    }
+}
+
+impl Drop for Jack {
+    fn drop(&mut self) {
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status();
+        for _ in 0..50 {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+pub fn server_name(test: &str) -> String {
+    format!("roomscore-{test}-{}", std::process::id())
+}
+
+/// Polls the engine's status until `pred` holds, within `secs`.
+pub fn status_until(
+    sock: &UdpSocket,
+    port: u16,
+    secs: u64,
+    what: &str,
+    pred: impl Fn(&Status) -> bool,
+) -> Status {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    loop {
+        if let Some(s) = status(sock, port) {
+            if pred(&s) {
+                return s;
+            }
+        }
+        assert!(Instant::now() < deadline, "timed out waiting until {what}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
