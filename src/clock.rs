@@ -36,19 +36,30 @@ impl Timebase {
     }
 }
 
+/// Seconds from the NTP epoch (1900) to the Unix epoch (1970).
+const NTP_TO_UNIX: i128 = 2_208_988_800;
+
+/// An NTP time stamp (an OSC time tag: seconds since 1900 and a 32-bit fraction) as signed
+/// nanoseconds since the Unix epoch. Total: tags before 1970 are simply negative, where the
+/// standard library's `SystemTime` arithmetic (and rosc's conversion into it) would panic.
+pub fn ntp_to_unix_ns(seconds: u32, fraction: u32) -> i128 {
+    (seconds as i128 - NTP_TO_UNIX) * 1_000_000_000 + ((fraction as i128 * 1_000_000_000) >> 32)
+}
+
 /// A wall-clock time as signed nanoseconds since the Unix epoch.
-fn unix_ns(t: SystemTime) -> i128 {
+pub fn unix_ns(t: SystemTime) -> i128 {
     match t.duration_since(UNIX_EPOCH) {
         Ok(d) => d.as_nanos() as i128,
         Err(e) => -(e.duration().as_nanos() as i128),
     }
 }
 
-/// The time on `clock` of a wall-clock instant, read against both clocks now.
-pub fn wall_to(clock: Timebase, t: SystemTime) -> i128 {
+/// The time on `clock` of a wall-clock instant (nanoseconds since the Unix epoch), read
+/// against both clocks now.
+pub fn wall_to(clock: Timebase, unix_ns_then: i128) -> i128 {
     let on_clock = clock.now_ns() as i128;
     let wall = unix_ns(SystemTime::now());
-    on_clock + unix_ns(t) - wall
+    on_clock + unix_ns_then - wall
 }
 
 /// A host timestamp this close to one of the kernel clocks is taken to be on it; otherwise
@@ -177,9 +188,10 @@ impl Anchor {
         }
     }
 
-    /// The sample that reaches the output at wall-clock time `t`: counted from the latest
-    /// anchor at the device's measured rate where the host stamps buffers, else the nominal one.
-    pub fn sample_at(&self, t: SystemTime, sample_rate: f64) -> Option<u64> {
+    /// The sample that reaches the output at wall-clock time `t` (nanoseconds since the Unix
+    /// epoch): counted from the latest anchor at the device's measured rate where the host
+    /// stamps buffers, else the nominal one.
+    pub fn sample_at(&self, t: i128, sample_rate: f64) -> Option<u64> {
         let (sample, nanos, clock, ns_per_sample) = self.load()?;
         let per = if ns_per_sample > 0.0 {
             ns_per_sample
@@ -187,6 +199,7 @@ impl Anchor {
             1e9 / sample_rate
         };
         let s = sample as f64 + (wall_to(clock, t) - nanos as i128) as f64 / per;
+        // Saturating float-to-int casts: any tag, however far off, gives some sample.
         Some(s.round().max(0.0) as u64)
     }
 }
@@ -198,7 +211,7 @@ mod tests {
     #[test]
     fn a_time_maps_to_its_sample_through_the_anchor() {
         let a = Anchor::default();
-        let now = SystemTime::now();
+        let now = unix_ns(SystemTime::now());
         assert_eq!(a.sample_at(now, 48_000.0), None);
         let t0 = Timebase::Monotonic.now_ns() + 1_000_000_000;
         let at = PlaysAt {
@@ -209,7 +222,7 @@ mod tests {
         a.store(48_000, at, 48_000.0);
         assert_eq!(a.load(), Some((48_000, t0, Timebase::Monotonic, 0.0)));
         // The anchored sample plays a second from now; 10 ms after that is 480 samples later.
-        let at = now + Duration::from_millis(1010);
+        let at = now + 1_010_000_000;
         let s = a.sample_at(at, 48_000.0).unwrap() as i64;
         assert!((s - 48_480).abs() <= 2, "{s}");
     }
@@ -217,7 +230,7 @@ mod tests {
     #[test]
     fn wall_clock_times_land_on_each_kernel_clock() {
         for clock in [Timebase::Monotonic, Timebase::MonotonicRaw] {
-            let later = SystemTime::now() + Duration::from_millis(50);
+            let later = unix_ns(SystemTime::now() + Duration::from_millis(50));
             let ahead = wall_to(clock, later) - clock.now_ns() as i128;
             assert!(
                 (40_000_000..=50_000_000).contains(&ahead),
@@ -240,6 +253,19 @@ mod tests {
         let now = at.clock.now_ns();
         assert!(!at.host_stamped);
         assert!(at.ns > now && at.ns - now <= 5_334_000, "{} {now}", at.ns);
+    }
+
+    #[test]
+    fn any_ntp_time_stamp_converts_without_panicking() {
+        assert_eq!(ntp_to_unix_ns(2_208_988_800, 0), 0);
+        assert_eq!(ntp_to_unix_ns(2_208_988_801, 1 << 31), 1_500_000_000);
+        // 1900, and the last second of the era: far off, but numbers, not panics.
+        assert_eq!(ntp_to_unix_ns(0, 0), -2_208_988_800_000_000_000);
+        assert!(ntp_to_unix_ns(u32::MAX, u32::MAX) > 0);
+        let a = Anchor::default();
+        a.store(0, PlaysAt::now(Timebase::Monotonic), 48_000.0);
+        assert_eq!(a.sample_at(ntp_to_unix_ns(0, 0), 48_000.0), Some(0));
+        assert!(a.sample_at(ntp_to_unix_ns(u32::MAX, 0), 48_000.0).is_some());
     }
 
     #[test]

@@ -173,7 +173,7 @@ pub fn run(args: LatencyArgs) -> anyhow::Result<()> {
                 }))?;
                 // Where that time falls in the graph: JACK's own frame mapping, less the
                 // latency from the engine's ports to the device, which the engine aims through.
-                let at_us = (crate::clock::wall_to(raw, at) / 1000) as u64;
+                let at_us = (crate::clock::wall_to(raw, crate::clock::unix_ns(at)) / 1000) as u64;
                 (packet, jc.time_to_frames(at_us) as i64 - playback_latency)
             }
         };

@@ -3,6 +3,7 @@
 
 pub mod access;
 pub mod dispatch;
+pub mod fuzzing;
 pub mod log;
 pub mod osc;
 

@@ -72,17 +72,14 @@ impl Clock for LiveClock {
         if tag.seconds == 0 && tag.fractional <= 1 {
             return None;
         }
-        let when: SystemTime = tag.into();
+        let when = crate::clock::ntp_to_unix_ns(tag.seconds, tag.fractional);
         let delay = self.telemetry.output_delay.load(Relaxed) as u64;
         match self.telemetry.anchor.sample_at(when, self.sample_rate) {
             Some(s) => Some(s.saturating_sub(delay)),
             // Before the first buffer: from the clock as it stands.
             None => {
-                let ahead = match when.duration_since(SystemTime::now()) {
-                    Ok(d) => d.as_secs_f64(),
-                    Err(e) => -e.duration().as_secs_f64(),
-                };
-                let s = self.now_sample() as f64 + ahead * self.sample_rate;
+                let ahead = when - crate::clock::unix_ns(SystemTime::now());
+                let s = self.now_sample() as f64 + ahead as f64 * self.sample_rate / 1e9;
                 Some(s.max(0.0) as u64)
             }
         }
@@ -138,7 +135,24 @@ impl OscThread {
                     }
                     events.clear();
                     errors.clear();
-                    dispatch::dispatch_packet(&buf[..len], from, &clock, &mut events, &mut errors);
+                    // The fuzzer holds this path to "no panic"; should one slip through anyway,
+                    // it costs one packet, not the room's only ear.
+                    let decoded = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                        dispatch::dispatch_packet(
+                            &buf[..len],
+                            from,
+                            &clock,
+                            &mut events,
+                            &mut errors,
+                        )
+                    }));
+                    if decoded.is_err() {
+                        events.clear();
+                        errors.clear();
+                        errors.push(dispatch::DispatchError::Decode(
+                            "the decoder panicked on this packet".into(),
+                        ));
+                    }
                     for ev in events.drain(..) {
                         stats.messages.fetch_add(1, Relaxed);
                         if let Err(denied) = access.check(from.ip(), event_address(&ev.event)) {
