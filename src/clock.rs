@@ -115,6 +115,19 @@ pub fn playback_time(host_callback_ns: u64, host_playback_ns: u64) -> PlaysAt {
     }
 }
 
+/// Minutes after local midnight now, in the box's time zone (`TZ`, else /etc/localtime).
+pub fn local_minute() -> u32 {
+    // SAFETY: `time(NULL)` only returns; `localtime_r` writes into the `tm` we own.
+    unsafe {
+        let t = libc::time(std::ptr::null_mut());
+        let mut tm: libc::tm = std::mem::zeroed();
+        if libc::localtime_r(&t, &mut tm).is_null() {
+            return ((t / 60) % 1440) as u32;
+        }
+        (tm.tm_hour * 60 + tm.tm_min) as u32
+    }
+}
+
 /// A measured rate further than this from the nominal one is a skipped cycle, not the device.
 const RATE_TOLERANCE: f64 = 0.02;
 

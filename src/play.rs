@@ -380,6 +380,7 @@ fn conductor_loop(
         if last_tick.elapsed() >= TICK {
             let dt = last_tick.elapsed().as_secs_f32();
             last_tick = Instant::now();
+            conductor.follow_hours(crate::clock::local_minute(), dt);
             match conductor.tick(dt) {
                 Ok((msg, more)) => {
                     outcomes.extend(more);

@@ -211,6 +211,8 @@ pub struct Conductor {
     pub tempo_log: Vec<(f64, f64)>,
     /// The composer's source, as it publishes it.
     pub source_name: Arc<Mutex<String>>,
+    /// Whether the opening hours were open at the last look; `None` before the first.
+    hours_open: Option<bool>,
 }
 
 /// Everything a running engine is made of.
@@ -286,6 +288,7 @@ pub fn build(scene: Scene, opts: BuildOptions) -> Result<Parts, SessionError> {
         last_controls: None,
         tempo_log: vec![(0.0, controls.tempo)],
         source_name: composer.source_name.clone(),
+        hours_open: None,
         scene,
     };
     Ok(Parts {
@@ -434,6 +437,43 @@ impl Conductor {
 
     /// Advances the control loop by `dt` seconds: applies due scheduled inputs, moves the rig's
     /// parameters, and returns the controls for the composer.
+    /// Follows the scene's opening hours at local `minute` after midnight: the volume fades over
+    /// the scene's `fade` seconds towards silence (or a quarter) when it closes, and back when
+    /// it opens. The first look sets the level at once, so a box booted at night starts quiet.
+    /// Live only: an offline render has no wall clock.
+    pub fn follow_hours(&mut self, minute: u32, dt: f32) {
+        let Some(hours) = self.scene.hours else {
+            self.control.hours_gain = 1.0;
+            self.hours_open = None;
+            return;
+        };
+        let open = hours.is_open(minute);
+        let target = hours.gain_at(minute);
+        if self.hours_open != Some(open) {
+            let hhmm = |m: u32| format!("{:02}:{:02}", m / 60, m % 60);
+            let span = format!("{}-{}", hhmm(hours.open), hhmm(hours.close));
+            if open {
+                tracing::info!("opening hours {span}: open at {}", hhmm(minute));
+            } else {
+                tracing::info!(
+                    "opening hours {span}: closed at {}; {:?} until {}",
+                    hhmm(minute),
+                    hours.outside,
+                    hhmm(hours.open)
+                );
+            }
+        }
+        let first = self.hours_open.is_none();
+        self.hours_open = Some(open);
+        let gain = &mut self.control.hours_gain;
+        if first {
+            *gain = target;
+        } else {
+            let step = dt / hours.fade;
+            *gain += (target - *gain).clamp(-step, step);
+        }
+    }
+
     pub fn tick(&mut self, dt: f32) -> Result<(ComposerMsg, Vec<Outcome>), SessionError> {
         let now = self.now_sample();
         let mut outcomes = Vec::new();

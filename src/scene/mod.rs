@@ -251,12 +251,14 @@ pub enum Outside {
     Quiet,
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq)]
 pub struct Hours {
     /// Minutes after local midnight.
     pub open: u32,
     pub close: u32,
     pub outside: Outside,
+    /// Seconds the fade takes at closing and at opening.
+    pub fade: f32,
 }
 
 impl Hours {
@@ -266,6 +268,15 @@ impl Hours {
             (self.open..self.close).contains(&minute)
         } else {
             minute >= self.open || minute < self.close
+        }
+    }
+
+    /// The volume factor for `minute`: 1 inside the hours, 0 or a quarter outside.
+    pub fn gain_at(&self, minute: u32) -> f32 {
+        match (self.is_open(minute), self.outside) {
+            (true, _) => 1.0,
+            (false, Outside::Silent) => 0.0,
+            (false, Outside::Quiet) => 0.25,
         }
     }
 }

@@ -117,4 +117,5 @@ pub struct RawHours {
     pub open: String,
     pub close: String,
     pub outside: Option<String>,
+    pub fade: Option<f32>,
 }

@@ -266,6 +266,7 @@ fn build(c: &mut Checker, raw: RawScene, path: &Path, base_dir: &Path) -> Scene 
             open,
             close,
             outside,
+            fade: c.range(&hp("fade"), h.fade.unwrap_or(10.0), 0.1, 600.0),
         }
     });
 
@@ -612,6 +613,7 @@ range = [1.0, 6.0]
             open: 22 * 60,
             close: 2 * 60,
             outside: Outside::Silent,
+            fade: 10.0,
         };
         assert!(h.is_open(23 * 60) && h.is_open(60) && !h.is_open(12 * 60));
     }
