@@ -27,4 +27,5 @@ pub mod loudness;
 pub mod output;
 pub mod play;
 pub mod record;
+pub mod replay;
 pub mod systemd;

@@ -15,7 +15,20 @@ use crate::audio::{AudioEngine, Telemetry};
 mod supervisor;
 pub use supervisor::Supervisor;
 
-pub type SharedEngine = Arc<Mutex<AudioEngine>>;
+/// What an output's callback runs: the audio engine, or a replay's ring of rendered blocks.
+pub trait Render: Send {
+    /// Fills `data` (interleaved, `channels` wide). Runs on the audio thread: no allocation,
+    /// no locks, no waiting.
+    fn process(&mut self, data: &mut [f32], channels: usize);
+}
+
+impl Render for AudioEngine {
+    fn process(&mut self, data: &mut [f32], channels: usize) {
+        AudioEngine::process(self, data, channels)
+    }
+}
+
+pub type SharedEngine = Arc<Mutex<dyn Render>>;
 
 #[derive(Debug, thiserror::Error)]
 pub enum OutputError {

@@ -2,6 +2,8 @@
 //! timer), the OSC receiver, the conductor (control loop, ~200 Hz, and at once on any input),
 //! the composer (fills the note queue ahead of the playhead), the recorder, and the main thread,
 //! which waits for signals: SIGINT/SIGTERM fade out and stop, SIGHUP reloads the scene.
+//! With `--inputs`, the conductor and composer give way to a replay (`crate::replay`): the
+//! renderer's lockstep a few blocks ahead of the device.
 
 use std::net::{SocketAddr, UdpSocket};
 use std::path::{Path, PathBuf};
@@ -17,8 +19,10 @@ use crate::audio::Command;
 use crate::input::access::{Access, AllowList};
 use crate::input::osc::{self, LiveClock, OscStats, OscThread};
 use crate::input::TimedEvent;
-use crate::output::{self, NullOutput, Output, OutputRequest, Supervisor};
+use crate::output::{self, NullOutput, Output, OutputRequest, SharedEngine, Supervisor};
 use crate::record::Recorder;
+use crate::render::Lockstep;
+use crate::replay::{self, ReplayMsg};
 use crate::scene::Scene;
 use crate::session::{self, BuildOptions, Composer, ComposerMsg, Conductor, Outcome, Parts};
 use crate::systemd::Notifier;
@@ -51,7 +55,8 @@ pub struct PlayArgs {
     /// Write every accepted OSC message to this JSON Lines file (replay with `render --inputs`).
     #[arg(long)]
     pub log_inputs: Option<PathBuf>,
-    /// Replay an input log live: each message is applied at its logged time on the sample clock.
+    /// Replay an input log on the device: the renderer's lockstep runs a few blocks ahead of the
+    /// output, so the samples are those `render --inputs` gives for the same log and seed.
     #[arg(long)]
     pub inputs: Option<PathBuf>,
     #[arg(long)]
@@ -143,11 +148,7 @@ pub fn run(args: PlayArgs) -> anyhow::Result<()> {
         }
         None => (None, None),
     };
-    let Parts {
-        engine,
-        conductor,
-        composer,
-    } = session::build(
+    let parts = session::build(
         scene,
         BuildOptions {
             sample_rate: sample_rate as f32,
@@ -157,64 +158,92 @@ pub fn run(args: PlayArgs) -> anyhow::Result<()> {
             scenes_dir: &scenes_dir,
         },
     )?;
-    let telemetry = conductor.telemetry.clone();
-    let mut conductor = conductor;
-    let mut replayed_now = Vec::new();
-    if let Some(path) = &args.inputs {
-        for (sample, event) in crate::input::log::to_events(path, &replay, sample_rate).0 {
-            let when = crate::input::When::Sample(sample);
-            if let Outcome::Composer(msg) = conductor.handle(TimedEvent { when, event })? {
-                replayed_now.push(msg);
-            }
-        }
-    }
-    // The first notes are queued before the first callback, so none of them starts late.
-    let mut composer = composer;
-    for msg in replayed_now {
-        composer.handle(msg, 0.0);
-    }
-    composer.fill(0.0);
-    let engine = Arc::new(Mutex::new(engine));
-    let started_output = match &negotiated {
-        Some(n) => output::start_cpal(n, engine.clone(), telemetry.clone()).unwrap_or_else(|e| {
-            tracing::warn!("{e}; playing on against the null output");
-            Output::Null(NullOutput::start(
-                engine.clone(),
-                telemetry.clone(),
-                sample_rate,
-                args.buffer,
-            ))
-        }),
-        None => Output::Null(NullOutput::start(
-            engine.clone(),
-            telemetry.clone(),
-            sample_rate,
-            args.buffer,
-        )),
-    };
-    // `--output null` means no device at all; otherwise a missing or lost one is looked for.
-    let wanted = (args.output.as_deref() != Some("null")).then_some(req);
-    let mut out = Supervisor::new(
-        wanted,
-        started_output,
-        engine.clone(),
-        telemetry.clone(),
-        sample_rate,
-        args.buffer,
-    );
-    tracing::info!(
-        scene = %conductor.scene.name,
-        source = composer.source_name(),
-        osc = %args.osc,
-        "playing on {}",
-        out.describe()
-    );
-
+    let telemetry = parts.conductor.telemetry.clone();
+    let scene_name = parts.conductor.scene.name.clone();
     let stats = Arc::new(OscStats::default());
     let (input_tx, input_rx) = crossbeam_channel::bounded::<TimedEvent>(4096);
     let reply = socket
         .try_clone()
         .context("cloning the OSC socket for replies")?;
+    let notifier = Notifier::from_env().unwrap_or_else(|e| {
+        tracing::warn!("systemd notification disabled: {e}");
+        Notifier::disabled()
+    });
+    let started = Instant::now();
+    let outputs = Outputs {
+        negotiated: negotiated.as_ref(),
+        wanted: (args.output.as_deref() != Some("null")).then_some(req),
+        telemetry: telemetry.clone(),
+        sample_rate,
+        frames: args.buffer,
+    };
+
+    let running = match &args.inputs {
+        Some(path) => {
+            // A replay: the renderer's lockstep, a few blocks ahead of the device.
+            let events = crate::input::log::to_events(path, &replay, sample_rate).0;
+            let step = Lockstep::new(parts, events, sample_rate);
+            let source = step.composer.source_name().to_string();
+            let (ctl_tx, ctl_rx) = crossbeam_channel::bounded::<ReplayMsg>(16);
+            let stats = stats.clone();
+            let mut watchdog = Watchdog::new(&notifier);
+            let _ = notifier.ready();
+            let hook = move |step: &Lockstep, outcome: Option<Outcome>| match outcome {
+                Some(Outcome::Status(addr)) => {
+                    send_status(&step.conductor, &reply, addr, &stats, started)
+                }
+                Some(_) => {}
+                None => watchdog.feed(&notifier, &step.conductor),
+            };
+            let replay::Replay { player, thread } = replay::start(step, input_rx, ctl_rx, hook)?;
+            let out = outputs.start(Arc::new(Mutex::new(player)));
+            tracing::info!(
+                scene = %scene_name, source, osc = %args.osc, inputs = %path.display(),
+                "replaying on {}", out.describe()
+            );
+            Running::Replay {
+                out,
+                ctl: ctl_tx,
+                thread,
+            }
+        }
+        None => {
+            let Parts {
+                engine,
+                conductor,
+                mut composer,
+            } = parts;
+            // The first notes are queued before the first callback, so none of them starts late.
+            composer.fill(0.0);
+            let source = composer.source_name().to_string();
+            let engine = Arc::new(Mutex::new(engine));
+            let out = outputs.start(engine.clone());
+            tracing::info!(scene = %scene_name, source, osc = %args.osc, "playing on {}", out.describe());
+            let (comp_tx, comp_rx) = crossbeam_channel::bounded::<ComposerMsg>(256);
+            let comp_tel = telemetry.clone();
+            let composer_thread = std::thread::Builder::new()
+                .name("composer".into())
+                .spawn(move || composer_loop(composer, comp_rx, comp_tel))?;
+            let (ctl_tx, ctl_rx) = crossbeam_channel::bounded::<ControlMsg>(16);
+            let scene_path = args.scene.clone();
+            let ctl_stats = stats.clone();
+            let control_thread =
+                std::thread::Builder::new()
+                    .name("conductor".into())
+                    .spawn(move || {
+                        conductor_loop(
+                            conductor, input_rx, ctl_rx, comp_tx, reply, ctl_stats, scene_path,
+                            started, notifier,
+                        )
+                    })?;
+            Running::Live {
+                out,
+                ctl: ctl_tx,
+                engine,
+                threads: [control_thread, composer_thread],
+            }
+        }
+    };
     let osc_thread = OscThread::spawn(
         socket,
         LiveClock {
@@ -227,40 +256,56 @@ pub fn run(args: PlayArgs) -> anyhow::Result<()> {
         args.log_inputs.as_deref(),
     )?;
 
-    let (comp_tx, comp_rx) = crossbeam_channel::bounded::<ComposerMsg>(256);
-    let comp_tel = telemetry.clone();
-    let composer_thread = std::thread::Builder::new()
-        .name("composer".into())
-        .spawn(move || composer_loop(composer, comp_rx, comp_tel))?;
-
-    let notifier = Notifier::from_env().unwrap_or_else(|e| {
-        tracing::warn!("systemd notification disabled: {e}");
-        Notifier::disabled()
-    });
-    let (ctl_tx, ctl_rx) = crossbeam_channel::bounded::<ControlMsg>(16);
-    let scene_path = args.scene.clone();
-    let started = Instant::now();
-    let ctl_stats = stats.clone();
-    let control_thread = std::thread::Builder::new()
-        .name("conductor".into())
-        .spawn(move || {
-            conductor_loop(
-                conductor, input_rx, ctl_rx, comp_tx, reply, ctl_stats, scene_path, started,
-                notifier,
-            )
-        })?;
-
-    wait_for_stop(&ctl_tx, args.seconds, &mut out)?;
-    let _ = ctl_tx.send(ControlMsg::FadeOut(FADE_SECONDS));
-    std::thread::sleep(Duration::from_secs_f32(FADE_SECONDS + 0.15));
-    let _ = ctl_tx.send(ControlMsg::Stop);
-    drop(osc_thread);
-    let _ = control_thread.join();
-    let _ = composer_thread.join();
-    drop(out);
-    // The engine holds the recorder's queue; take it so the writer sees the end.
-    if let Ok(mut e) = engine.lock() {
-        drop(e.set_recorder(None));
+    match running {
+        Running::Live {
+            mut out,
+            ctl,
+            engine,
+            threads,
+        } => {
+            wait_for_stop(
+                || {
+                    let _ = ctl.send(ControlMsg::Reload);
+                },
+                args.seconds,
+                &mut out,
+            )?;
+            let _ = ctl.send(ControlMsg::FadeOut(FADE_SECONDS));
+            std::thread::sleep(Duration::from_secs_f32(FADE_SECONDS + 0.15));
+            let _ = ctl.send(ControlMsg::Stop);
+            drop(osc_thread);
+            for t in threads {
+                let _ = t.join();
+            }
+            drop(out);
+            // The engine holds the recorder's queue; take it so the writer sees the end.
+            if let Ok(mut e) = engine.lock() {
+                drop(e.set_recorder(None));
+            }
+        }
+        Running::Replay {
+            mut out,
+            ctl,
+            thread,
+        } => {
+            let scene_path = args.scene.clone();
+            wait_for_stop(
+                || {
+                    let _ = ctl.send(ReplayMsg::Reload(scene_path.clone()));
+                },
+                args.seconds,
+                &mut out,
+            )?;
+            let _ = ctl.send(ReplayMsg::Command(Command::FadeOut(FADE_SECONDS)));
+            std::thread::sleep(Duration::from_secs_f32(FADE_SECONDS + 0.15));
+            let _ = ctl.send(ReplayMsg::Stop);
+            drop(osc_thread);
+            let step = thread.join();
+            drop(out);
+            if let Ok(mut step) = step {
+                drop(step.engine.set_recorder(None));
+            }
+        }
     }
     if let Some(r) = recorder {
         let frames = r.finish()?;
@@ -283,10 +328,64 @@ pub fn run(args: PlayArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// A running `play`: live (conductor and composer on their own threads) or a replay.
+enum Running {
+    Live {
+        out: Supervisor,
+        ctl: Sender<ControlMsg>,
+        engine: Arc<Mutex<crate::audio::AudioEngine>>,
+        threads: [std::thread::JoinHandle<()>; 2],
+    },
+    Replay {
+        out: Supervisor,
+        ctl: Sender<ReplayMsg>,
+        thread: std::thread::JoinHandle<Lockstep>,
+    },
+}
+
+/// How to start the output for whatever renders.
+struct Outputs<'a> {
+    negotiated: Option<&'a output::Negotiated>,
+    wanted: Option<OutputRequest>,
+    telemetry: Arc<crate::audio::Telemetry>,
+    sample_rate: u32,
+    frames: u32,
+}
+
+impl Outputs<'_> {
+    fn start(self, target: SharedEngine) -> Supervisor {
+        let null = || {
+            Output::Null(NullOutput::start(
+                target.clone(),
+                self.telemetry.clone(),
+                self.sample_rate,
+                self.frames,
+            ))
+        };
+        let first = match self.negotiated {
+            Some(n) => output::start_cpal(n, target.clone(), self.telemetry.clone())
+                .unwrap_or_else(|e| {
+                    tracing::warn!("{e}; playing on against the null output");
+                    null()
+                }),
+            None => null(),
+        };
+        // `--output null` means no device at all; otherwise a missing or lost one is looked for.
+        Supervisor::new(
+            self.wanted,
+            first,
+            target,
+            self.telemetry,
+            self.sample_rate,
+            self.frames,
+        )
+    }
+}
+
 /// The main thread owns the output streams (cpal's are not all `Send`), so it also watches
 /// over the device while it waits for a signal.
 fn wait_for_stop(
-    ctl: &Sender<ControlMsg>,
+    mut on_hup: impl FnMut(),
     seconds: Option<f64>,
     out: &mut Supervisor,
 ) -> anyhow::Result<()> {
@@ -296,9 +395,7 @@ fn wait_for_stop(
     loop {
         for sig in signals.pending() {
             match sig {
-                SIGHUP => {
-                    let _ = ctl.send(ControlMsg::Reload);
-                }
+                SIGHUP => on_hup(),
                 _ => {
                     tracing::info!("signal {sig}: fading out");
                     return Ok(());

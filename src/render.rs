@@ -55,6 +55,69 @@ pub struct Rendered {
     pub inputs_refused: usize,
 }
 
+/// The conductor, the composer and the audio engine stepped together, one block at a time, with
+/// logged inputs applied at the first block at or after their sample. `render` runs it as fast
+/// as it goes; `play --inputs` runs it just ahead of the device, so both give the same samples.
+pub struct Lockstep {
+    pub engine: crate::audio::AudioEngine,
+    pub conductor: crate::session::Conductor,
+    pub composer: crate::session::Composer,
+    inputs: Vec<(u64, crate::input::InputEvent)>,
+    next_input: usize,
+    dt: f32,
+    done: u64,
+}
+
+impl Lockstep {
+    pub fn new(
+        parts: Parts,
+        inputs: Vec<(u64, crate::input::InputEvent)>,
+        sample_rate: u32,
+    ) -> Self {
+        Lockstep {
+            engine: parts.engine,
+            conductor: parts.conductor,
+            composer: parts.composer,
+            inputs,
+            next_input: 0,
+            dt: BLOCK as f32 / sample_rate as f32,
+            done: 0,
+        }
+    }
+
+    /// Logged inputs applied so far.
+    pub fn inputs_applied(&self) -> usize {
+        self.next_input
+    }
+
+    /// Renders the next `out.len() / 2` frames (at most `BLOCK`), interleaved stereo.
+    pub fn block(&mut self, out: &mut [f32]) -> Result<(), RenderError> {
+        let now = self.done;
+        while let Some((sample, event)) = self.inputs.get(self.next_input) {
+            if *sample > now {
+                break;
+            }
+            self.next_input += 1;
+            let beat = self.conductor.telemetry.beat();
+            let ev = TimedEvent {
+                when: When::Now,
+                event: event.clone(),
+            };
+            match self.conductor.handle(ev)? {
+                Outcome::Composer(msg) => self.composer.handle(msg, beat),
+                Outcome::Nothing | Outcome::Status(_) => {}
+            }
+        }
+        let (msg, _) = self.conductor.tick(self.dt)?;
+        let beat = self.conductor.telemetry.beat();
+        self.composer.handle(msg, beat);
+        self.composer.fill(beat);
+        self.engine.process(out, 2);
+        self.done += (out.len() / 2) as u64;
+        Ok(())
+    }
+}
+
 pub fn render(opts: &RenderOptions) -> Result<Rendered, RenderError> {
     let scene = Scene::load(&opts.scene)?;
     let scenes_dir = opts
@@ -67,11 +130,7 @@ pub fn render(opts: &RenderOptions) -> Result<Rendered, RenderError> {
         Some(p) => log::to_events(p, &log::read(p)?, opts.sample_rate),
         None => (Vec::new(), 0),
     };
-    let Parts {
-        mut engine,
-        mut conductor,
-        mut composer,
-    } = session::build(
+    let parts = session::build(
         scene,
         BuildOptions {
             sample_rate: opts.sample_rate as f32,
@@ -81,45 +140,21 @@ pub fn render(opts: &RenderOptions) -> Result<Rendered, RenderError> {
             scenes_dir: &scenes_dir,
         },
     )?;
-    composer.capture = Some(Vec::new());
+    let mut step = Lockstep::new(parts, inputs, opts.sample_rate);
+    step.composer.capture = Some(Vec::new());
 
     let total = (opts.seconds.max(0.0) * opts.sample_rate as f64).round() as usize;
     let mut samples = vec![0f32; total * 2];
-    let dt = BLOCK as f32 / opts.sample_rate as f32;
-    let mut next_input = 0;
-    let mut done = 0;
-    while done < total {
-        let n = (total - done).min(BLOCK);
-        let now = done as u64;
-        while let Some((sample, event)) = inputs.get(next_input) {
-            if *sample > now {
-                break;
-            }
-            next_input += 1;
-            let beat = conductor.telemetry.beat();
-            let ev = TimedEvent {
-                when: When::Now,
-                event: event.clone(),
-            };
-            match conductor.handle(ev)? {
-                Outcome::Composer(msg) => composer.handle(msg, beat),
-                Outcome::Nothing | Outcome::Status(_) => {}
-            }
-        }
-        let (msg, _) = conductor.tick(dt)?;
-        let beat = conductor.telemetry.beat();
-        composer.handle(msg, beat);
-        composer.fill(beat);
-        engine.process(&mut samples[done * 2..(done + n) * 2], 2);
-        done += n;
+    for chunk in samples.chunks_mut(BLOCK * 2) {
+        step.block(chunk)?;
     }
     Ok(Rendered {
         samples,
         sample_rate: opts.sample_rate,
-        notes: composer.capture.take().unwrap_or_default(),
-        tempi: conductor.tempo_log.clone(),
-        source: composer.source_name().to_string(),
-        inputs_applied: next_input,
+        notes: step.composer.capture.take().unwrap_or_default(),
+        tempi: step.conductor.tempo_log.clone(),
+        source: step.composer.source_name().to_string(),
+        inputs_applied: step.inputs_applied(),
         inputs_refused: refused,
     })
 }

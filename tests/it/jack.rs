@@ -165,3 +165,94 @@ fn a_lost_jack_server_is_survived_on_the_null_output_and_resumed_when_it_returns
     assert!(stderr.contains("audio device back"), "{stderr}");
     drop(jack);
 }
+
+/// A logged night replayed by `play` on the device gives the samples `render` gives for the
+/// same log and seed: two seconds of what reached JACK's playback ports, bit for bit.
+#[test]
+fn play_replaying_a_log_reaches_the_ports_with_the_samples_render_makes() {
+    let jack = Jack::start(&server_name("replay"));
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("night.jsonl");
+    std::fs::write(
+        &log,
+        "{\"t\": 0.2, \"addr\": \"/roomscore/movement\", \"args\": [0.9]}\n\
+         {\"t\": 0.7, \"addr\": \"/roomscore/mood\", \"args\": [-0.6, 0.8]}\n\
+         {\"t\": 1.1, \"addr\": \"/roomscore/note\", \"args\": [76, 110]}\n\
+         {\"t\": 1.6, \"addr\": \"/roomscore/tempo\", \"args\": [132.0]}\n\
+         {\"t\": 2.3, \"addr\": \"/roomscore/movement\", \"args\": [0.2]}\n",
+    )
+    .unwrap();
+    let rendered = dir.path().join("render.wav");
+    render(&[
+        "--scene",
+        "scenes/performer.toml",
+        "--seconds",
+        "4",
+        "--seed",
+        "7",
+        "--inputs",
+        log.to_str().unwrap(),
+        "--out",
+        rendered.to_str().unwrap(),
+    ]);
+    let (_, offline) = read_wav(&rendered);
+
+    let captured = dir.path().join("capture.wav");
+    let mut capture = jack.capture(&captured, 7);
+    std::thread::sleep(Duration::from_millis(500));
+    let osc = format!("127.0.0.1:{}", free_port());
+    let mut child = spawn_play(
+        &[
+            "--host",
+            "jack",
+            "--buffer",
+            "256",
+            "--scene",
+            "scenes/performer.toml",
+            "--seed",
+            "7",
+            "--inputs",
+            log.to_str().unwrap(),
+            "--osc",
+            &osc,
+            "--seconds",
+            "4",
+        ],
+        &[("JACK_DEFAULT_SERVER", &jack.name)],
+    );
+    let out = terminate_after(&mut child, 25);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(stderr.contains("replaying on JACK device"), "{stderr}");
+    let _ = capture.wait();
+    let cap = float_data_chunk(&std::fs::read(&captured).unwrap());
+
+    // Windows of the render, every quarter second from 0.5 s to 3.5 s, must each appear bit
+    // for bit in what reached the ports (JACK connects the ports a moment after the first
+    // callbacks, so positions are searched, not assumed). An xrun on a loaded machine can cut
+    // one window; the rest must be there.
+    let windows: Vec<usize> = (2..=14).map(|q| q * 48_000 / 4 * 2).collect();
+    let found = windows
+        .iter()
+        .filter(|&&at| {
+            let window = &offline[at..at + 2 * 1024];
+            (0..cap.len().saturating_sub(window.len()))
+                .step_by(2)
+                .any(|j| {
+                    cap[j..j + window.len()]
+                        .iter()
+                        .zip(window)
+                        .all(|(a, b)| a.to_bits() == b.to_bits())
+                })
+        })
+        .count();
+    assert!(
+        offline[windows[0]..].iter().any(|s| s.abs() > 1e-4),
+        "the render is silent"
+    );
+    assert!(
+        found >= windows.len() - 1,
+        "{found} of {} windows of the render reached the ports bit-exact",
+        windows.len()
+    );
+}
