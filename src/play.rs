@@ -120,6 +120,7 @@ pub fn run(args: PlayArgs) -> anyhow::Result<()> {
         .map(Path::to_path_buf)
         .unwrap_or_else(|| PathBuf::from("."));
     let socket = osc::bind(args.osc)?;
+    lock_memory();
     let req = OutputRequest {
         device: args.output.clone().filter(|d| d != "null"),
         host: args.host.clone(),
@@ -326,6 +327,21 @@ pub fn run(args: PlayArgs) -> anyhow::Result<()> {
         "stopped"
     );
     Ok(())
+}
+
+/// Keeps every page of the process in RAM, now and to come, so the audio thread never waits
+/// on a page fault. Best effort: without the right (`LimitMEMLOCK`, or root) it plays on.
+fn lock_memory() {
+    // SAFETY: mlockall takes flags only and changes no memory we hold references into.
+    let r = unsafe { libc::mlockall(libc::MCL_CURRENT | libc::MCL_FUTURE) };
+    if r == 0 {
+        tracing::debug!("memory locked");
+    } else {
+        tracing::info!(
+            "memory not locked ({}): page faults may cost the audio thread; raise LimitMEMLOCK",
+            std::io::Error::last_os_error()
+        );
+    }
 }
 
 /// A running `play`: live (conductor and composer on their own threads) or a replay.

@@ -60,7 +60,10 @@ while time.time() - t0 < seconds:
     time.sleep(0.1)
 PY
 pids+=($!)
+sleep $((seconds - 10))
+python3 deploy/clients/status.py --port "$port" || true
 wait "$play" || true
 echo "jackd: $rt; load: 2 busy loops; $(nproc) cores"
 grep -E "playing on|model|source|stopped|xrun|WARN|ERROR" "$work/play.log" | tail -8
-echo "JACK xruns reported by the server: $(grep -c 'XRun' "$work/jackd.log" || true)"
+echo "JACK xruns reported by the server: $(grep -c 'JackEngine::XRun' "$work/jackd.log" || true)"
+grep 'JackEngine::XRun' "$work/jackd.log" | sed 's/.*client = //' | sort | uniq -c

@@ -247,6 +247,7 @@ impl AudioEngine {
 
     /// Fills an interleaved buffer of `channels` channels. This is the audio callback.
     pub fn process(&mut self, out: &mut [f32], channels: usize) {
+        let _ftz = super::ftz::FlushDenormals::new();
         let channels = channels.max(1);
         let frames = out.len() / channels;
         self.take_queues();

@@ -45,8 +45,13 @@ pub fn voice_unit(
     unit
 }
 
+/// How far the master limiter looks ahead: a quarter of a millisecond (12 samples at 48 kHz)
+/// catches the attacks of these instruments (none is faster than 3 ms), and every sample of
+/// lookahead is latency a performer's note pays (time-tagged notes are started that much early).
+const LIMITER_LOOKAHEAD: f32 = 0.00025;
+
 /// The master section: reverb send, DC block, volume, then a limiter with a ceiling.
-/// Two inputs, two outputs. The limiter looks 1 ms ahead, which is the latency it adds.
+/// Two inputs, two outputs.
 pub fn master_unit(
     room: f32,
     time: f32,
@@ -63,7 +68,7 @@ pub fn master_unit(
         >> (dcblock() | dcblock())
         >> (multipass::<U2>() * gain)
         >> (mul(1.0 / ceiling) | mul(1.0 / ceiling))
-        >> limiter_stereo(0.001, 0.25)
+        >> limiter_stereo(LIMITER_LOOKAHEAD, 0.25)
         >> (mul(ceiling) | mul(ceiling));
     let mut unit: Box<dyn AudioUnit> = Box::new(chain);
     unit.set_sample_rate(sample_rate as f64);

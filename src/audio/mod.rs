@@ -3,6 +3,7 @@
 
 mod engine;
 mod envelope;
+mod ftz;
 mod instrument;
 mod layers;
 mod rig;

@@ -20,14 +20,7 @@ fn windows_found(recorded: &[f32], cap: &[f32]) -> usize {
             let k = ((at * 48_000.0) as usize) * 2;
             let window = &recorded[k..k + 2 * 1024];
             assert!(window.iter().any(|s| s.abs() > 1e-4), "sound at {at} s");
-            (0..cap.len().saturating_sub(window.len()))
-                .step_by(2)
-                .any(|j| {
-                    cap[j..j + window.len()]
-                        .iter()
-                        .zip(window)
-                        .all(|(a, b)| a.to_bits() == b.to_bits())
-                })
+            appears_in(cap, window)
         })
         .count()
 }
@@ -236,14 +229,7 @@ fn play_replaying_a_log_reaches_the_ports_with_the_samples_render_makes() {
         .iter()
         .filter(|&&at| {
             let window = &offline[at..at + 2 * 1024];
-            (0..cap.len().saturating_sub(window.len()))
-                .step_by(2)
-                .any(|j| {
-                    cap[j..j + window.len()]
-                        .iter()
-                        .zip(window)
-                        .all(|(a, b)| a.to_bits() == b.to_bits())
-                })
+            appears_in(&cap, window)
         })
         .count();
     assert!(

@@ -134,3 +134,15 @@ pub fn status_until(
         std::thread::sleep(Duration::from_millis(100));
     }
 }
+
+/// Whether `window` (interleaved stereo) appears bit for bit somewhere in `cap`, frame-aligned.
+pub fn appears_in(cap: &[f32], window: &[f32]) -> bool {
+    (0..cap.len().saturating_sub(window.len()))
+        .step_by(2)
+        .any(|j| {
+            cap[j..j + window.len()]
+                .iter()
+                .zip(window)
+                .all(|(a, b)| a.to_bits() == b.to_bits())
+        })
+}
