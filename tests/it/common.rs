@@ -71,6 +71,20 @@ pub fn spawn_play(args: &[&str], env: &[(&str, &str)]) -> Child {
     cmd.spawn().expect("spawn roomscore play")
 }
 
+/// Plays `seconds` (then the usual fade) recording into `rec`, with `args` added, on a free OSC
+/// port; waits for the end and checks it succeeded. Returns what it logged.
+pub fn play_recorded(rec: &Path, seconds: &str, args: &[&str], env: &[(&str, &str)]) -> String {
+    let osc = format!("127.0.0.1:{}", free_port());
+    let mut all = vec!["--osc", &osc, "--seconds", seconds, "--record"];
+    all.push(rec.to_str().unwrap());
+    all.extend_from_slice(args);
+    let mut child = spawn_play(&all, env);
+    let out = terminate_after(&mut child, 25);
+    let stderr = String::from_utf8_lossy(&out.stderr).to_string();
+    assert!(out.status.success(), "{stderr}");
+    stderr
+}
+
 /// Sends SIGTERM (the engine fades out and closes its recording) and waits, bounded.
 pub fn terminate(child: &mut Child) -> Output {
     let _ = Command::new("kill")

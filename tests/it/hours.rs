@@ -24,22 +24,9 @@ fn scene_with_hours(dir: &std::path::Path, open: u32, close: u32) -> std::path::
 fn peak_after_first_second(args: &[&str]) -> (f32, String) {
     let dir = tempfile::tempdir().unwrap();
     let rec = dir.path().join("rec.wav");
-    let osc = format!("127.0.0.1:{}", free_port());
-    let mut all = vec![
-        "--output",
-        "null",
-        "--osc",
-        &osc,
-        "--seconds",
-        "3",
-        "--record",
-    ];
-    all.push(rec.to_str().unwrap());
+    let mut all = vec!["--output", "null"];
     all.extend_from_slice(args);
-    let mut child = spawn_play(&all, &[("TZ", "UTC")]);
-    let out = terminate_after(&mut child, 20);
-    let stderr = String::from_utf8_lossy(&out.stderr).to_string();
-    assert!(out.status.success(), "{stderr}");
+    let stderr = play_recorded(&rec, "3", &all, &[("TZ", "UTC")]);
     let (spec, samples) = read_wav(&rec);
     let from = spec.sample_rate as usize * spec.channels as usize;
     let peak = samples[from..].iter().fold(0f32, |m, s| m.max(s.abs()));

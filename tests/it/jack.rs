@@ -34,24 +34,11 @@ fn plays_bit_exact_through(jack: &Jack, args: &[&str], env: &[(&str, &str)], exp
     let rec = dir.path().join("rec.wav");
     let mut capture = jack.capture(&captured, 6);
     std::thread::sleep(Duration::from_millis(500));
-    let osc = format!("127.0.0.1:{}", free_port());
-    let mut all = vec![
-        "--buffer",
-        "256",
-        "--osc",
-        &osc,
-        "--seconds",
-        "3",
-        "--record",
-    ];
-    all.push(rec.to_str().unwrap());
+    let mut all = vec!["--buffer", "256"];
     all.extend_from_slice(args);
     let mut env = env.to_vec();
     env.push(("JACK_DEFAULT_SERVER", &jack.name));
-    let mut child = spawn_play(&all, &env);
-    let out = terminate_after(&mut child, 20);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "{stderr}");
+    let stderr = play_recorded(&rec, "3", &all, &env);
     assert!(stderr.contains(expect), "{stderr}");
     let _ = capture.wait();
     let cap = float_data_chunk(&std::fs::read(&captured).unwrap());
