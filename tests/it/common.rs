@@ -68,6 +68,16 @@ pub fn spawn_play(args: &[&str], env: &[(&str, &str)]) -> Child {
     for (k, v) in env {
         cmd.env(k, v);
     }
+    // A test that fails before it stops its engine must not leave it playing (and loading the
+    // machine for every test after it): the engine gets SIGTERM when the test's thread ends.
+    // SAFETY: prctl is async-signal-safe, and the closure touches nothing of the parent's.
+    unsafe {
+        use std::os::unix::process::CommandExt;
+        cmd.pre_exec(|| {
+            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM);
+            Ok(())
+        });
+    }
     cmd.spawn().expect("spawn roomscore play")
 }
 
