@@ -476,7 +476,7 @@ fn conductor_loop(
             recv(ctl) -> msg => match msg {
                 Ok(ControlMsg::Reload) => {
                     let _ = notifier.reloading();
-                    match reload(&mut conductor, &scene_path) {
+                    match conductor.reload(&scene_path) {
                         Ok(m) => outcomes.push(Outcome::Composer(m)),
                         Err(e) => tracing::error!("SIGHUP: {e:#}; keeping the scene that plays"),
                     }
@@ -515,14 +515,6 @@ fn conductor_loop(
             }
         }
     }
-}
-
-/// Loads the scene file again and switches to it; on any error the old scene plays on.
-fn reload(conductor: &mut Conductor, path: &Path) -> anyhow::Result<ComposerMsg> {
-    let scene = Scene::load(path)?;
-    let msg = conductor.switch_scene(scene)?;
-    tracing::info!("SIGHUP: reloaded {}", path.display());
-    Ok(msg)
 }
 
 /// Feeds systemd's watchdog only while the audio clock moves, so a stuck audio path gets the

@@ -90,6 +90,24 @@ impl Lockstep {
         self.next_input
     }
 
+    /// Applies an input now: what is for the composer goes to it at the current beat; any
+    /// other outcome (a status request) is returned for the caller to answer.
+    pub fn apply(&mut self, ev: TimedEvent) -> Result<Outcome, SessionError> {
+        match self.conductor.handle(ev)? {
+            Outcome::Composer(msg) => {
+                self.to_composer(msg);
+                Ok(Outcome::Nothing)
+            }
+            other => Ok(other),
+        }
+    }
+
+    /// Hands the composer a message at the current beat.
+    pub fn to_composer(&mut self, msg: crate::session::ComposerMsg) {
+        let beat = self.conductor.telemetry.beat();
+        self.composer.handle(msg, beat);
+    }
+
     /// Renders the next `out.len() / 2` frames (at most `BLOCK`), interleaved stereo.
     pub fn block(&mut self, out: &mut [f32]) -> Result<(), RenderError> {
         let now = self.done;
@@ -98,15 +116,12 @@ impl Lockstep {
                 break;
             }
             self.next_input += 1;
-            let beat = self.conductor.telemetry.beat();
             let ev = TimedEvent {
                 when: When::Now,
                 event: event.clone(),
             };
-            match self.conductor.handle(ev)? {
-                Outcome::Composer(msg) => self.composer.handle(msg, beat),
-                Outcome::Nothing | Outcome::Status(_) => {}
-            }
+            // A logged status request has no one to answer.
+            let _ = self.apply(ev)?;
         }
         let (msg, _) = self.conductor.tick(self.dt)?;
         let beat = self.conductor.telemetry.beat();

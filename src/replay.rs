@@ -93,28 +93,15 @@ pub fn start(
                     match msg {
                         ReplayMsg::Stop => break 'run,
                         ReplayMsg::Command(c) => step.conductor.send(c),
-                        ReplayMsg::Reload(path) => {
-                            let switched = crate::scene::Scene::load(&path)
-                                .map_err(anyhow::Error::from)
-                                .and_then(|s| Ok(step.conductor.switch_scene(s)?));
-                            match switched {
-                                Ok(m) => {
-                                    let beat = step.conductor.telemetry.beat();
-                                    step.composer.handle(m, beat);
-                                }
-                                Err(e) => {
-                                    tracing::error!("SIGHUP: {e:#}; keeping the scene that plays")
-                                }
-                            }
-                        }
+                        ReplayMsg::Reload(path) => match step.conductor.reload(&path) {
+                            Ok(m) => step.to_composer(m),
+                            Err(e) => tracing::error!("SIGHUP: {e}; keeping the scene that plays"),
+                        },
                     }
                 }
                 while let Ok(ev) = inputs.try_recv() {
-                    match step.conductor.handle(ev) {
-                        Ok(Outcome::Composer(m)) => {
-                            let beat = step.conductor.telemetry.beat();
-                            step.composer.handle(m, beat);
-                        }
+                    match step.apply(ev) {
+                        Ok(Outcome::Nothing) => {}
                         Ok(other) => hook(&step, Some(other)),
                         Err(e) => tracing::error!("{e}"),
                     }

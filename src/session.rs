@@ -408,6 +408,15 @@ impl Conductor {
     }
 
     /// Builds the new scene's rig and layers here (they allocate), then hands them over.
+    /// Loads the scene file again and switches to it (SIGHUP); on any error the old scene
+    /// plays on and the error says why.
+    pub fn reload(&mut self, path: &Path) -> Result<ComposerMsg, SessionError> {
+        let scene = Scene::load(path)?;
+        let msg = self.switch_scene(scene)?;
+        tracing::info!("SIGHUP: reloaded {}", path.display());
+        Ok(msg)
+    }
+
     pub fn switch_scene(&mut self, scene: Scene) -> Result<ComposerMsg, SessionError> {
         let decoded = Layers::decode(&scene)?;
         if self.layers.is_none() && !scene.layers.is_empty() {
