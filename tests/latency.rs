@@ -61,20 +61,7 @@ fn osc_notes_reach_the_jack_ports_and_time_tags_land_on_their_sample() {
     let (jack, realtime) = Jack::start_realtime(&server_name("latency"));
     eprintln!("jackd dummy, real-time scheduling: {realtime}");
     let port = free_port();
-    let osc = format!("127.0.0.1:{port}");
-    let mut child = spawn_play(
-        &[
-            "--host",
-            "jack",
-            "--buffer",
-            "256",
-            "--scene",
-            "scenes/latency.toml",
-            "--osc",
-            &osc,
-        ],
-        &[("JACK_DEFAULT_SERVER", &jack.name)],
-    );
+    let mut child = jack.play(port, &["--scene", "scenes/latency.toml"]);
     let sock = UdpSocket::bind("127.0.0.1:0").unwrap();
     sock.set_read_timeout(Some(Duration::from_millis(300)))
         .unwrap();

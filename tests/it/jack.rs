@@ -91,20 +91,7 @@ fn a_lost_jack_server_is_survived_on_the_null_output_and_resumed_when_it_returns
     let name = server_name("lost");
     let jack = Jack::start(&name);
     let port = free_port();
-    let osc = format!("127.0.0.1:{port}");
-    let mut child = spawn_play(
-        &[
-            "--host",
-            "jack",
-            "--buffer",
-            "256",
-            "--osc",
-            &osc,
-            "--seconds",
-            "40",
-        ],
-        &[("JACK_DEFAULT_SERVER", &name)],
-    );
+    let mut child = jack.play(port, &["--seconds", "40"]);
     let sock = UdpSocket::bind("127.0.0.1:0").unwrap();
     sock.set_read_timeout(Some(Duration::from_millis(300)))
         .unwrap();
@@ -180,25 +167,18 @@ fn play_replaying_a_log_reaches_the_ports_with_the_samples_render_makes() {
     let captured = dir.path().join("capture.wav");
     let mut capture = jack.capture(&captured, 7);
     std::thread::sleep(Duration::from_millis(500));
-    let osc = format!("127.0.0.1:{}", free_port());
-    let mut child = spawn_play(
+    let mut child = jack.play(
+        free_port(),
         &[
-            "--host",
-            "jack",
-            "--buffer",
-            "256",
             "--scene",
             "scenes/performer.toml",
             "--seed",
             "7",
             "--inputs",
             log.to_str().unwrap(),
-            "--osc",
-            &osc,
             "--seconds",
             "4",
         ],
-        &[("JACK_DEFAULT_SERVER", &jack.name)],
     );
     let out = terminate_after(&mut child, 25);
     let stderr = String::from_utf8_lossy(&out.stderr);

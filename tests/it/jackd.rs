@@ -82,6 +82,15 @@ impl Jack {
         up.then_some(jack)
     }
 
+    /// Starts `play` on this server through cpal's JACK host at 256 frames, with OSC on
+    /// `port`, plus `args`.
+    pub fn play(&self, port: u16, args: &[&str]) -> std::process::Child {
+        let osc = format!("127.0.0.1:{port}");
+        let mut all = vec!["--host", "jack", "--buffer", "256", "--osc", &osc];
+        all.extend_from_slice(args);
+        spawn_play(&all, &[("JACK_DEFAULT_SERVER", &self.name)])
+    }
+
     /// Starts `jack_capture` on the playback ports for `seconds`.
     pub fn capture(&self, to: &Path, seconds: u32) -> std::process::Child {
         Command::new("jack_capture")
