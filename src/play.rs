@@ -179,6 +179,9 @@ pub fn run(args: PlayArgs) -> anyhow::Result<()> {
         frames: args.buffer,
     };
 
+    // Immediate performer notes skip the control loop in live play; a replay applies every
+    // input in lockstep instead.
+    let mut lane = None;
     let running = match &args.inputs {
         Some(path) => {
             // A replay: the renderer's lockstep, a few blocks ahead of the device.
@@ -210,10 +213,11 @@ pub fn run(args: PlayArgs) -> anyhow::Result<()> {
         }
         None => {
             let Parts {
-                engine,
+                mut engine,
                 conductor,
                 mut composer,
             } = parts;
+            lane = engine.live_lane();
             // The first notes are queued before the first callback, so none of them starts late.
             composer.fill(0.0);
             let source = composer.source_name().to_string();
@@ -255,6 +259,7 @@ pub fn run(args: PlayArgs) -> anyhow::Result<()> {
         stats.clone(),
         access,
         args.log_inputs.as_deref(),
+        lane,
     )?;
 
     match running {

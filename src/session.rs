@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 use crate::audio::{
-    AudioEngine, Command, LayerError, Layers, Rig, RigHandle, Telemetry, TempoTarget,
+    AudioEngine, Command, LayerError, Layers, LiveNote, Rig, RigHandle, Telemetry, TempoTarget,
 };
 use crate::control::{ControlLoop, Controls};
 use crate::gen::rules::RuleSource;
@@ -391,12 +391,15 @@ impl Conductor {
             InputEvent::Named(name, v) => self.control.set_input(InputName::Named(name), v),
             InputEvent::Tempo(bpm) => self.control.set_tempo(bpm as f64),
             InputEvent::Volume(v) => self.control.set_volume(v),
-            InputEvent::Note { pitch, velocity } => self.send(Command::Note {
-                pitch,
-                velocity: velocity as f32 / 127.0,
-                on: velocity > 0,
-                at,
-            }),
+            InputEvent::Note { pitch, velocity } => {
+                let n = LiveNote::new(pitch, velocity);
+                self.send(Command::Note {
+                    pitch,
+                    velocity: n.velocity,
+                    on: n.on,
+                    at,
+                })
+            }
             InputEvent::Scene(name) => {
                 let path = crate::scene::resolve(&name, &self.scenes_dir);
                 let scene = Scene::load(&path)?;

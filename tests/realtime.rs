@@ -6,7 +6,7 @@
 use std::path::Path;
 
 use assert_no_alloc::{assert_no_alloc, violation_count, AllocDisabler};
-use roomscore::audio::{Command, Rig};
+use roomscore::audio::{Command, LiveNote, Rig};
 use roomscore::scene::Scene;
 use roomscore::session::{build, BuildOptions, Parts};
 
@@ -42,6 +42,7 @@ fn the_audio_callback_never_allocates() {
     conductor
         .control
         .set_input(roomscore::scene::InputName::Movement, 1.0);
+    let mut lane = engine.live_lane().unwrap();
     let mut out = vec![0f32; 256 * 2];
     let mut peak = 0f32;
     for i in 0..3000 {
@@ -58,6 +59,11 @@ fn the_audio_callback_never_allocates() {
                         on: true,
                         at: None,
                     });
+                }
+            }
+            600 => {
+                for p in [48, 55, 79] {
+                    lane.push(LiveNote::new(p, 90)).unwrap();
                 }
             }
             1000 => {

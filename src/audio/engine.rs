@@ -36,6 +36,31 @@ pub enum Command {
     ReleaseAll,
 }
 
+/// A performer's note handed straight from the thread that received it (the OSC thread) to the
+/// audio thread: an immediate note should not wait for a second thread to wake.
+#[derive(Clone, Copy, Debug)]
+pub struct LiveNote {
+    pub pitch: u8,
+    pub velocity: f32,
+    pub on: bool,
+}
+
+impl LiveNote {
+    /// From MIDI numbers: velocity 0 is a note-off.
+    pub fn new(pitch: u8, velocity: u8) -> Self {
+        LiveNote {
+            pitch,
+            velocity: velocity as f32 / 127.0,
+            on: velocity > 0,
+        }
+    }
+}
+
+/// Capacity of each live lane.
+pub const LIVE_LANE: usize = 1024;
+/// Live lanes an engine can have (each receiving thread needs its own single-producer queue).
+const MAX_LIVE_LANES: usize = 4;
+
 /// The tempo the control thread asks for, read once per callback.
 #[derive(Debug)]
 pub struct TempoTarget(std::sync::atomic::AtomicU64);
@@ -83,6 +108,7 @@ pub struct AudioEngine {
     crossfade_len: u32,
     notes: rtrb::Consumer<NoteEvent>,
     commands: rtrb::Consumer<Command>,
+    live: Vec<rtrb::Consumer<LiveNote>>,
     garbage: rtrb::Producer<Box<Rig>>,
     pending: Vec<Pending>,
     tempo: Arc<TempoTarget>,
@@ -129,6 +155,7 @@ impl AudioEngine {
             crossfade_len: (SCENE_CROSSFADE_SECONDS * sample_rate) as u32,
             notes,
             commands,
+            live: Vec::with_capacity(MAX_LIVE_LANES),
             garbage,
             pending: Vec::with_capacity(PENDING_CAPACITY),
             tempo,
@@ -176,6 +203,17 @@ impl AudioEngine {
         std::mem::replace(&mut self.recorder, recorder)
     }
 
+    /// A new lane for immediate performer notes, for one receiving thread. Call it while setting
+    /// up, before the engine moves to the audio thread; `None` once all lanes are taken.
+    pub fn live_lane(&mut self) -> Option<rtrb::Producer<LiveNote>> {
+        if self.live.len() == MAX_LIVE_LANES {
+            return None;
+        }
+        let (tx, rx) = rtrb::RingBuffer::new(LIVE_LANE);
+        self.live.push(rx);
+        Some(tx)
+    }
+
     fn push_pending(&mut self, p: Pending) {
         if self.pending.len() < PENDING_CAPACITY {
             self.pending.push(p);
@@ -185,6 +223,18 @@ impl AudioEngine {
     }
 
     fn take_queues(&mut self) {
+        for lane in 0..self.live.len() {
+            while self.pending.len() < PENDING_CAPACITY {
+                let Ok(n) = self.live[lane].pop() else { break };
+                self.pending.push(Pending {
+                    at: At::Sample(self.clock),
+                    tag: PERFORMER,
+                    pitch: n.pitch,
+                    velocity: n.velocity,
+                    on: n.on,
+                });
+            }
+        }
         // Leave notes in their queue when the pending list is full: the queue is the back-pressure.
         while self.pending.len() < PENDING_CAPACITY {
             let Ok(ev) = self.notes.pop() else { break };
@@ -400,5 +450,66 @@ fn sanitize(x: f32) -> f32 {
         x.clamp(-1.0, 1.0)
     } else {
         0.0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use super::*;
+    use crate::scene::Scene;
+    use crate::session::{build, BuildOptions, Parts};
+
+    fn engine(scene: &str) -> AudioEngine {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+        let scene = Scene::load(root.join("scenes").join(format!("{scene}.toml"))).unwrap();
+        let Parts { engine, .. } = build(
+            scene,
+            BuildOptions {
+                sample_rate: 48_000.0,
+                seed: Some(1),
+                score: None,
+                recorder: None,
+                scenes_dir: &root.join("scenes"),
+            },
+        )
+        .unwrap();
+        engine
+    }
+
+    fn first_sound(out: &[f32]) -> Option<usize> {
+        out.chunks(2).position(|f| f[0] != 0.0 || f[1] != 0.0)
+    }
+
+    #[test]
+    fn a_live_note_sounds_at_the_start_of_the_next_buffer() {
+        // The latency scene: a silent band, a dry voice and no limiter lookahead.
+        let mut e = engine("latency");
+        let mut lane = e.live_lane().unwrap();
+        let mut out = vec![0f32; 256 * 2];
+        e.process(&mut out, 2);
+        assert_eq!(first_sound(&out), None, "the band should be silent");
+        lane.push(LiveNote::new(69, 100)).unwrap();
+        e.process(&mut out, 2);
+        let first = first_sound(&out).expect("the note should sound in this buffer");
+        // One sample of limiter delay, and a pluck's first sample may itself be zero.
+        assert!(first <= 2, "first sample at frame {first}");
+        assert_eq!(e.telemetry.notes_played.load(Relaxed), 1);
+    }
+
+    #[test]
+    fn lookahead_is_the_scenes_and_is_reported_as_output_delay() {
+        assert_eq!(engine("latency").rig.output_delay, 1);
+        // The default, a quarter of a millisecond.
+        assert_eq!(engine("gallery").rig.output_delay, 12);
+    }
+
+    #[test]
+    fn live_lanes_are_limited() {
+        let mut e = engine("latency");
+        let lanes: Vec<_> = (0..MAX_LIVE_LANES).map(|_| e.live_lane()).collect();
+        assert!(lanes.iter().all(Option::is_some));
+        assert!(e.live_lane().is_none());
     }
 }

@@ -4,7 +4,7 @@
 
 use fundsp::prelude32::*;
 
-use crate::scene::InstrumentKind;
+use crate::scene::{InstrumentKind, Master};
 
 /// Builds one voice's graph. `freq` is the voice's own; `cutoff` is shared by the instrument's
 /// voices and smoothed inside the graph, so the control thread can move it freely.
@@ -45,30 +45,30 @@ pub fn voice_unit(
     unit
 }
 
-/// How far the master limiter looks ahead: a quarter of a millisecond (12 samples at 48 kHz)
-/// catches the attacks of these instruments (none is faster than 3 ms), and every sample of
-/// lookahead is latency a performer's note pays (time-tagged notes are started that much early).
-const LIMITER_LOOKAHEAD: f32 = 0.00025;
-
-/// The master section: reverb send, DC block, volume, then a limiter with a ceiling.
-/// Two inputs, two outputs.
+/// The master section: reverb send, DC block, volume, then a limiter with a ceiling and a clip
+/// at the ceiling. Two inputs, two outputs.
+///
+/// The limiter looks ahead `master.limiter_lookahead` (default a quarter of a millisecond, which
+/// catches the attacks of these instruments, none faster than 3 ms); every sample of lookahead
+/// is latency a performer's note pays. At zero the limiter still delays one sample and reacts
+/// within it, and the clip catches what gets through.
 pub fn master_unit(
-    room: f32,
-    time: f32,
-    ceiling_db: f32,
+    master: &Master,
     reverb: &Shared,
     volume: &Shared,
     sample_rate: f32,
 ) -> Box<dyn AudioUnit> {
-    let ceiling = 10f32.powf(ceiling_db / 20.0);
-    let wet = reverb_stereo(room, time, 0.5) * (var(reverb) >> follow(0.2) >> split::<U2>());
+    let ceiling = 10f32.powf(master.ceiling_db / 20.0);
+    let wet = reverb_stereo(master.room, master.reverb_time, 0.5)
+        * (var(reverb) >> follow(0.2) >> split::<U2>());
     let with_reverb = multipass::<U2>() & wet;
     let gain = var(volume) >> follow(0.05) >> split::<U2>();
     let chain = with_reverb
         >> (dcblock() | dcblock())
         >> (multipass::<U2>() * gain)
         >> (mul(1.0 / ceiling) | mul(1.0 / ceiling))
-        >> limiter_stereo(LIMITER_LOOKAHEAD, 0.25)
+        >> limiter_stereo(master.limiter_lookahead, 0.25)
+        >> (clip_to(-1.0, 1.0) | clip_to(-1.0, 1.0))
         >> (mul(ceiling) | mul(ceiling));
     let mut unit: Box<dyn AudioUnit> = Box::new(chain);
     unit.set_sample_rate(sample_rate as f64);

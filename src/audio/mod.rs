@@ -10,7 +10,9 @@ mod rig;
 mod telemetry;
 mod voices;
 
-pub use engine::{AudioEngine, Command, EngineQueues, LayerRenderer, TempoTarget, MAX_FRAMES};
+pub use engine::{
+    AudioEngine, Command, EngineQueues, LayerRenderer, LiveNote, TempoTarget, MAX_FRAMES,
+};
 pub use layers::{LayerError, Layers};
 pub use rig::{Rig, RigHandle, PERFORMER};
 pub use telemetry::Telemetry;

@@ -56,14 +56,7 @@ impl Rig {
             .zip(&cutoff)
             .map(|(inst, c)| VoicePool::new(inst, c, sample_rate))
             .collect();
-        let mut master = master_unit(
-            scene.master.room,
-            scene.master.reverb_time,
-            scene.master.ceiling_db,
-            &reverb,
-            &volume,
-            sample_rate,
-        );
+        let mut master = master_unit(&scene.master, &reverb, &volume, sample_rate);
         let output_delay = master.latency().unwrap_or(0.0).round().max(0.0) as u32;
         let mut routes = [0u64; 5];
         for (i, inst) in scene.instruments.iter().enumerate() {

@@ -16,7 +16,7 @@ use super::dispatch::{self, Clock};
 use super::log::LogWriter;
 use super::InputEvent;
 use super::{TimedEvent, When};
-use crate::audio::Telemetry;
+use crate::audio::{LiveNote, Telemetry};
 
 /// Counters for the wire, shared with `/roomscore/status`.
 #[derive(Default, Debug)]
@@ -99,6 +99,7 @@ impl OscThread {
         stats: Arc<OscStats>,
         access: Access,
         log: Option<&Path>,
+        mut lane: Option<rtrb::Producer<LiveNote>>,
     ) -> Result<OscThread, OscError> {
         let mut log = match log {
             Some(p) => Some(LogWriter::create(p).map_err(|source| OscError::Log {
@@ -176,6 +177,16 @@ impl OscThread {
                                     break;
                                 }
                             }
+                        }
+                        // An immediate note goes straight to the audio thread: through the
+                        // control loop it would wait for that thread to wake as well.
+                        if let (Some(lane), When::Now, InputEvent::Note { pitch, velocity }) =
+                            (&mut lane, ev.when, &ev.event)
+                        {
+                            if lane.push(LiveNote::new(*pitch, *velocity)).is_err() {
+                                stats.dropped.fetch_add(1, Relaxed);
+                            }
+                            continue;
                         }
                         if tx.try_send(ev).is_err() {
                             stats.dropped.fetch_add(1, Relaxed);

@@ -238,6 +238,9 @@ pub struct Master {
     pub room: f32,
     pub reverb_time: f32,
     pub ceiling_db: f32,
+    /// Seconds the master limiter looks ahead; every performer note waits this long (0 = one
+    /// sample, with an instant attack).
+    pub limiter_lookahead: f32,
     /// A performer's note with no note-off is released after this many seconds.
     pub performer_hold: f32,
 }

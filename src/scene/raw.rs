@@ -107,6 +107,7 @@ pub struct RawMaster {
     pub room: Option<f32>,
     pub reverb_time: Option<f32>,
     pub ceiling_db: Option<f32>,
+    pub limiter_lookahead_ms: Option<f32>,
     pub performer_hold: Option<f32>,
     pub polyphony: Option<i64>,
 }

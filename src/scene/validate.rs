@@ -233,6 +233,12 @@ fn build(c: &mut Checker, raw: RawScene, path: &Path, base_dir: &Path) -> Scene 
         room: c.range(&mp("room"), m.room.unwrap_or(20.0), 5.0, 100.0),
         reverb_time: c.range(&mp("reverb_time"), m.reverb_time.unwrap_or(3.0), 0.1, 30.0),
         ceiling_db: c.range(&mp("ceiling_db"), m.ceiling_db.unwrap_or(-1.0), -24.0, 0.0),
+        limiter_lookahead: c.range(
+            &mp("limiter_lookahead_ms"),
+            m.limiter_lookahead_ms.unwrap_or(0.25),
+            0.0,
+            5.0,
+        ) / 1000.0,
         performer_hold: c.range(
             &mp("performer_hold"),
             m.performer_hold.unwrap_or(4.0),
@@ -580,6 +586,17 @@ range = [1.0, 6.0]
         assert_eq!(p.field, "instrument[0].polyphony");
         assert_eq!(p.line, Some(11));
         assert!(p.message.contains("500"), "{}", p.message);
+    }
+
+    #[test]
+    fn limiter_lookahead_is_milliseconds_within_reason() {
+        let s = parse(&format!("{GOOD}\n[master]\nlimiter_lookahead_ms = 0.0\n")).unwrap();
+        assert_eq!(s.master.limiter_lookahead, 0.0);
+        assert_eq!(parse(GOOD).unwrap().master.limiter_lookahead, 0.00025);
+        let err = parse(&format!("{GOOD}\n[master]\nlimiter_lookahead_ms = 50\n")).unwrap_err();
+        let p = &err.problems()[0];
+        assert_eq!(p.field, "master.limiter_lookahead_ms");
+        assert!(p.message.contains("50"), "{}", p.message);
     }
 
     #[test]
