@@ -188,6 +188,7 @@ fn cond(density: f32, register: f32, major: f32) -> Conditioning {
         register: Some(register),
         major: Some(major),
         styles: vec![("chorale".into(), 1.0)],
+        tonic: None,
     }
 }
 

@@ -21,6 +21,8 @@ pub struct Conditioning {
     pub major: Option<f32>,
     /// Style weights by name; empty means unknown style.
     pub styles: Vec<(String, f32)>,
+    /// Pitch class of the key's tonic (0 = C); the scene's key.
+    pub tonic: Option<u8>,
 }
 
 impl Conditioning {
@@ -30,6 +32,7 @@ impl Conditioning {
             register: None,
             major: None,
             styles: Vec::new(),
+            tonic: None,
         }
     }
 
@@ -45,6 +48,7 @@ impl Conditioning {
         opt(self.density, other.density, 0.1)
             || opt(self.register, other.register, 0.5)
             || opt(self.major, other.major, 0.05)
+            || self.tonic != other.tonic
             || self.styles.len() != other.styles.len()
             || self
                 .styles
@@ -95,6 +99,7 @@ impl ControlLoop {
                     crate::music::Mode::Minor => 0.0,
                 }),
                 styles: vec![(g.style.clone(), 1.0)],
+                tonic: Some(scene.tonic),
             },
             tempo: scene.tempo,
             volume: scene.master.volume,

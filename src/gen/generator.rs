@@ -251,6 +251,7 @@ mod tests {
             register: Some(62.0),
             major: Some(1.0),
             styles: vec![],
+            tonic: None,
         }
     }
     const P: SamplingParams = SamplingParams {

@@ -206,6 +206,7 @@ mod tests {
             register: Some(register),
             major: Some(major),
             styles: vec![],
+            tonic: None,
         }
     }
 

@@ -37,6 +37,14 @@ pub struct StyleAttr {
     pub order: Vec<String>,
 }
 
+/// The key's tonic, one-hot over the pitch classes (C first); absent from cards of models
+/// trained without it.
+#[derive(Clone, Debug, Deserialize)]
+pub struct TonicAttr {
+    pub indices: Vec<usize>,
+    pub known_flag_index: usize,
+}
+
 #[derive(Clone, Debug, Deserialize)]
 pub struct CondLayout {
     pub dim: usize,
@@ -45,6 +53,8 @@ pub struct CondLayout {
     pub register: ScalarAttr,
     pub mode: ModeAttr,
     pub style: StyleAttr,
+    #[serde(default)]
+    pub tonic: Option<TonicAttr>,
     /// The vector of the published evaluation protocol (everything unknown, style chorale).
     pub eval_vector: Vec<f32>,
 }
@@ -269,6 +279,19 @@ impl Card {
                 "conditioning.style",
                 "indices and order disagree or point outside the vector",
             ));
+        }
+        if let Some(t) = &c.tonic {
+            if t.indices.len() != 12
+                || t.indices
+                    .iter()
+                    .chain([&t.known_flag_index])
+                    .any(|&i| i >= c.dim)
+            {
+                return Err(self.bad(
+                    "conditioning.tonic",
+                    "needs 12 indices (C to B) and a known flag, all inside the vector",
+                ));
+            }
         }
         if c.style.order != self.styles {
             return Err(self.bad("conditioning.style.order", "differs from styles"));

@@ -7,7 +7,7 @@ use std::time::Instant;
 use anyhow::Context;
 
 use super::card::{card_path_for, Card};
-use super::features::{features, grid_mode, spearman};
+use super::features::{features, grid_key, spearman};
 use super::runtime::{self, BackendKind, BACKEND_ENV};
 use super::source::ModelSource;
 use super::{eval, Model};
@@ -273,6 +273,7 @@ fn control(
         register: None,
         major: None,
         styles: vec![(style.to_string(), 1.0)],
+        tonic: None,
     };
     let mut run = 0u64;
     let sweeps: [(&str, &[f32]); 2] = [
@@ -313,32 +314,51 @@ fn control(
             pairs.join(" ")
         );
     }
-    let (mut hits, mut n) = (0, 0);
-    let mut detail = Vec::new();
-    for (mode, major) in [("major", 1.0f32), ("minor", 0.0)] {
-        let mut h = 0;
-        for _ in 0..reps * 2 {
-            let mut cond = base.clone();
-            cond.major = Some(major);
-            run += 1;
-            let grid = generate(&mut src, &cond, &params, steps, run * 100_000)?;
-            let heard = grid_mode(&grid, &card);
-            if heard == major as i8 {
-                h += 1;
-            }
-            n += 1;
-        }
-        hits += h;
-        detail.push(format!("{mode} {h}/{}", reps * 2));
-    }
-    println!(
-        "mode      hit rate {:.3}   ({}; {steps} steps each, temperature {}, top-p {}, style {style}, {} backend)",
-        hits as f64 / n as f64,
-        detail.join(", "),
-        params.temperature,
-        params.top_p,
-        runtime::backend()?.kind.name()
+    let backend = runtime::backend()?.kind.name();
+    let how = format!(
+        "{steps} steps each, temperature {}, top-p {}, style {style}, {backend} backend",
+        params.temperature, params.top_p
     );
+    // As a scene asks: the mode alone (key unknown), and with the scene's tonic beside it.
+    let mut asks: Vec<(&str, Vec<Option<u8>>)> = vec![("key unknown", vec![None; reps * 2])];
+    if card.conditioning.tonic.is_some() {
+        // Tonics round the circle of fifths, so every rep asks for another key.
+        let tonics = (0..reps * 2).map(|i| Some((i * 7 % 12) as u8)).collect();
+        asks.push(("with tonic", tonics));
+    }
+    for (label, tonics) in asks {
+        let (mut hits, mut keys, mut n) = (0, 0, 0);
+        let mut detail = Vec::new();
+        for (mode, major) in [("major", 1.0f32), ("minor", 0.0)] {
+            let mut h = 0;
+            for &tonic in &tonics {
+                let mut cond = base.clone();
+                cond.major = Some(major);
+                cond.tonic = tonic;
+                run += 1;
+                let grid = generate(&mut src, &cond, &params, steps, run * 100_000)?;
+                let heard = grid_key(&grid, &card);
+                if heard.is_some_and(|k| k.mode == major as i8) {
+                    h += 1;
+                    if tonic.is_some() && heard.map(|k| k.tonic) == tonic {
+                        keys += 1;
+                    }
+                }
+                n += 1;
+            }
+            hits += h;
+            detail.push(format!("{mode} {h}/{}", tonics.len()));
+        }
+        let key_rate = match tonics[0] {
+            Some(_) => format!(", whole key (tonic and mode) {keys}/{n}"),
+            None => String::new(),
+        };
+        println!(
+            "mode      hit rate {:.3}   {label}: {}{key_rate}; {how}",
+            hits as f64 / n as f64,
+            detail.join(", "),
+        );
+    }
     Ok(())
 }
 
@@ -366,6 +386,7 @@ fn bench_here(model: &Path, steps: usize) -> anyhow::Result<()> {
         register: Some(62.0),
         major: Some(1.0),
         styles: vec![("chorale".into(), 1.0)],
+        tonic: Some(0),
     };
     let params = SamplingParams {
         temperature: 1.0,

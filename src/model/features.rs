@@ -1,5 +1,5 @@
 //! The conditioning features measured on a grid, ported from `models/train/common.py`
-//! (`features`, `_ks_mode`) with the windows and key profiles taken from the model card. The
+//! (`features`, `_ks_key`) with the windows and key profiles taken from the model card. The
 //! control check measures generated music with exactly the code that measured the training data,
 //! so "asked" and "heard" are in the same units.
 
@@ -15,20 +15,30 @@ pub struct Features {
     pub mode: Vec<i8>,
 }
 
-/// Krumhansl-Schmuckler on a duration-weighted pitch-class histogram: 1 major, 0 minor,
-/// -1 unknown (nothing sounds, or a flat histogram).
-pub fn ks_mode(hist: &[f64; 12], major: &[f64; 12], minor: &[f64; 12]) -> i8 {
+/// A key as Krumhansl-Schmuckler hears it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Key {
+    /// 1 major, 0 minor.
+    pub mode: i8,
+    /// Pitch class of the tonic, 0 = C.
+    pub tonic: u8,
+}
+
+/// Krumhansl-Schmuckler on a duration-weighted pitch-class histogram (`common._ks_key`): the
+/// best-correlating rotation of either profile; `None` when nothing sounds or the histogram is
+/// flat. Ties go to major, then to the lower tonic, as in Python.
+pub fn ks_key(hist: &[f64; 12], major: &[f64; 12], minor: &[f64; 12]) -> Option<Key> {
     let n = 12.0;
     let sum: f64 = hist.iter().sum();
     let mean = sum / n;
     let var = hist.iter().map(|x| (x - mean) * (x - mean)).sum::<f64>() / n;
     if sum <= 0.0 || var == 0.0 {
-        return -1;
+        return None;
     }
     let h: Vec<f64> = hist.iter().map(|x| x - mean).collect();
     let hn = h.iter().map(|x| x * x).sum::<f64>().sqrt();
     let best = |prof: &[f64; 12]| {
-        let mut best = -2.0f64;
+        let (mut best, mut tonic) = (-2.0f64, 0u8);
         for k in 0..12 {
             // np.roll(prof, k)[pc] = prof[(pc - k) % 12]
             let p: Vec<f64> = (0..12).map(|pc| prof[(pc + 12 - k) % 12]).collect();
@@ -36,15 +46,30 @@ pub fn ks_mode(hist: &[f64; 12], major: &[f64; 12], minor: &[f64; 12]) -> i8 {
             let pc: Vec<f64> = p.iter().map(|x| x - pm).collect();
             let pn = pc.iter().map(|x| x * x).sum::<f64>().sqrt();
             let r = h.iter().zip(&pc).map(|(a, b)| a * b).sum::<f64>() / (hn * pn);
-            best = best.max(r);
+            if r > best {
+                (best, tonic) = (r, k as u8);
+            }
         }
-        best
+        (best, tonic)
     };
-    if best(major) >= best(minor) {
-        1
+    let (maj, maj_k) = best(major);
+    let (min, min_k) = best(minor);
+    Some(if maj >= min {
+        Key {
+            mode: 1,
+            tonic: maj_k,
+        }
     } else {
-        0
-    }
+        Key {
+            mode: 0,
+            tonic: min_k,
+        }
+    })
+}
+
+/// The mode alone: 1 major, 0 minor, -1 unknown.
+pub fn ks_mode(hist: &[f64; 12], major: &[f64; 12], minor: &[f64; 12]) -> i8 {
+    ks_key(hist, major, minor).map_or(-1, |k| k.mode)
 }
 
 /// `common.features` on a grid of steps.
@@ -99,14 +124,14 @@ pub fn features(grid: &[Step], card: &Card) -> Features {
     f
 }
 
-/// The mode of a whole grid (one histogram over every sounding cell), as the control check hears it.
-pub fn grid_mode(grid: &[Step], card: &Card) -> i8 {
+/// The key of a whole grid (one histogram over every sounding cell), as the control check hears it.
+pub fn grid_key(grid: &[Step], card: &Card) -> Option<Key> {
     let mut h = [0f64; 12];
     for p in grid.iter().flatten().flatten() {
         h[(p % 12) as usize] += 1.0;
     }
     let m = &card.conditioning.mode;
-    ks_mode(&h, &m.ks_major, &m.ks_minor)
+    ks_key(&h, &m.ks_major, &m.ks_minor)
 }
 
 /// Ranks with ties broken by order, as `np.argsort(np.argsort(x))` gives them.
@@ -156,6 +181,15 @@ mod tests {
         assert_eq!(ks_mode(&a_minor, &MAJ, &MIN), 0);
         assert_eq!(ks_mode(&[0.0; 12], &MAJ, &MIN), -1);
         assert_eq!(ks_mode(&[2.0; 12], &MAJ, &MIN), -1);
+        // The key names its tonic too, wherever the triads are moved.
+        for shift in 0..12 {
+            let rot =
+                |h: &[f64; 12]| std::array::from_fn::<f64, 12, _>(|pc| h[(pc + 12 - shift) % 12]);
+            let major = ks_key(&rot(&c_major), &MAJ, &MIN).unwrap();
+            assert_eq!((major.mode, major.tonic), (1, shift as u8));
+            let minor = ks_key(&rot(&a_minor), &MAJ, &MIN).unwrap();
+            assert_eq!((minor.mode, minor.tonic), (0, ((9 + shift) % 12) as u8));
+        }
     }
 
     #[test]

@@ -52,6 +52,10 @@ pub fn cond_vector(card: &Card, cond: &Conditioning) -> Vec<f32> {
         x[c.mode.index] = m.clamp(0.0, 1.0);
         x[c.mode.known_flag_index] = 1.0;
     }
+    if let (Some(t), Some(k)) = (&c.tonic, cond.tonic) {
+        x[t.indices[(k % 12) as usize]] = 1.0;
+        x[t.known_flag_index] = 1.0;
+    }
     // Unknown style names are ignored; weights that sum to nothing leave the style unknown,
     // which is exactly the all-zero slice the model was trained to read as "any style".
     for (name, w) in &cond.styles {
