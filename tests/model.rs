@@ -205,8 +205,8 @@ fn decode(src: &mut ModelSource, c: &Conditioning, n: usize) -> Vec<Step> {
 fn rollback_gives_the_continuation_of_a_fresh_decode() {
     let a = cond(2.0, 60.0, 1.0);
     let b = cond(6.0, 68.0, 0.0);
-    // Twice: within one cache, and back across the step where the full cache is re-primed
-    // (the context holds context/4 steps).
+    // Twice: within one cache, and back across the step where the full cache slides (the
+    // context holds context/4 steps).
     let ctx_steps = open().card.context_length / 4;
     for (ahead, back_to, then) in [
         (20usize, 12usize, 10usize),
@@ -406,4 +406,56 @@ fn rust_nll_equals_python_nll_on_the_fixture() {
         (rust - python).abs() < 0.002,
         "Rust NLL {rust:.5} vs Python {python:.5}"
     );
+}
+
+#[test]
+fn a_slid_cache_holds_the_keys_a_fresh_pass_gives() {
+    // Layer 0's keys depend on the token, its voice, its conditioning and its position only, so
+    // after a slide they must equal those of a fresh pass over the kept tokens: that pins the
+    // rotation to the graph's. Deeper layers keep what they heard before the slide, by design.
+    let mut m = open();
+    let fx = fixture();
+    let card = &m.card;
+    let rotary = card.rotary.as_ref().expect("the card says how keys rotate");
+    let inv = rotary.inv_freq(card.architecture.head_dim);
+    let piece = &fx["pieces"][0];
+    let tokens = ints(&piece["tokens"]);
+    let voices = ints(&piece["voices"]);
+    let dim = card.conditioning.dim;
+    let cond: Vec<f32> = (0..tokens.len())
+        .flat_map(|i| {
+            // A conditioning that moves, so positions are not all alike.
+            let mut c = card.conditioning.eval_vector.clone();
+            c[card.conditioning.density.index] = (i % 7) as f32 / 7.0;
+            c[card.conditioning.density.known_flag_index] = 1.0;
+            c
+        })
+        .collect();
+    let (n, drop) = (200usize, 64usize);
+    let mut slid = Cache::empty();
+    m.net
+        .forward(&tokens[..n], &voices[..n], &cond[..n * dim], &mut slid)
+        .unwrap();
+    m.net.slide(&mut slid, drop, &inv);
+    assert_eq!(slid.len, n - drop);
+    let mut fresh = Cache::empty();
+    m.net
+        .forward(
+            &tokens[drop..n],
+            &voices[drop..n],
+            &cond[drop * dim..n * dim],
+            &mut fresh,
+        )
+        .unwrap();
+    let per_layer = card.architecture.heads * (n - drop) * card.architecture.head_dim;
+    let err = max_diff(&slid.k[..per_layer], &fresh.k[..per_layer]);
+    assert!(err < 1e-4, "layer 0 keys differ by {err}");
+    assert_eq!(slid.v[..per_layer], fresh.v[..per_layer]);
+    // And it is a rotation: without one the keys would be far off.
+    let mut unturned = Cache::empty();
+    m.net
+        .forward(&tokens[..n], &voices[..n], &cond[..n * dim], &mut unturned)
+        .unwrap();
+    m.net.slide(&mut unturned, drop, &vec![0.0; inv.len()]);
+    assert!(max_diff(&unturned.k[..per_layer], &fresh.k[..per_layer]) > 1e-2);
 }

@@ -126,6 +126,9 @@ pub struct Card {
     pub conditioning: CondLayout,
     pub context_length: usize,
     pub max_positions: usize,
+    /// How the keys were rotated; with it a full cache can slide instead of being re-primed.
+    #[serde(default)]
+    pub rotary: Option<Rotary>,
     pub onnx: Onnx,
     pub architecture: Architecture,
     /// Kept whole for `roomscore model info` and for the measured figures.
@@ -133,6 +136,23 @@ pub struct Card {
     pub raw: serde_json::Value,
     #[serde(skip)]
     pub path: PathBuf,
+}
+
+/// Rotary positions: key dims `i` and `i + head_dim/2` rotate together by `position * inv_freq[i]`,
+/// `inv_freq[i] = base ^ (-i / (head_dim/2))`.
+#[derive(Clone, Debug, Deserialize)]
+pub struct Rotary {
+    pub base: f64,
+    pub pairs: String,
+}
+
+impl Rotary {
+    pub fn inv_freq(&self, head_dim: usize) -> Vec<f64> {
+        let half = head_dim / 2;
+        (0..half)
+            .map(|i| self.base.powf(-(i as f64) / half as f64))
+            .collect()
+    }
 }
 
 /// The ONNX names by role. The card lists inputs as tokens, voices, cond, past_k, past_v and
@@ -295,6 +315,23 @@ impl Card {
         }
         if c.style.order != self.styles {
             return Err(self.bad("conditioning.style.order", "differs from styles"));
+        }
+        if let Some(r) = &self.rotary {
+            if r.pairs != "halves" || !(r.base.is_finite() && r.base > 1.0) {
+                return Err(self.bad(
+                    "rotary",
+                    format!(
+                        "pairs {:?}, base {}: the engine knows pairs = \"halves\" with a base above 1",
+                        r.pairs, r.base
+                    ),
+                ));
+            }
+            if !self.architecture.head_dim.is_multiple_of(2) {
+                return Err(self.bad(
+                    "architecture.head_dim",
+                    "rotary pairs need an even head_dim",
+                ));
+            }
         }
         if self.context_length < 8 || self.context_length > self.max_positions {
             return Err(self.bad(

@@ -433,6 +433,39 @@ impl Net {
 
     /// Keeps the first `len` positions of `cache` (rollback: rotary positions are relative, so a
     /// truncated cache is exactly the cache of the shorter prefix).
+    /// Drops the first `drop` positions and moves every kept key back by `drop` positions (a
+    /// rotation by `-drop * inv_freq`), so the cache reads as if its first kept token were at
+    /// position 0 and new tokens continue at `len`. Values carry no position and only move.
+    pub fn slide(&self, cache: &mut Cache, drop: usize, inv_freq: &[f64]) {
+        let drop = drop.min(cache.len);
+        let (old, d) = (cache.len, self.head_dim);
+        let (len, half) = (old - drop, d / 2);
+        let turn: Vec<(f32, f32)> = inv_freq
+            .iter()
+            .map(|f| {
+                let a = -(drop as f64) * f;
+                (a.cos() as f32, a.sin() as f32)
+            })
+            .collect();
+        for b in 0..self.layers * self.heads {
+            for p in 0..len {
+                // dst < src, and positions go up, so nothing is read after it is written.
+                let (src, dst) = ((b * old + p + drop) * d, (b * len + p) * d);
+                for (i, &(c, s)) in turn.iter().enumerate() {
+                    let (x1, x2) = (cache.k[src + i], cache.k[src + half + i]);
+                    cache.k[dst + i] = x1 * c - x2 * s;
+                    cache.k[dst + half + i] = x1 * s + x2 * c;
+                }
+            }
+            let (src, dst) = (b * old * d + drop * d, b * len * d);
+            cache.v.copy_within(src..src + len * d, dst);
+        }
+        let total = self.layers * self.heads * len * d;
+        cache.k.truncate(total);
+        cache.v.truncate(total);
+        cache.len = len;
+    }
+
     pub fn truncate(&self, cache: &mut Cache, len: usize) {
         if len >= cache.len {
             return;

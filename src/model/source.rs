@@ -109,8 +109,25 @@ pub fn sample(logits: &[f32], allowed: &[bool], params: &SamplingParams, rng: &m
     cand.last().map(|c| c.0).unwrap_or(0)
 }
 
+/// How a full cache makes room: by sliding (drop the oldest positions, turn the kept keys back),
+/// which costs a fraction of a millisecond, or, for a card that does not say how its keys were
+/// rotated, by a fresh pass over the last half-context, which costs one long step.
+struct Slide {
+    inv_freq: Vec<f64>,
+    /// Caches as they were just before each of the last slides, with their `cache_start`, so a
+    /// rollback across a slide restores exactly what was there.
+    before: VecDeque<(usize, Cache)>,
+}
+
+/// Positions dropped per slide: a slide every 16 steps.
+const SLIDE_DROP: usize = 64;
+/// Slides a rollback can reach back across (each keeps a full cache, ~1.2 MB for the shipped
+/// model); rollbacks reach a few beats back, and these span 64 steps.
+const SLIDES_KEPT: usize = 4;
+
 pub struct ModelSource {
     net: Net,
+    slide: Option<Slide>,
     card: Card,
     tonic: u8,
     scale_lock: bool,
@@ -149,8 +166,13 @@ impl ModelSource {
                 })
                 .collect()
         });
+        let slide = card.rotary.as_ref().map(|r| Slide {
+            inv_freq: r.inv_freq(card.architecture.head_dim),
+            before: VecDeque::with_capacity(SLIDES_KEPT),
+        });
         let mut s = ModelSource {
             net: model.net,
+            slide,
             card,
             tonic,
             scale_lock,
@@ -222,9 +244,24 @@ impl ModelSource {
     fn feed_pending(&mut self, cond: &[f32]) -> Result<Vec<f32>, ModelError> {
         let last = self.end() - 1;
         if self.cache.len + 1 > self.card.context_length {
-            // Keep half a context so what follows still hears the recent music.
-            let keep = self.card.context_length / 2;
-            self.prime(last - keep, last)?;
+            match &mut self.slide {
+                Some(slide) => {
+                    if slide.before.len() == SLIDES_KEPT {
+                        slide.before.pop_front();
+                    }
+                    slide
+                        .before
+                        .push_back((self.cache_start, self.cache.clone()));
+                    let drop = SLIDE_DROP.min(self.cache.len);
+                    self.net.slide(&mut self.cache, drop, &slide.inv_freq);
+                    self.cache_start += drop;
+                }
+                None => {
+                    // Keep half a context so what follows still hears the recent music.
+                    let keep = self.card.context_length / 2;
+                    self.prime(last - keep, last)?;
+                }
+            }
         }
         debug_assert_eq!(self.cache_start + self.cache.len, last);
         let d = self.card.conditioning.dim;
@@ -340,9 +377,26 @@ impl NoteSource for ModelSource {
         self.conds.truncate((keep - 1 - self.base) * d);
         self.rng = snap.rng;
         let cached_to = keep - 1;
+        let before_slide = self.slide.as_mut().and_then(|sl| {
+            let at = sl.before.iter().position(|(c, _)| *c == snap.cache_start)?;
+            let cache = sl.before[at].1.clone();
+            sl.before.truncate(at);
+            Some(cache)
+        });
         if snap.cache_start == self.cache_start && snap.prime_end == self.prime_end {
             self.net
                 .truncate(&mut self.cache, cached_to - self.cache_start);
+        } else if let Some(cache) = before_slide {
+            // Slid since: the cache from just before that slide, cut back to the step.
+            self.cache = cache;
+            self.cache_start = snap.cache_start;
+            self.net
+                .truncate(&mut self.cache, cached_to - self.cache_start);
+        } else if self.slide.is_some() {
+            // Slid further back than the kept caches reach: a fresh pass over the same tokens
+            // hears the same window, if not with exactly the keys it had.
+            self.prime(snap.cache_start, cached_to)
+                .map_err(|e| self.fail(e))?;
         } else {
             // A re-prime happened since: rebuild the cache by the same passes that built it.
             let rebuild = |s: &mut Self| -> Result<(), ModelError> {
@@ -369,6 +423,9 @@ impl NoteSource for ModelSource {
         self.cache = Cache::empty();
         self.cache_start = 0;
         self.prime_end = 0;
+        if let Some(sl) = &mut self.slide {
+            sl.before.clear();
+        }
         self.start_step = step;
         self.position = step;
         self.history.clear();
