@@ -459,3 +459,33 @@ fn a_slid_cache_holds_the_keys_a_fresh_pass_gives() {
     m.net.slide(&mut unturned, drop, &vec![0.0; inv.len()]);
     assert!(max_diff(&unturned.k[..per_layer], &fresh.k[..per_layer]) > 1e-2);
 }
+
+#[test]
+fn no_voice_holds_longer_than_the_scene_allows() {
+    let runs = |steps: &[Step]| -> usize {
+        let mut longest = 0;
+        for v in 0..4 {
+            let mut run = 0;
+            for (i, s) in steps.iter().enumerate() {
+                run = if i > 0 && steps[i - 1][v] == s[v] {
+                    run + 1
+                } else {
+                    1
+                };
+                longest = longest.max(run);
+            }
+        }
+        longest
+    };
+    // A sparse, low ask: without a limit the model settles on one chord.
+    let still = cond(1.0, 56.0, 1.0);
+    let mut free = ModelSource::new(open(), 2, false, Mode::Major, 3);
+    let unlimited = runs(&decode(&mut free, &still, 64));
+    let mut held = ModelSource::new(open(), 2, false, Mode::Major, 3).with_max_hold(6);
+    let limited = runs(&decode(&mut held, &still, 64));
+    assert!(limited <= 6, "a voice held for {limited} steps");
+    assert!(
+        unlimited > 6,
+        "the check needs a model that holds when let: {unlimited}"
+    );
+}

@@ -17,7 +17,7 @@ pub use card::Card;
 pub use runtime::{BackendKind, Cache, Net};
 pub use source::ModelSource;
 
-use crate::gen::NoteSource;
+use crate::gen::{NoteSource, STEPS_PER_BEAT};
 use crate::scene::Scene;
 
 /// Where the scene's default model lives, relative to the scene file.
@@ -187,11 +187,15 @@ pub fn load_source(scene: &Scene, seed: u64) -> Result<Box<dyn NoteSource>, Mode
         "composing with {}",
         model.card.name
     );
-    Ok(Box::new(ModelSource::new(
-        model,
-        scene.tonic,
-        scene.generator.scale_lock,
-        scene.generator.mode,
-        seed,
-    )))
+    let max_hold = (scene.generator.max_hold_beats * STEPS_PER_BEAT as f32).round() as usize;
+    Ok(Box::new(
+        ModelSource::new(
+            model,
+            scene.tonic,
+            scene.generator.scale_lock,
+            scene.generator.mode,
+            seed,
+        )
+        .with_max_hold(max_hold),
+    ))
 }

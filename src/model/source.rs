@@ -131,6 +131,8 @@ pub struct ModelSource {
     card: Card,
     tonic: u8,
     scale_lock: bool,
+    /// Steps a voice may repeat its token (hold a note or rest) before it must change; 0 = any.
+    max_hold: usize,
     /// The mode the scale mask uses when the conditioning leaves the mode unknown.
     scene_mode: Mode,
     seed: u64,
@@ -176,6 +178,7 @@ impl ModelSource {
             card,
             tonic,
             scale_lock,
+            max_hold: 0,
             scene_mode,
             seed,
             rng: Rng::new(seed),
@@ -193,6 +196,29 @@ impl ModelSource {
         };
         s.start_at(0);
         s
+    }
+
+    /// Limits how many steps a voice may hold a note or a rest (0 = no limit).
+    pub fn with_max_hold(mut self, steps: usize) -> Self {
+        self.max_hold = steps;
+        self
+    }
+
+    /// How many steps in a row `voice` has had the token it has now (0 before its first).
+    fn held_steps(&self, voice: usize) -> usize {
+        // Tokens of voice v sit at step_index(s) + v; walk back while they repeat.
+        let at = |i: usize| self.tokens.get(i.checked_sub(self.base)?).copied();
+        let first = self.step_index(self.start_step) + voice;
+        let Some(mut i) = self.end().checked_sub(VOICES).filter(|&i| i >= first) else {
+            return 0;
+        };
+        let now = at(i);
+        let mut n = 1;
+        while i >= first + VOICES && i - VOICES >= self.base && at(i - VOICES) == now {
+            i -= VOICES;
+            n += 1;
+        }
+        n
     }
 
     pub fn card(&self) -> &Card {
@@ -297,7 +323,14 @@ impl ModelSource {
         let mut step: Step = [None; VOICES];
         for (voice, slot) in step.iter_mut().enumerate() {
             let logits = self.feed_pending(&vec)?;
-            let allowed = self.allowed(voice, cond);
+            let mut allowed = self.allowed(voice, cond);
+            if self.max_hold > 0 && self.held_steps(voice) >= self.max_hold {
+                let last = self.tokens[self.end() - VOICES - self.base] as usize;
+                // Only if something else is left to sing.
+                if allowed.iter().enumerate().any(|(t, &a)| a && t != last) {
+                    allowed[last] = false;
+                }
+            }
             let tok = sample(&logits, &allowed, params, &mut self.rng) as i64;
             self.tokens.push(tok);
             self.voices.push(voice as i64);

@@ -67,6 +67,9 @@ pub struct GeneratorSettings {
     pub lookahead: f64,
     /// Keep generated pitches inside the scene's key.
     pub scale_lock: bool,
+    /// The model may not hold a note or a rest in one voice longer than this (0 = no limit):
+    /// sampled holds feed on themselves, and a still room would get one chord for minutes.
+    pub max_hold_beats: f32,
     pub velocity: f32,
     pub seed: u64,
 }

@@ -178,6 +178,12 @@ fn build(c: &mut Checker, raw: RawScene, path: &Path, base_dir: &Path) -> Scene 
         top_p: c.range(&gp("top_p"), g.top_p.unwrap_or(0.95), 0.05, 1.0),
         lookahead: c.range(&gp("lookahead"), g.lookahead.unwrap_or(0.5), 0.05, 8.0),
         scale_lock: g.scale_lock.unwrap_or(true),
+        max_hold_beats: c.range(
+            &gp("max_hold_beats"),
+            g.max_hold_beats.unwrap_or(0.0),
+            0.0,
+            64.0,
+        ),
         velocity: c.range(&gp("velocity"), g.velocity.unwrap_or(0.7), 0.0, 1.0),
         seed: g.seed.unwrap_or(1),
     };
