@@ -2,7 +2,9 @@
 # Underrun soak: the gallery scene composed by the trained model, through JACK (dummy driver,
 # 48 kHz, 256 frames, real-time scheduling where granted), for SECONDS (default 600) while two
 # busy-loop processes load both cores. Prints the engine's xruns (its status and its log) and
-# JACK's own count. Usage: deploy/bench/soak.sh [SECONDS] [BINARY]
+# JACK's own count; with cyclictest (Debian rt-tests) it also measures how late the machine wakes
+# a real-time thread meanwhile, so an xrun can be told apart from a box (or a VM host) that stalls
+# real-time threads by itself. Usage: deploy/bench/soak.sh [SECONDS] [BINARY]
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 seconds=${1:-600}
@@ -44,6 +46,11 @@ for _ in 1 2; do
   ( while :; do :; done ) &
   pids+=($!)
 done
+if command -v cyclictest >/dev/null; then
+  # One thread per core at a priority above JACK's, waking every millisecond.
+  cyclictest -m -t"$(nproc)" -a -p 80 -i 1000 -D "$((seconds - 10))" -q -h 100000 >"$work/cyclictest.txt" 2>&1 &
+  pids+=($!)
+fi
 # Keep the room moving, as visitors would.
 python3 - "$port" "$seconds" <<'PY' &
 import math, socket, struct, sys, time
@@ -67,3 +74,11 @@ echo "jackd: $rt; load: 2 busy loops; $(nproc) cores"
 grep -E "playing on|model|source|stopped|xrun|WARN|ERROR" "$work/play.log" | tail -8
 echo "JACK xruns reported by the server: $(grep -c 'JackEngine::XRun' "$work/jackd.log" || true)"
 grep 'JackEngine::XRun' "$work/jackd.log" | sed 's/.*client = //' | sort | uniq -c
+if [ -s "$work/cyclictest.txt" ]; then
+  # Histogram rows: microseconds, then one count per thread.
+  awk '/^[0-9]/ { n = 0; for (i = 2; i <= NF; i++) n += $i;
+                  if ($1 >= 2667) half += n; if ($1 >= 5333) period += n }
+       /^# Max Latencies/ { max = $0 }
+       END { printf "real-time wake-ups (cyclictest, priority 80, every 1 ms): %d later than half a period, %d later than a period (5.33 ms); %s us\n", half, period, max }' \
+    "$work/cyclictest.txt"
+fi

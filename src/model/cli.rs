@@ -12,7 +12,7 @@ use super::runtime::{self, BackendKind, BACKEND_ENV};
 use super::source::ModelSource;
 use super::{eval, Model};
 use crate::control::Conditioning;
-use crate::gen::{NoteSource, SamplingParams, Step};
+use crate::gen::{NoteSource, SamplingParams, Step, STEPS_PER_BEAT};
 use crate::music::Mode;
 
 #[derive(clap::Args, Debug)]
@@ -63,6 +63,9 @@ pub enum ModelCmd {
         top_p: f32,
         #[arg(long, default_value = "chorale")]
         style: String,
+        /// As a scene's `max_hold_beats`: no voice holds a note or rest longer (0 = the model alone).
+        #[arg(long, default_value_t = 0.0)]
+        max_hold_beats: f32,
     },
     /// Per-step (4 tokens) decoding latency and tokens/s on one thread, per available backend.
     Bench {
@@ -108,6 +111,7 @@ pub fn run(args: ModelArgs) -> anyhow::Result<()> {
             temperature,
             top_p,
             style,
+            max_hold_beats,
         } => control(
             &model.unwrap_or_else(default_model),
             steps,
@@ -115,6 +119,7 @@ pub fn run(args: ModelArgs) -> anyhow::Result<()> {
             seed,
             SamplingParams { temperature, top_p },
             &style,
+            (max_hold_beats.max(0.0) * STEPS_PER_BEAT as f32).round() as usize,
         ),
         ModelCmd::Bench {
             model,
@@ -263,11 +268,12 @@ fn control(
     seed: u64,
     params: SamplingParams,
     style: &str,
+    max_hold: usize,
 ) -> anyhow::Result<()> {
     let m = Model::open(model)?;
     let card = m.card.clone();
     // No scale lock: the point is to hear what the model does with the mode it is asked for.
-    let mut src = ModelSource::new(m, 0, false, Mode::Major, seed);
+    let mut src = ModelSource::new(m, 0, false, Mode::Major, seed).with_max_hold(max_hold);
     let base = Conditioning {
         density: None,
         register: None,
@@ -316,8 +322,13 @@ fn control(
     }
     let backend = runtime::backend()?.kind.name();
     let how = format!(
-        "{steps} steps each, temperature {}, top-p {}, style {style}, {backend} backend",
-        params.temperature, params.top_p
+        "{steps} steps each, temperature {}, top-p {}, style {style}, holds {}, {backend} backend",
+        params.temperature,
+        params.top_p,
+        match max_hold {
+            0 => "free".to_string(),
+            n => format!("at most {n} steps"),
+        }
     );
     // As a scene asks: the mode alone (key unknown), and with the scene's tonic beside it.
     let mut asks: Vec<(&str, Vec<Option<u8>>)> = vec![("key unknown", vec![None; reps * 2])];
