@@ -218,3 +218,17 @@ pub fn wait_for_status(sock: &UdpSocket, port: u16) -> Status {
         assert!(Instant::now() < deadline, "no /roomscore/status reply");
     }
 }
+
+/// The number after `key` (such as `xruns=`) in the engine's last log line that has one.
+pub fn logged_count(log: &str, key: &str) -> usize {
+    log.rsplit(key)
+        .next()
+        .filter(|_| log.contains(key))
+        .map(|rest| {
+            rest.chars()
+                .take_while(char::is_ascii_digit)
+                .collect::<String>()
+        })
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no {key} in the log:\n{log}"))
+}

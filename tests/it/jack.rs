@@ -189,8 +189,9 @@ fn play_replaying_a_log_reaches_the_ports_with_the_samples_render_makes() {
 
     // Windows of the render, every quarter second from 0.5 s to 3.5 s, must each appear bit
     // for bit in what reached the ports (JACK connects the ports a moment after the first
-    // callbacks, so positions are searched, not assumed). An xrun on a loaded machine can cut
-    // one window; the rest must be there.
+    // callbacks, so positions are searched, not assumed). An xrun (this server runs without
+    // real-time scheduling, beside other tests) can cut a window: every window missing must be
+    // matched by an xrun the engine counted, and most must be there.
     let windows: Vec<usize> = (2..=14).map(|q| q * 48_000 / 4 * 2).collect();
     let found = windows
         .iter()
@@ -203,9 +204,10 @@ fn play_replaying_a_log_reaches_the_ports_with_the_samples_render_makes() {
         offline[windows[0]..].iter().any(|s| s.abs() > 1e-4),
         "the render is silent"
     );
+    let xruns = logged_count(&stderr, "xruns=");
     assert!(
-        found >= windows.len() - 1,
-        "{found} of {} windows of the render reached the ports bit-exact",
+        windows.len() - found <= xruns.max(1) && found * 2 > windows.len(),
+        "{found} of {} windows of the render reached the ports bit-exact, with {xruns} xruns",
         windows.len()
     );
 }
