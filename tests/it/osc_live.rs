@@ -40,37 +40,30 @@ fn osc_steers_a_running_engine() {
     assert_eq!(s0.scene, "gallery");
     assert_eq!(s0.source, "rules");
 
-    // The room is still: count notes over 5 s.
-    send(
-        &sock,
-        port,
-        "/roomscore/movement",
-        vec![OscType::Float(0.0)],
-    );
-    std::thread::sleep(Duration::from_secs(1));
-    let a = status(&sock, port).unwrap();
-    std::thread::sleep(Duration::from_secs(5));
-    let b = status(&sock, port).unwrap();
-    let still = (b.notes - a.notes) as f64 / 5.0;
-
-    // Visitors move: the music gets busier (after the mapping's 1.5 s smoothing).
-    send(
-        &sock,
-        port,
-        "/roomscore/movement",
-        vec![OscType::Float(1.0)],
-    );
-    std::thread::sleep(Duration::from_secs(4));
-    let c = status(&sock, port).unwrap();
-    std::thread::sleep(Duration::from_secs(5));
-    let d = status(&sock, port).unwrap();
-    let busy = (d.notes - c.notes) as f64 / 5.0;
+    // Notes per second over 5 s, once the mapping's 1.5 s smoothing has followed `movement`.
+    let notes_per_second = |movement: f32, settle: u64| {
+        send(
+            &sock,
+            port,
+            "/roomscore/movement",
+            vec![OscType::Float(movement)],
+        );
+        std::thread::sleep(Duration::from_secs(settle));
+        let a = status(&sock, port).unwrap();
+        std::thread::sleep(Duration::from_secs(5));
+        let b = status(&sock, port).unwrap();
+        (b.notes - a.notes) as f64 / 5.0
+    };
+    // The room is still, then visitors move: the music gets busier.
+    let still = notes_per_second(0.0, 1);
+    let busy = notes_per_second(1.0, 4);
     assert!(
         busy > 2.0 * still.max(0.2),
         "notes/s: still {still:.2}, busy {busy:.2}"
     );
 
     // Garbage, NaN, a wrong type and an unknown address are counted, not fatal.
+    let d = status(&sock, port).unwrap();
     sock.send_to(b"\x00\x01garbage", ("127.0.0.1", port))
         .unwrap();
     send(
