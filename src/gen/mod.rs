@@ -4,6 +4,7 @@
 //! when a model fails.
 
 mod generator;
+pub mod history;
 pub mod rules;
 
 pub use generator::{Generator, GeneratorStats};

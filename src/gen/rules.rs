@@ -2,6 +2,7 @@
 //! simple chord progression underneath. It reads the same conditioning the model does (density,
 //! register, major/minor) and never fails, so it is the engine's fallback.
 
+use super::history::History;
 use super::{NoteSource, SamplingParams, SourceError, Step, Token, STEPS_PER_BEAT, VOICES};
 use crate::control::Conditioning;
 use crate::music::{Mode, PitchSet};
@@ -37,10 +38,8 @@ pub struct RuleSource {
     scale_lock: bool,
     state: State,
     /// Snapshots taken before each step, so rollback can replay the same randomness.
-    history: std::collections::VecDeque<State>,
+    history: History<State>,
 }
-
-const HISTORY: usize = 512;
 
 impl RuleSource {
     pub fn new(tonic: u8, scale_lock: bool, seed: u64) -> Self {
@@ -53,7 +52,7 @@ impl RuleSource {
                 chord_root: 0,
                 position: 0,
             },
-            history: std::collections::VecDeque::with_capacity(HISTORY),
+            history: History::default(),
         }
     }
 
@@ -102,10 +101,7 @@ impl NoteSource for RuleSource {
         cond: &Conditioning,
         params: &SamplingParams,
     ) -> Result<Step, SourceError> {
-        if self.history.len() == HISTORY {
-            self.history.pop_front();
-        }
-        self.history.push_back(self.state.clone());
+        self.history.push(self.state.clone());
 
         let density = cond.density.unwrap_or(3.0).clamp(0.0, 16.0);
         let register = cond.register.unwrap_or(62.0).clamp(36.0, 84.0);
@@ -180,10 +176,8 @@ impl NoteSource for RuleSource {
             return Ok(());
         }
         let back = (self.state.position - step) as usize;
-        if back <= self.history.len() {
-            let keep = self.history.len() - back;
-            self.state = self.history[keep].clone();
-            self.history.truncate(keep);
+        if let Some(before) = self.history.back(back) {
+            self.state = before;
         } else {
             self.state.position = step;
             self.history.clear();

@@ -17,12 +17,10 @@ use super::card::Card;
 use super::runtime::{Cache, Net};
 use super::{Model, ModelError};
 use crate::control::Conditioning;
+use crate::gen::history::History;
 use crate::gen::{NoteSource, SamplingParams, SourceError, Step, VOICES};
 use crate::music::{Mode, PitchSet};
 use crate::rng::Rng;
-
-/// Steps of history kept for rollback (the generator rolls back at most its decode-ahead).
-const HISTORY: usize = 512;
 
 /// What is needed to put a step back exactly as it was first decoded.
 #[derive(Clone, Debug)]
@@ -149,7 +147,7 @@ pub struct ModelSource {
     /// The step the first token after BOS belongs to.
     start_step: u64,
     position: u64,
-    history: VecDeque<Snapshot>,
+    history: History<Snapshot>,
     /// Which tokens each voice may take (range), before the scale mask.
     range_mask: [Vec<bool>; VOICES],
 }
@@ -191,7 +189,7 @@ impl ModelSource {
             prime_end: 0,
             start_step: 0,
             position: 0,
-            history: VecDeque::with_capacity(HISTORY),
+            history: History::default(),
             range_mask,
         };
         s.start_at(0);
@@ -343,7 +341,7 @@ impl ModelSource {
     fn compact(&mut self) {
         let oldest = self
             .history
-            .front()
+            .oldest()
             .map(|s| s.cache_start)
             .unwrap_or(self.cache_start)
             .min(self.cache_start);
@@ -372,10 +370,7 @@ impl NoteSource for ModelSource {
         cond: &Conditioning,
         params: &SamplingParams,
     ) -> Result<Step, SourceError> {
-        if self.history.len() == HISTORY {
-            self.history.pop_front();
-        }
-        self.history.push_back(Snapshot {
+        self.history.push(Snapshot {
             rng: self.rng.clone(),
             cache_start: self.cache_start,
             prime_end: self.prime_end,
@@ -391,17 +386,16 @@ impl NoteSource for ModelSource {
             return Ok(());
         }
         let back = (self.position - step) as usize;
-        if step < self.start_step || back > self.history.len() {
+        let kept = self.history.len();
+        let Some(snap) = (step >= self.start_step)
+            .then(|| self.history.back(back))
+            .flatten()
+        else {
             return Err(SourceError::Failed {
                 source_name: "model".into(),
-                message: format!(
-                    "cannot roll back to step {step}: only {} steps of history",
-                    self.history.len()
-                ),
+                message: format!("cannot roll back to step {step}: only {kept} steps of history"),
             });
-        }
-        let snap = self.history[self.history.len() - back].clone();
-        self.history.truncate(self.history.len() - back);
+        };
         let keep = self.step_index(step);
         let d = self.card.conditioning.dim;
         self.tokens.truncate(keep - self.base);
