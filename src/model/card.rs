@@ -89,6 +89,15 @@ pub enum Dim {
     Symbol(String),
 }
 
+impl std::fmt::Display for Dim {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Dim::Fixed(n) => write!(f, "{n}"),
+            Dim::Symbol(s) => f.write_str(s),
+        }
+    }
+}
+
 #[derive(Clone, Debug, Deserialize)]
 pub struct Io {
     pub name: String,

@@ -180,9 +180,17 @@ fn info(path: &Path, json: bool) -> anyhow::Result<()> {
         "             density {:?} onsets/beat over {} steps; register {:?} MIDI over {} steps; mode K-S over {} steps",
         c.density.range, c.density.window_steps, c.register.range, c.register.window_steps, c.mode.window_steps
     );
+    if c.tonic.is_some() {
+        println!("             tonic: the key's pitch class, one-hot (the scene's key in play)");
+    }
     println!(
-        "context      {} tokens (max positions {})",
-        card.context_length, card.max_positions
+        "context      {} tokens (max positions {}); a full cache {}",
+        card.context_length,
+        card.max_positions,
+        match &card.rotary {
+            Some(r) => format!("slides (rotary base {}, pairs {})", r.base, r.pairs),
+            None => "is re-primed over its last half".into(),
+        }
     );
     println!(
         "architecture {} layers, {} heads x {}, d_model {}, {} parameters",
@@ -198,7 +206,10 @@ fn info(path: &Path, json: bool) -> anyhow::Result<()> {
     );
     let io = |v: &[super::card::Io]| {
         v.iter()
-            .map(|i| format!("{} {} {:?}", i.name, i.dtype, i.shape))
+            .map(|i| {
+                let dims: Vec<String> = i.shape.iter().map(ToString::to_string).collect();
+                format!("{} {} [{}]", i.name, i.dtype, dims.join(", "))
+            })
             .collect::<Vec<_>>()
             .join("; ")
     };
