@@ -26,12 +26,16 @@ STEPS_PER_BEAT = 4  # a beat is a quarter note = four 16th steps
 #   density  = onsets (all four voices) in steps [t-16, t+16) / (window steps / 4)   [onsets per beat]
 #   register = mean MIDI pitch over all sounding (voice, step) cells in steps [t-16, t+16)
 #   mode     = 1 major / 0 minor: Krumhansl-Schmuckler over steps [t-32, t+32), duration-weighted
+#   tonic    = the pitch class (0 = C .. 11 = B) of the key Krumhansl-Schmuckler picks over that window
 # An onset is a sounding cell whose pitch differs from the same voice's previous step (or t = 0).
 DENSITY_HALF = 16
 MODE_HALF = 32
 # Normalisation of the raw units to [0, 1] (clipped):
 DENSITY_RANGE = (0.0, 8.0)  # onsets per beat
 REGISTER_RANGE = (48.0, 80.0)  # MIDI pitch
+
+PITCH_CLASSES = ["C", "C#", "D", "D#", "E", "F", "F#", "G", "G#", "A", "A#", "B"]
+TONIC_INDEX = 10  # first of the 12 tonic columns; TONIC_INDEX + 12 is tonic_known
 
 # Conditioning vector fed beside every token, float32, in this order:
 COND_NAMES = [
@@ -45,6 +49,10 @@ COND_NAMES = [
     "style_quartet",
     "style_palestrina",
     "style_folk",
+    # the key's tonic, one-hot by pitch class (C, C#, ..., B), moved with the transposition; with
+    # mode it names the key, which mode alone leaves to the context (the first model ignored it)
+    *[f"tonic_{pc}" for pc in PITCH_CLASSES],
+    "tonic_known",
 ]
 COND_DIM = len(COND_NAMES)
 
@@ -67,12 +75,13 @@ def tokens_to_pitch(tok):
     return np.where(t >= PITCH_OFFSET, t - PITCH_OFFSET + PITCH_LO, -1)
 
 
-def _ks_mode(hist):
-    """hist [12] duration-weighted pitch-class histogram -> 1 major, 0 minor, -1 unknown."""
+def _ks_key(hist):
+    """hist [12] duration-weighted pitch-class histogram -> (mode, tonic): mode 1 major, 0 minor,
+    tonic 0..11 (C..B); (-1, -1) if unknown. Ties go to major, then to the lower tonic."""
     if hist.sum() <= 0 or hist.std() == 0:
-        return -1
-    best_maj = -2.0
-    best_min = -2.0
+        return -1, -1
+    best_maj, maj_k = -2.0, 0
+    best_min, min_k = -2.0, 0
     h = hist - hist.mean()
     hn = math.sqrt((h * h).sum())
     for k in range(12):
@@ -81,10 +90,16 @@ def _ks_mode(hist):
             pc_ = p - p.mean()
             r = float((h * pc_).sum() / (hn * math.sqrt((pc_ * pc_).sum())))
             if is_major:
-                best_maj = max(best_maj, r)
-            else:
-                best_min = max(best_min, r)
-    return 1 if best_maj >= best_min else 0
+                if r > best_maj:
+                    best_maj, maj_k = r, k
+            elif r > best_min:
+                best_min, min_k = r, k
+    return (1, maj_k) if best_maj >= best_min else (0, min_k)
+
+
+def _ks_mode(hist):
+    """hist [12] duration-weighted pitch-class histogram -> 1 major, 0 minor, -1 unknown."""
+    return _ks_key(hist)[0]
 
 
 def features(pitch_grid):
@@ -92,7 +107,8 @@ def features(pitch_grid):
 
     pitch_grid: int [steps, 4] MIDI pitches, -1 silence.
     Returns density float32 [steps] (onsets/beat), register float32 [steps] (MIDI; NaN if nothing
-    sounds in the window), mode int8 [steps] (1 major, 0 minor, -1 unknown)."""
+    sounds in the window), mode int8 [steps] (1 major, 0 minor, -1 unknown), tonic int8 [steps]
+    (pitch class 0..11 of the key, -1 unknown)."""
     g = np.asarray(pitch_grid).astype(np.int64)
     n = g.shape[0]
     sounding = g >= 0
@@ -109,6 +125,7 @@ def features(pitch_grid):
     density = np.zeros(n, np.float32)
     register = np.full(n, np.nan, np.float32)
     mode = np.full(n, -1, np.int8)
+    tonic = np.full(n, -1, np.int8)
     mode_cache = {}
     for t in range(n):
         a, b = max(0, t - DENSITY_HALF), min(n, t + DENSITY_HALF)
@@ -120,14 +137,14 @@ def features(pitch_grid):
         h = pc_c[b] - pc_c[a]
         key = h.tobytes()
         if key not in mode_cache:
-            mode_cache[key] = _ks_mode(h)
-        mode[t] = mode_cache[key]
-    return density, register, mode
+            mode_cache[key] = _ks_key(h)
+        mode[t], tonic[t] = mode_cache[key]
+    return density, register, mode, tonic
 
 
-def cond_vector(density=None, register=None, mode=None, style=None):
+def cond_vector(density=None, register=None, mode=None, style=None, tonic=None):
     """Raw values (None = unknown) -> the model's conditioning vector (list of COND_DIM floats).
-    style: a style name, or a dict {name: weight}, or None."""
+    style: a style name, or a dict {name: weight}, or None. tonic: pitch class 0..11."""
     c = [0.0] * COND_DIM
     if density is not None and not (isinstance(density, float) and math.isnan(density)):
         lo, hi = DENSITY_RANGE
@@ -145,12 +162,15 @@ def cond_vector(density=None, register=None, mode=None, style=None):
             style = {style: 1.0}
         for k, w in style.items():
             c[6 + STYLES.index(k)] = float(w)
+    if tonic is not None and tonic >= 0:
+        c[TONIC_INDEX + int(tonic) % 12] = 1.0
+        c[TONIC_INDEX + 12] = 1.0
     return c
 
 
-def cond_arrays(density, register, mode, style_idx, shift=0):
-    """Vectorised cond_vector over steps: -> float32 [steps, COND_DIM]. register shifted by `shift`
-    semitones (transposition). style_idx: int or None."""
+def cond_arrays(density, register, mode, style_idx, shift=0, tonic=None):
+    """Vectorised cond_vector over steps: -> float32 [steps, COND_DIM]. register and tonic shifted
+    by `shift` semitones (transposition). style_idx: int or None; tonic None = unknown throughout."""
     n = len(density)
     c = np.zeros((n, COND_DIM), np.float32)
     lo, hi = DENSITY_RANGE
@@ -166,6 +186,10 @@ def cond_arrays(density, register, mode, style_idx, shift=0):
     c[:, 5] = mk
     if style_idx is not None:
         c[:, 6 + style_idx] = 1.0
+    if tonic is not None:
+        tk = np.nonzero(tonic >= 0)[0]
+        c[tk, TONIC_INDEX + (tonic[tk].astype(np.int64) + shift) % 12] = 1.0
+        c[tk, TONIC_INDEX + 12] = 1.0
     return c
 
 

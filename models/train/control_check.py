@@ -17,7 +17,7 @@ import common as C  # noqa: E402
 import evaluate as E  # noqa: E402
 
 
-def generate(sess, dims, cvec, steps, rng, temperature=1.0, top_p=0.95):
+def generate(sess, dims, cvec, steps, rng, temperature=1.0, top_p=0.95, max_hold=0):
     L_, H, Dh = dims
     pk, pv = E.empty_past(L_, H, Dh)
     tok = np.array([[C.BOS]], np.int64)
@@ -29,6 +29,13 @@ def generate(sess, dims, cvec, steps, rng, temperature=1.0, top_p=0.95):
                               dict(tokens=tok, voices=voi, cond=cond1, past_k=pk, past_v=pv))
         x = lg[0, -1].astype(np.float64) / temperature
         x[C.BOS] = -np.inf
+        v = len(out) % 4  # the voice of the token about to be sampled (S, A, T, B, S, ...)
+        # As the engine's max_hold_beats: a voice may not repeat its token more than max_hold steps.
+        held = 0
+        while max_hold and len(out) - 4 * (held + 1) >= 0 and out[len(out) - 4 * (held + 1)] == out[len(out) - 4]:
+            held += 1
+        if max_hold and held >= max_hold and np.isfinite(x).sum() > 1:
+            x[out[-4]] = -np.inf
         p = np.exp(x - x.max())
         p /= p.sum()
         order = np.argsort(-p)
@@ -37,7 +44,6 @@ def generate(sess, dims, cvec, steps, rng, temperature=1.0, top_p=0.95):
         q[keep] = p[keep]
         q /= q.sum()
         t = int(rng.choice(len(q), p=q))
-        v = len(out) % 4  # the voice of the token just sampled (S, A, T, B, S, ...)
         out.append(t)
         tok = np.array([[t]], np.int64)
         voi = np.array([[v]], np.int64)  # voices[i] is the voice of tokens[i] itself
@@ -56,6 +62,7 @@ def main():
     ap.add_argument("--steps", type=int, default=64)
     ap.add_argument("--reps", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--max-hold-beats", type=float, default=0.0, help="as the scene setting; 0 = no limit")
     args = ap.parse_args()
     card = json.load(open(os.path.splitext(args.onnx)[0] + ".json"))
     dims = (card["architecture"]["layers"], card["architecture"]["heads"], card["architecture"]["head_dim"])
@@ -67,26 +74,30 @@ def main():
         for val in values:
             for _ in range(args.reps):
                 cvec = np.array(C.cond_vector(style="chorale", **{attr: val}), np.float32)
-                g = C.tokens_to_pitch(generate(sess, dims, cvec, args.steps, rng))
-                d, r, m = C.features(g)
+                g = C.tokens_to_pitch(generate(sess, dims, cvec, args.steps, rng, max_hold=int(args.max_hold_beats * 4)))
+                d, r, m, _ = C.features(g)
                 meas = float(np.mean(d)) if attr == "density" else float(np.nanmean(r))
                 asked.append(val)
                 got.append(meas)
         res[attr] = dict(rho=round(spearman(np.array(asked), np.array(got)), 3),
                          pairs=[[a, round(b, 2)] for a, b in zip(asked, got)])
         print(attr, res[attr])
-    hits, n = 0, 0
-    for mode in (1, 0):
-        for _ in range(args.reps * 2):
-            cvec = np.array(C.cond_vector(style="chorale", mode=mode), np.float32)
-            g = C.tokens_to_pitch(generate(sess, dims, cvec, args.steps, rng))
-            hist = np.zeros(12)
-            for p in g[g >= 0]:
-                hist[p % 12] += 1
-            hits += int(C._ks_mode(hist) == mode)
-            n += 1
-    res["mode"] = dict(agreement=round(hits / n, 3), n=n)
-    print("mode", res["mode"])
+    for label, tonics in (("key unknown", [None] * (args.reps * 2)),
+                          ("with tonic", [(i * 7) % 12 for i in range(args.reps * 2)])):
+        hits, keys, n = 0, 0, 0
+        for mode in (1, 0):
+            for tonic in tonics:
+                cvec = np.array(C.cond_vector(style="chorale", mode=mode, tonic=tonic), np.float32)
+                g = C.tokens_to_pitch(generate(sess, dims, cvec, args.steps, rng, max_hold=int(args.max_hold_beats * 4)))
+                hist = np.zeros(12)
+                for p in g[g >= 0]:
+                    hist[p % 12] += 1
+                heard_mode, heard_tonic = C._ks_key(hist)
+                hits += int(heard_mode == mode)
+                keys += int(heard_mode == mode and tonic is not None and heard_tonic == tonic)
+                n += 1
+        res[label] = dict(mode_agreement=round(hits / n, 3), key_agreement=round(keys / n, 3), n=n)
+        print("mode", label, res[label])
 
 
 if __name__ == "__main__":

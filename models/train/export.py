@@ -1,8 +1,8 @@
 """Export, verify, evaluate and document a trained roomscore composer.
 
-    .venv/bin/python models/train/export.py --name roomscore-satb
+    .venv/bin/python models/train/export.py --name roomscore-satb --run roomscore-satb-2
 
-1. loads models/train/runs/<name>/checkpoints/best.pt (best JSB valid NLL),
+1. loads models/train/runs/<run>/checkpoints/best.pt (best JSB valid NLL),
 2. exports models/<name>.onnx (opset 17) with the key/value cache as explicit inputs/outputs,
 3. verifies with onnxruntime: ONNX vs PyTorch logits, incremental (KV-cache) decoding vs a full
    pass, and that an empty cache (P = 0) is accepted,
@@ -26,7 +26,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common as C  # noqa: E402
 import evaluate as E  # noqa: E402
-from model import Composer, n_params  # noqa: E402
+from model import ROPE_BASE, Composer, n_params  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 MODELS = os.path.abspath(os.path.join(HERE, ".."))
@@ -125,15 +125,22 @@ def sha256(path):
     return h.hexdigest()
 
 
+def chorale_share(tr_args):
+    """The share of training windows drawn from the JSB train split, from the run's --weights."""
+    w = {k: float(v) for k, v in (kv.split("=") for kv in tr_args.get("weights", "chorale=1").split(","))}
+    return w.get("chorale", 0.0) / sum(w.values())
+
+
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--name", default="roomscore-satb")
-    ap.add_argument("--checkpoint", default=None, help="default runs/<name>/checkpoints/best.pt")
+    ap.add_argument("--name", default="roomscore-satb", help="the model's file names under models/")
+    ap.add_argument("--run", default=None, help="the training run under runs/ (default: --name)")
+    ap.add_argument("--checkpoint", default=None, help="default runs/<run>/checkpoints/best.pt")
     ap.add_argument("--random-init", action="store_true", help="pipeline test without a checkpoint")
     ap.add_argument("--skip-train-eval", action="store_true", help="do not score the JSB train split")
     args = ap.parse_args()
     torch.set_num_threads(1)
-    run = os.path.join(HERE, "runs", args.name)
+    run = os.path.join(HERE, "runs", args.run or args.name)
     t_start = time.time()
     if args.random_init:
         ck = None
@@ -158,8 +165,8 @@ def main():
     tok, voi, step = C.piece_sequence(test[0])
     tok, voi, step = tok[:ctx], voi[:ctx], step[:ctx]
     g = C.tokens_to_pitch(test[0])
-    d, r, m = C.features(g)
-    cond = C.cond_arrays(d[step], r[step], m[step], 0)
+    d, r, m, k = C.features(g)
+    cond = C.cond_arrays(d[step], r[step], m[step], 0, tonic=k[step])
     ver = verify(model, sess, tok, voi, cond)
     ver_eval = verify(model, sess, tok, voi, np.broadcast_to(C.eval_cond(), (len(tok), C.COND_DIM)).copy())
     ver["eval_cond_incremental_vs_full_logits_max_abs"] = ver_eval["incremental_vs_full_logits_max_abs"]
@@ -220,6 +227,7 @@ def main():
     tr_args = ck["args"] if ck is not None else {}
     card = dict(
         name=args.name,
+        training_run=args.run or args.name,
         format_version=1,
         file=f"{args.name}.onnx",
         sha256=sha256(onnx_path),
@@ -268,16 +276,27 @@ def main():
                            "correlation >= the best minor one; unknown if nothing sounds",
                 ks_major=C.KS_MAJOR.tolist(), ks_minor=C.KS_MINOR.tolist(), window_steps=2 * C.MODE_HALF),
             style=dict(indices=[6, 7, 8, 9], order=C.STYLES, note="weights (one-hot in training; may be interpolated)"),
+            tonic=dict(
+                indices=list(range(C.TONIC_INDEX, C.TONIC_INDEX + 12)), known_flag_index=C.TONIC_INDEX + 12,
+                order=C.PITCH_CLASSES, unit="pitch class of the key's tonic, one-hot (0 = C)",
+                definition="the tonic of the best-correlating Krumhansl-Schmuckler profile rotation (major or minor, "
+                           "whichever the mode picked) over the mode's window; moved with the transposition; unknown "
+                           "if nothing sounds",
+                window_steps=2 * C.MODE_HALF),
             per_token="cond[0, i] describes the step of token i (the BOS position uses step 0)",
             training_dropout="per training window: with p=0.1 the whole vector is zeroed; otherwise each of density, "
-                             "register, mode, style is zeroed independently with p=0.3",
+                             "register, mode, style, tonic is zeroed independently with p=0.3",
             eval_vector=[float(x) for x in C.eval_cond()],
         ),
         context_length=ctx,
         max_positions=cfg["max_pos"],
         positions="rotary; positions of the T new tokens are P .. P+T-1 where P = past_k.shape[3]; keep P+T <= "
-                  "context_length (trained length); when the cache is full, re-prime with a fresh pass (P=0) over "
-                  "the last tokens",
+                  "context_length (trained length); when the cache is full, slide it: drop its oldest positions and "
+                  "rotate every kept key back by as many positions (see rotary), so the first kept token reads as "
+                  "position 0",
+        rotary=dict(base=float(ROPE_BASE), pairs="halves",
+                    note="key dims i and i + head_dim/2 rotate together by position * inv_freq[i], inv_freq[i] = "
+                         "base ** (-i / (head_dim/2))"),
         onnx=dict(
             opset=17,
             inputs=[
@@ -319,11 +338,13 @@ def main():
             final_train_loss_running=summary.get("final_train_loss_running"),
             train_loss_note="running mean of the training loss (EMA 0.98) with dropout, condition dropout and transposition",
             best_valid_nll_torch=summary.get("best_valid_nll"), history=summary.get("history"),
+            initialised_from=summary.get("parent"),
             hyperparameters=tr_args,
             machine=f"{platform.machine()} CPU ({os.cpu_count()} cores, shared with concurrent Rust builds), no GPU; "
                     f"torch {torch.__version__} (Debian python3-torch) with torch.set_num_threads(2)",
             wall_minutes_including_evals=train_wall_minutes(run),
-            epochs_jsb_equivalent=(round(summary["tokens"] * 0.6 / 221141, 2) if summary.get("tokens") else None),
+            epochs_jsb_equivalent=(round(summary["tokens"] * chorale_share(tr_args) / 221141, 2)
+                                   if summary.get("tokens") else None),
         ),
         evaluation=dict(
             protocol="mean NLL per token (nats), teacher-forced, through this ONNX file with onnxruntime: sequence = BOS + "

@@ -11,6 +11,8 @@ import math
 import torch
 import torch.nn as nn
 
+ROPE_BASE = 10000.0  # rotary: dims i and i + dh/2 turn by position * ROPE_BASE ** (-i / (dh/2)); in the card
+
 
 class Block(nn.Module):
     def __init__(self, d, h, ff, dropout):
@@ -72,7 +74,7 @@ class Composer(nn.Module):
         self.head = nn.Linear(d, vocab)
         self.drop = nn.Dropout(dropout)
         half = self.dh // 2
-        inv = 1.0 / (10000 ** (torch.arange(half, dtype=torch.float32) / half))
+        inv = 1.0 / (ROPE_BASE ** (torch.arange(half, dtype=torch.float32) / half))
         ang = torch.arange(max_pos, dtype=torch.float32)[:, None] * inv[None, :]
         self.register_buffer("cos_t", torch.cos(ang), persistent=False)
         self.register_buffer("sin_t", torch.sin(ang), persistent=False)

@@ -3,6 +3,7 @@ conditioning features, cached under models/train/data/ (git-ignored).
 
     .venv/bin/python models/train/prepare.py            # full run (~10 min on 2 cores)
     .venv/bin/python models/train/prepare.py --quick    # tiny smoke run
+    .venv/bin/python models/train/prepare.py --refeature  # features only, from the grids already saved
 
 Corpora (each a style): chorale = JSB Chorales train split (valid/test are written separately for
 selection and evaluation only, never trained on); quartet, palestrina, folk from music21's corpus.
@@ -218,12 +219,13 @@ def build_tasks(caps, seed):
 
 # ---------------------------------------------------------------- save
 def save_corpus(path, grids, names, feats):
-    toks, dens, regs, modes, offs = [], [], [], [], [0]
-    for g, (d, r, m) in zip(grids, feats):
+    toks, dens, regs, modes, tonics, offs = [], [], [], [], [], [0]
+    for g, (d, r, m, k) in zip(grids, feats):
         toks.append(C.grid_to_tokens(g))
         dens.append(d)
         regs.append(r)
         modes.append(m)
+        tonics.append(k)
         offs.append(offs[-1] + len(g))
     np.savez_compressed(
         path,
@@ -231,6 +233,7 @@ def save_corpus(path, grids, names, feats):
         density=np.concatenate(dens) if dens else np.zeros(0, np.float32),
         register=np.concatenate(regs) if regs else np.zeros(0, np.float32),
         mode=np.concatenate(modes) if modes else np.zeros(0, np.int8),
+        tonic=np.concatenate(tonics) if tonics else np.zeros(0, np.int8),
         offsets=np.array(offs, np.int64),
         names=np.array(names),
     )
@@ -247,7 +250,7 @@ def voice_ranges(grids):
 
 def feature_summary(feats):
     d, r, m = [], [], []
-    for a, b, c in feats:
+    for a, b, c, _ in feats:
         d.append(a), r.append(b), m.append(c)
     d, r, m = np.concatenate(d), np.concatenate(r), np.concatenate(m)
     r = r[~np.isnan(r)]
@@ -260,6 +263,25 @@ def feature_summary(feats):
     )
 
 
+def refeature():
+    """The features depend on the grid alone, so recomputing them from the saved grids gives what a
+    full run would, without parsing music21 again (~10 minutes)."""
+    meta_path = os.path.join(OUT, "meta.json")
+    meta = json.load(open(meta_path))
+    for key, info in meta["corpora"].items():
+        fn = f"{key}.npz"
+        z = np.load(os.path.join(OUT, fn))
+        off = z["offsets"]
+        grids = [C.tokens_to_pitch(z["tokens"][off[i] : off[i + 1]]) for i in range(len(off) - 1)]
+        feats = [C.features(g) for g in tqdm(grids, desc=key, unit="piece")]
+        again = save_corpus(os.path.join(OUT, fn), grids, list(z["names"]), feats)
+        assert again["steps"] == info["steps"], f"{fn}: grids changed"
+        if "features" in info:
+            info["features"] = feature_summary(feats)
+    meta["refeatured_utc"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    json.dump(meta, open(meta_path, "w"), indent=1)
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true", help="tiny smoke run")
@@ -269,7 +291,12 @@ def main():
     ap.add_argument("--oneill", type=int, default=400)
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--seed", type=int, default=1234)
+    ap.add_argument("--refeature", action="store_true",
+                    help="recompute the conditioning features of the grids already in data/ (after a change to "
+                         "common.features); the grids, names and drop counts stay as they are")
     args = ap.parse_args()
+    if args.refeature:
+        return refeature()
     caps = dict(quartet=args.quartet, palestrina=args.palestrina, essen=args.essen, oneill=args.oneill)
     if args.quick:
         caps = dict(quartet=1, palestrina=4, essen=8, oneill=4)

@@ -2,6 +2,8 @@
 
     .venv/bin/python models/train/train.py --name roomscore-satb --budget-min 75
     .venv/bin/python models/train/train.py --name roomscore-satb --resume   # continue after a stop
+    .venv/bin/python models/train/train.py --name roomscore-satb-2 --init-from roomscore-satb --lr 4e-4
+        # a second stage: the first run's best weights, a fresh optimizer and a new schedule
 
 Training is sized by wall-clock time: the learning rate follows warm-up then cosine decay over
 --budget-min minutes of training time (evaluation excluded), and training stops when the budget is
@@ -47,7 +49,7 @@ class Corpus:
             tok, voi, step = C.piece_sequence(z["tokens"][a:b])
             self.pieces.append(
                 dict(tokens=tok, voices=voi, step=step, density=z["density"][a:b],
-                     register=z["register"][a:b], mode=z["mode"][a:b])
+                     register=z["register"][a:b], mode=z["mode"][a:b], tonic=z["tonic"][a:b])
             )
         self.n_steps = int(off[-1])
 
@@ -73,12 +75,13 @@ class Corpus:
                 ks = [k for k in range(-transpose, transpose + 1) if lo + k >= C.PITCH_LO and hi + k <= C.PITCH_HI]
                 shift = int(rng.choice(ks))
                 tok[pitched] += shift
-        cond = C.cond_arrays(p["density"][step], p["register"][step], p["mode"][step], self.style_idx, shift)
+        cond = C.cond_arrays(p["density"][step], p["register"][step], p["mode"][step], self.style_idx, shift,
+                             p["tonic"][step])
         if cond_drop:
             if rng.random() < 0.1:
                 cond[:] = 0
             else:
-                for cols in ([0, 1], [2, 3], [4, 5], [6, 7, 8, 9]):
+                for cols in ([0, 1], [2, 3], [4, 5], [6, 7, 8, 9], list(range(C.TONIC_INDEX, C.TONIC_INDEX + 13))):
                     if rng.random() < 0.3:
                         cond[:, cols] = 0
         return tok, voi, cond
@@ -143,6 +146,9 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--name", default="roomscore-satb")
     ap.add_argument("--resume", action="store_true")
+    ap.add_argument("--init-from", default=None,
+                    help="start from the best weights of runs/<NAME> (fresh optimizer and schedule; the parent's "
+                         "summary is kept in this run's summary)")
     ap.add_argument("--budget-min", type=float, default=75.0, help="training wall time (minutes)")
     ap.add_argument("--eval-every-min", type=float, default=12.0)
     ap.add_argument("--ctx", type=int, default=384)
@@ -201,7 +207,25 @@ def main():
     else:
         cfg = dict(vocab=C.VOCAB_SIZE, n_voice=C.N_VOICE_IDS, cond_dim=C.COND_DIM, d=args.d, layers=args.layers,
                    heads=args.heads, ff=args.ff, max_pos=1024, dropout=args.dropout)
+    parent = None
+    if state is None and args.init_from:
+        pst = torch.load(os.path.join(HERE, "runs", args.init_from, "checkpoints", "best.pt"))
+        cfg = dict(pst["cfg"], dropout=args.dropout, cond_dim=C.COND_DIM)
+        psum = os.path.join(HERE, "runs", args.init_from, "summary.json")
+        parent = json.load(open(psum)) if os.path.exists(psum) else dict(steps=pst["step"], tokens=pst["tokens"])
+        parent["name"] = args.init_from
     model = Composer(**cfg)
+    if parent is not None:
+        state_dict = pst["model"]
+        old = state_dict["cond.weight"]
+        if old.shape[1] < C.COND_DIM:
+            # New conditioning columns (appended at the end) start at zero: the parent's function
+            # is kept exactly, and training teaches the new inputs.
+            grown = torch.zeros(old.shape[0], C.COND_DIM)
+            grown[:, : old.shape[1]] = old
+            state_dict = dict(state_dict, **{"cond.weight": grown})
+            parent["cond_dim"] = int(old.shape[1])
+        model.load_state_dict(state_dict)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.98), weight_decay=args.wd)
     rng = np.random.default_rng(args.seed)
     step, elapsed, tokens_seen, best = 0, 0.0, 0, float("inf")
@@ -213,9 +237,13 @@ def main():
         torch.set_rng_state(state["torch_rng"])
         step, elapsed, tokens_seen, best = state["step"], state["elapsed"], state["tokens"], state["best"]
         history = state["history"]
+        parent = state.get("parent")
         log(f"resumed at step {step}, {elapsed/60:.1f} min trained, best valid {best:.4f}")
     else:
         log(f"start: {json.dumps(vars(args))}")
+        if parent is not None:
+            log(f"init from {args.init_from}: best valid {parent.get('best_valid_nll')}, steps {parent.get('steps')}, "
+                f"tokens {parent.get('tokens')}")
         log(f"model: {json.dumps(cfg)} params={n_params(model)}")
         log(f"corpora: " + ", ".join(f"{C.STYLES[c.style_idx]}: {len(c.pieces)} pieces {c.n_steps} steps w={w:.3f}"
                                      for c, w in zip(corpora, weights)))
@@ -224,7 +252,7 @@ def main():
     def save(name, extra=None):
         st = dict(model=model.state_dict(), opt=opt.state_dict(), rng=rng.bit_generator.state,
                   torch_rng=torch.get_rng_state(), step=step, elapsed=elapsed, tokens=tokens_seen, best=best,
-                  cfg=cfg, args=vars(args), history=history)
+                  cfg=cfg, args=vars(args), history=history, parent=parent)
         if extra:
             st.update(extra)
         tmp = os.path.join(ck, name + ".tmp")
@@ -290,7 +318,7 @@ def main():
     log(f"done: steps {step}, tokens {tokens_seen}, trained {elapsed/60:.1f} min, best valid {best:.4f}")
     json.dump(dict(history=history, steps=step, tokens=tokens_seen, train_minutes=round(elapsed / 60, 2),
                    best_valid_nll=best, final_train_loss_running=run_loss, tokens_per_s=tokens_seen / max(elapsed, 1e-9),
-                   cfg=cfg, args=vars(args)), open(os.path.join(run, "summary.json"), "w"), indent=1)
+                   cfg=cfg, args=vars(args), parent=parent), open(os.path.join(run, "summary.json"), "w"), indent=1)
 
 
 if __name__ == "__main__":
