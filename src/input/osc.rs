@@ -188,7 +188,9 @@ impl OscThread {
                             }
                             continue;
                         }
-                        if tx.try_send(ev).is_err() {
+                        // Disconnected means the control loop has stopped (shutdown): nothing
+                        // is lost that anyone would still hear, so it is not counted as dropped.
+                        if let Err(crossbeam_channel::TrySendError::Full(_)) = tx.try_send(ev) {
                             stats.dropped.fetch_add(1, Relaxed);
                         }
                     }
