@@ -431,8 +431,6 @@ impl Net {
         Ok(logits)
     }
 
-    /// Keeps the first `len` positions of `cache` (rollback: rotary positions are relative, so a
-    /// truncated cache is exactly the cache of the shorter prefix).
     /// Drops the first `drop` positions and moves every kept key back by `drop` positions (a
     /// rotation by `-drop * inv_freq`), so the cache reads as if its first kept token were at
     /// position 0 and new tokens continue at `len`. Values carry no position and only move.
@@ -466,6 +464,8 @@ impl Net {
         cache.len = len;
     }
 
+    /// Keeps the first `len` positions of `cache` (rollback: rotary positions are relative, so a
+    /// truncated cache is exactly the cache of the shorter prefix).
     pub fn truncate(&self, cache: &mut Cache, len: usize) {
         if len >= cache.len {
             return;
