@@ -391,15 +391,10 @@ impl Conductor {
             InputEvent::Named(name, v) => self.control.set_input(InputName::Named(name), v),
             InputEvent::Tempo(bpm) => self.control.set_tempo(bpm as f64),
             InputEvent::Volume(v) => self.control.set_volume(v),
-            InputEvent::Note { pitch, velocity } => {
-                let n = LiveNote::new(pitch, velocity);
-                self.send(Command::Note {
-                    pitch,
-                    velocity: n.velocity,
-                    on: n.on,
-                    at,
-                })
-            }
+            InputEvent::Note { pitch, velocity } => self.send(Command::Note {
+                note: LiveNote::new(pitch, velocity),
+                at,
+            }),
             InputEvent::Scene(name) => {
                 let path = crate::scene::resolve(&name, &self.scenes_dir);
                 let scene = Scene::load(&path)?;

@@ -54,9 +54,11 @@ fn the_audio_callback_never_allocates() {
             500 => {
                 for p in 60..76 {
                     conductor.send(Command::Note {
-                        pitch: p,
-                        velocity: 0.9,
-                        on: true,
+                        note: LiveNote {
+                            pitch: p,
+                            velocity: 0.9,
+                            on: true,
+                        },
                         at: None,
                     });
                 }

@@ -23,9 +23,7 @@ const SCENE_CROSSFADE_SECONDS: f32 = 1.5;
 pub enum Command {
     /// A performer's note; `at` places it on a sample (from an OSC time tag), else now.
     Note {
-        pitch: u8,
-        velocity: f32,
-        on: bool,
+        note: LiveNote,
         at: Option<u64>,
     },
     /// A new scene's rig; the old one fades out and is sent back to be dropped.
@@ -36,8 +34,9 @@ pub enum Command {
     ReleaseAll,
 }
 
-/// A performer's note handed straight from the thread that received it (the OSC thread) to the
-/// audio thread: an immediate note should not wait for a second thread to wake.
+/// A performer's note. Immediate ones go straight from the thread that received them (the OSC
+/// thread) to the audio thread on a live lane, so they do not wait for a second thread to wake;
+/// time-tagged ones go through the control thread as `Command::Note`.
 #[derive(Clone, Copy, Debug)]
 pub struct LiveNote {
     pub pitch: u8,
@@ -92,6 +91,18 @@ struct Pending {
     pitch: u8,
     velocity: f32,
     on: bool,
+}
+
+impl Pending {
+    fn performer(note: LiveNote, at: u64) -> Self {
+        Pending {
+            at: At::Sample(at),
+            tag: PERFORMER,
+            pitch: note.pitch,
+            velocity: note.velocity,
+            on: note.on,
+        }
+    }
 }
 
 /// Renders the sample layers (kira) into a stereo interleaved buffer.
@@ -225,14 +236,10 @@ impl AudioEngine {
     fn take_queues(&mut self) {
         for lane in 0..self.live.len() {
             while self.pending.len() < PENDING_CAPACITY {
-                let Ok(n) = self.live[lane].pop() else { break };
-                self.pending.push(Pending {
-                    at: At::Sample(self.clock),
-                    tag: PERFORMER,
-                    pitch: n.pitch,
-                    velocity: n.velocity,
-                    on: n.on,
-                });
+                let Ok(note) = self.live[lane].pop() else {
+                    break;
+                };
+                self.pending.push(Pending::performer(note, self.clock));
             }
         }
         // Leave notes in their queue when the pending list is full: the queue is the back-pressure.
@@ -248,18 +255,9 @@ impl AudioEngine {
         }
         while let Ok(cmd) = self.commands.pop() {
             match cmd {
-                Command::Note {
-                    pitch,
-                    velocity,
-                    on,
-                    at,
-                } => self.push_pending(Pending {
-                    at: At::Sample(at.unwrap_or(self.clock)),
-                    tag: PERFORMER,
-                    pitch,
-                    velocity,
-                    on,
-                }),
+                Command::Note { note, at } => {
+                    self.push_pending(Pending::performer(note, at.unwrap_or(self.clock)))
+                }
                 Command::SwapRig(new) => {
                     self.telemetry.output_delay.store(new.output_delay, Relaxed);
                     let mut old = std::mem::replace(&mut self.rig, new);
