@@ -15,6 +15,11 @@ use crate::control::Conditioning;
 pub const STEPS_PER_BEAT: u64 = 4;
 pub const VOICES: usize = 4;
 
+/// The nearest whole number of grid steps to `beats` (none for a negative span).
+pub fn steps_in(beats: f32) -> usize {
+    (beats.max(0.0) * STEPS_PER_BEAT as f32).round() as usize
+}
+
 /// A pitch, or `None` for silence. A voice that keeps its pitch on the next step holds the note.
 pub type Token = Option<u8>;
 /// One grid step: soprano, alto, tenor, bass.

@@ -12,7 +12,7 @@ use super::runtime::{self, BackendKind, BACKEND_ENV};
 use super::source::ModelSource;
 use super::{eval, Model};
 use crate::control::Conditioning;
-use crate::gen::{NoteSource, SamplingParams, Step, STEPS_PER_BEAT};
+use crate::gen::{steps_in, NoteSource, SamplingParams, Step};
 use crate::music::Mode;
 
 #[derive(clap::Args, Debug)]
@@ -119,7 +119,7 @@ pub fn run(args: ModelArgs) -> anyhow::Result<()> {
             seed,
             SamplingParams { temperature, top_p },
             &style,
-            (max_hold_beats.max(0.0) * STEPS_PER_BEAT as f32).round() as usize,
+            steps_in(max_hold_beats),
         ),
         ModelCmd::Bench {
             model,

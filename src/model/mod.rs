@@ -17,7 +17,7 @@ pub use card::Card;
 pub use runtime::{BackendKind, Cache, Net};
 pub use source::ModelSource;
 
-use crate::gen::{NoteSource, STEPS_PER_BEAT};
+use crate::gen::{steps_in, NoteSource};
 use crate::scene::Scene;
 
 /// Where the scene's default model lives, relative to the scene file.
@@ -187,7 +187,7 @@ pub fn load_source(scene: &Scene, seed: u64) -> Result<Box<dyn NoteSource>, Mode
         "composing with {}",
         model.card.name
     );
-    let max_hold = (scene.generator.max_hold_beats * STEPS_PER_BEAT as f32).round() as usize;
+    let max_hold = steps_in(scene.generator.max_hold_beats);
     Ok(Box::new(
         ModelSource::new(
             model,
