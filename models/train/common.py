@@ -97,11 +97,6 @@ def _ks_key(hist):
     return (1, maj_k) if best_maj >= best_min else (0, min_k)
 
 
-def _ks_mode(hist):
-    """hist [12] duration-weighted pitch-class histogram -> 1 major, 0 minor, -1 unknown."""
-    return _ks_key(hist)[0]
-
-
 def features(pitch_grid):
     """Raw conditioning features per step for one piece.
 

@@ -68,13 +68,14 @@ def main():
     dims = (card["architecture"]["layers"], card["architecture"]["heads"], card["architecture"]["head_dim"])
     sess = E.session(args.onnx)
     rng = np.random.default_rng(args.seed)
+    max_hold = int(round(max(args.max_hold_beats, 0.0) * C.STEPS_PER_BEAT))  # as gen::steps_in
     res = {}
     for attr, values in (("density", [1.0, 2.0, 3.0, 4.0, 5.0, 6.0]), ("register", [54.0, 58.0, 62.0, 66.0, 70.0])):
         asked, got = [], []
         for val in values:
             for _ in range(args.reps):
                 cvec = np.array(C.cond_vector(style="chorale", **{attr: val}), np.float32)
-                g = C.tokens_to_pitch(generate(sess, dims, cvec, args.steps, rng, max_hold=int(args.max_hold_beats * 4)))
+                g = C.tokens_to_pitch(generate(sess, dims, cvec, args.steps, rng, max_hold=max_hold))
                 d, r, m, _ = C.features(g)
                 meas = float(np.mean(d)) if attr == "density" else float(np.nanmean(r))
                 asked.append(val)
@@ -88,7 +89,7 @@ def main():
         for mode in (1, 0):
             for tonic in tonics:
                 cvec = np.array(C.cond_vector(style="chorale", mode=mode, tonic=tonic), np.float32)
-                g = C.tokens_to_pitch(generate(sess, dims, cvec, args.steps, rng, max_hold=int(args.max_hold_beats * 4)))
+                g = C.tokens_to_pitch(generate(sess, dims, cvec, args.steps, rng, max_hold=max_hold))
                 hist = np.zeros(12)
                 for p in g[g >= 0]:
                     hist[p % 12] += 1
