@@ -203,22 +203,34 @@ fn decode(src: &mut ModelSource, c: &Conditioning, n: usize) -> Vec<Step> {
 
 #[test]
 fn rollback_gives_the_continuation_of_a_fresh_decode() {
+    rollback_matches_a_fresh_decode(1.0);
+}
+
+#[test]
+fn rollback_under_guidance_rolls_back_both_caches() {
+    rollback_matches_a_fresh_decode(2.0);
+}
+
+fn rollback_matches_a_fresh_decode(guidance: f32) {
     let a = cond(2.0, 60.0, 1.0);
     let b = cond(6.0, 68.0, 0.0);
-    // Twice: within one cache, and back across the step where the full cache slides (the
-    // context holds context/4 steps).
+    let source = || ModelSource::new(open(), 5, true, Mode::Major, 42).with_guidance(guidance);
+    // Within one cache; back across the step where the full cache first slides (the context
+    // holds context/4 steps); and back across a slide after six, when the kept pre-slide caches
+    // are being recycled.
     let ctx_steps = open().card.context_length / 4;
     for (ahead, back_to, then) in [
         (20usize, 12usize, 10usize),
         (ctx_steps + 6, ctx_steps - 4, 14),
+        (ctx_steps + 84, ctx_steps + 74, 12),
     ] {
-        let mut rolled = ModelSource::new(open(), 5, true, Mode::Major, 42);
+        let mut rolled = source();
         let first = decode(&mut rolled, &a, ahead);
         rolled.rollback(back_to as u64).unwrap();
         assert_eq!(rolled.position(), back_to as u64);
         let after = decode(&mut rolled, &b, then);
 
-        let mut fresh = ModelSource::new(open(), 5, true, Mode::Major, 42);
+        let mut fresh = source();
         let prefix = decode(&mut fresh, &a, back_to);
         assert_eq!(prefix, first[..back_to], "same seed, same prefix");
         let expected = decode(&mut fresh, &b, then);
@@ -230,6 +242,20 @@ fn rollback_gives_the_continuation_of_a_fresh_decode() {
         assert!(first.iter().flatten().flatten().all(|&p| scale.contains(p)));
         assert!(after.iter().flatten().flatten().all(|&p| minor.contains(p)));
     }
+}
+
+#[test]
+fn guidance_weight_zero_is_the_unconditional_model() {
+    // At w = 0 only the unconditional pass speaks, so what is asked cannot matter; at w = 1 and
+    // w = 3 it must. Same seed throughout, so any difference comes from the logits.
+    let (low, high) = (cond(1.0, 54.0, 0.0), cond(6.0, 70.0, 1.0));
+    let run = |w: f32, c: &Conditioning| {
+        let mut src = ModelSource::new(open(), 0, false, Mode::Major, 11).with_guidance(w);
+        decode(&mut src, c, 24)
+    };
+    assert_eq!(run(0.0, &low), run(0.0, &high));
+    assert_ne!(run(1.0, &low), run(1.0, &high));
+    assert_ne!(run(3.0, &high), run(1.0, &high));
 }
 
 #[test]

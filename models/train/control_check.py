@@ -17,9 +17,11 @@ import common as C  # noqa: E402
 import evaluate as E  # noqa: E402
 
 
-def generate(sess, dims, cvec, steps, rng, temperature=1.0, top_p=0.95, max_hold=0):
+def generate(sess, dims, cvec, steps, rng, temperature=1.0, top_p=0.95, max_hold=0, guidance=1.0):
     L_, H, Dh = dims
     pk, pv = E.empty_past(L_, H, Dh)
+    uk, uv = E.empty_past(L_, H, Dh)  # the unconditional pass's cache (guidance only)
+    uncond1 = np.zeros((1, 1, len(cvec)), np.float32)
     tok = np.array([[C.BOS]], np.int64)
     voi = np.array([[C.VOICE_START]], np.int64)
     out = []
@@ -27,7 +29,15 @@ def generate(sess, dims, cvec, steps, rng, temperature=1.0, top_p=0.95, max_hold
     for _ in range(steps * 4):
         lg, pk, pv = sess.run(["logits", "present_k", "present_v"],
                               dict(tokens=tok, voices=voi, cond=cond1, past_k=pk, past_v=pv))
-        x = lg[0, -1].astype(np.float64) / temperature
+        x = lg[0, -1].astype(np.float64)
+        if guidance != 1.0:
+            # classifier-free guidance: uncond + w (cond - uncond); the all-unknown vector is the
+            # unconditional model the condition dropout trained
+            lu, uk, uv = sess.run(["logits", "present_k", "present_v"],
+                                  dict(tokens=tok, voices=voi, cond=uncond1, past_k=uk, past_v=uv))
+            xu = lu[0, -1].astype(np.float64)
+            x = xu + guidance * (x - xu)
+        x = x / temperature
         x[C.BOS] = -np.inf
         v = len(out) % 4  # the voice of the token about to be sampled (S, A, T, B, S, ...)
         # As the engine's max_hold_beats: a voice may not repeat its token more than max_hold steps.
@@ -62,6 +72,7 @@ def main():
     ap.add_argument("--steps", type=int, default=64)
     ap.add_argument("--reps", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--guidance", type=float, default=1.0, help="classifier-free guidance weight; 1 = none")
     ap.add_argument("--max-hold-beats", type=float, default=0.0, help="as the scene setting; 0 = no limit")
     args = ap.parse_args()
     card = json.load(open(os.path.splitext(args.onnx)[0] + ".json"))
@@ -75,7 +86,7 @@ def main():
         for val in values:
             for _ in range(args.reps):
                 cvec = np.array(C.cond_vector(style="chorale", **{attr: val}), np.float32)
-                g = C.tokens_to_pitch(generate(sess, dims, cvec, args.steps, rng, max_hold=max_hold))
+                g = C.tokens_to_pitch(generate(sess, dims, cvec, args.steps, rng, max_hold=max_hold, guidance=args.guidance))
                 d, r, m, _ = C.features(g)
                 meas = float(np.mean(d)) if attr == "density" else float(np.nanmean(r))
                 asked.append(val)
@@ -89,7 +100,7 @@ def main():
         for mode in (1, 0):
             for tonic in tonics:
                 cvec = np.array(C.cond_vector(style="chorale", mode=mode, tonic=tonic), np.float32)
-                g = C.tokens_to_pitch(generate(sess, dims, cvec, args.steps, rng, max_hold=max_hold))
+                g = C.tokens_to_pitch(generate(sess, dims, cvec, args.steps, rng, max_hold=max_hold, guidance=args.guidance))
                 hist = np.zeros(12)
                 for p in g[g >= 0]:
                     hist[p % 12] += 1

@@ -57,11 +57,16 @@ class Corpus:
         n = np.array([max(1, len(p["tokens"]) - ctx) for p in self.pieces])
         self.cum = np.concatenate([[0], np.cumsum(n)])
 
-    def sample(self, rng, ctx, transpose, cond_drop):
-        g = int(rng.integers(self.cum[-1]))
-        pi = int(np.searchsorted(self.cum, g, side="right") - 1)
+    def sample(self, rng, ctx, transpose, cond_drop, bos_share=0.0):
+        if bos_share > 0 and rng.random() < bos_share:
+            # A window from the piece's start: the engine composes from BOS, where only the
+            # conditioning can say what key and texture to begin in.
+            pi, s = int(rng.integers(len(self.pieces))), 0
+        else:
+            g = int(rng.integers(self.cum[-1]))
+            pi = int(np.searchsorted(self.cum, g, side="right") - 1)
+            s = g - self.cum[pi]
         p = self.pieces[pi]
-        s = g - self.cum[pi]
         e = min(len(p["tokens"]), s + ctx + 1)
         tok = p["tokens"][s:e].copy()
         voi = p["voices"][s:e]
@@ -87,14 +92,14 @@ class Corpus:
         return tok, voi, cond
 
 
-def make_batch(corpora, weights, rng, B, ctx, transpose=5, cond_drop=True):
+def make_batch(corpora, weights, rng, B, ctx, transpose=5, cond_drop=True, bos_share=0.0):
     X = np.zeros((B, ctx), np.int64)
     V = np.full((B, ctx), C.VOICE_START, np.int64)
     Y = np.full((B, ctx), -100, np.int64)
     Cc = np.zeros((B, ctx, C.COND_DIM), np.float32)
     ci = rng.choice(len(corpora), size=B, p=weights)
     for b in range(B):
-        tok, voi, cond = corpora[ci[b]].sample(rng, ctx, transpose, cond_drop)
+        tok, voi, cond = corpora[ci[b]].sample(rng, ctx, transpose, cond_drop, bos_share)
         n = len(tok) - 1
         X[b, :n] = tok[:-1]
         V[b, :n] = voi[:-1]
@@ -164,6 +169,8 @@ def main():
     ap.add_argument("--wd", type=float, default=0.05)
     ap.add_argument("--weights", default="chorale=0.6,quartet=0.15,palestrina=0.12,folk=0.13")
     ap.add_argument("--transpose", type=int, default=5)
+    ap.add_argument("--bos-share", type=float, default=0.0,
+                    help="share of training windows taken from a piece's start (default: starts uniform)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--max-steps", type=int, default=0, help="stop after this many steps (smoke tests)")
@@ -280,7 +287,8 @@ def main():
     tok_since, t_since = 0, time.time()
     while elapsed < budget and (args.max_steps == 0 or step < args.max_steps):
         t0 = time.time()
-        X, V, Cc, Y = make_batch(corpora, weights, rng, args.batch, args.ctx, args.transpose)
+        X, V, Cc, Y = make_batch(corpora, weights, rng, args.batch, args.ctx, args.transpose,
+                                 bos_share=args.bos_share)
         prog = elapsed / budget
         lr = args.lr * min(1.0, (step + 1) / args.warmup) * (
             args.min_lr_frac + (1 - args.min_lr_frac) * 0.5 * (1 + math.cos(math.pi * min(1.0, prog))))

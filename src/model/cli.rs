@@ -66,6 +66,9 @@ pub enum ModelCmd {
         /// As a scene's `max_hold_beats`: no voice holds a note or rest longer (0 = the model alone).
         #[arg(long, default_value_t = 0.0)]
         max_hold_beats: f32,
+        /// As a scene's `guidance`: classifier-free guidance weight (1 = off).
+        #[arg(long, default_value_t = 1.0)]
+        guidance: f32,
     },
     /// Per-step (4 tokens) decoding latency and tokens/s on one thread, per available backend.
     Bench {
@@ -74,6 +77,10 @@ pub enum ModelCmd {
         /// Steps timed (the cache fills and re-primes every context/8 steps; those count too).
         #[arg(long, default_value_t = 400)]
         steps: usize,
+        /// Also time steps under classifier-free guidance at this weight (two passes a token);
+        /// 1 times plain steps alone.
+        #[arg(long, default_value_t = 2.0)]
+        guidance: f32,
         /// Time only the backend this process runs (how `bench` runs each backend).
         #[arg(long, hide = true)]
         this_process: bool,
@@ -112,25 +119,30 @@ pub fn run(args: ModelArgs) -> anyhow::Result<()> {
             top_p,
             style,
             max_hold_beats,
+            guidance,
         } => control(
             &model.unwrap_or_else(default_model),
             steps,
             reps,
             seed,
-            SamplingParams { temperature, top_p },
             &style,
-            steps_in(max_hold_beats),
+            Decoding {
+                params: SamplingParams { temperature, top_p },
+                max_hold: steps_in(max_hold_beats),
+                guidance,
+            },
         ),
         ModelCmd::Bench {
             model,
             steps,
+            guidance,
             this_process,
         } => {
             let model = model.unwrap_or_else(default_model);
             if this_process {
-                bench_here(&model, steps)
+                bench_here(&model, steps, guidance)
             } else {
-                bench_all(&model, steps)
+                bench_all(&model, steps, guidance)
             }
         }
     }
@@ -272,19 +284,33 @@ fn generate(
         .collect()
 }
 
+/// How `control` decodes, as a scene would.
+struct Decoding {
+    params: SamplingParams,
+    /// Steps a voice may hold (0 = any).
+    max_hold: usize,
+    guidance: f32,
+}
+
 fn control(
     model: &Path,
     steps: usize,
     reps: usize,
     seed: u64,
-    params: SamplingParams,
     style: &str,
-    max_hold: usize,
+    decoding: Decoding,
 ) -> anyhow::Result<()> {
+    let Decoding {
+        params,
+        max_hold,
+        guidance,
+    } = decoding;
     let m = Model::open(model)?;
     let card = m.card.clone();
     // No scale lock: the point is to hear what the model does with the mode it is asked for.
-    let mut src = ModelSource::new(m, 0, false, Mode::Major, seed).with_max_hold(max_hold);
+    let mut src = ModelSource::new(m, 0, false, Mode::Major, seed)
+        .with_max_hold(max_hold)
+        .with_guidance(guidance);
     let base = Conditioning {
         density: None,
         register: None,
@@ -333,12 +359,17 @@ fn control(
     }
     let backend = runtime::backend()?.kind.name();
     let how = format!(
-        "{steps} steps each, temperature {}, top-p {}, style {style}, holds {}, {backend} backend",
+        "{steps} steps each, temperature {}, top-p {}, style {style}, holds {}, guidance {}, \
+         {backend} backend",
         params.temperature,
         params.top_p,
         match max_hold {
             0 => "free".to_string(),
             n => format!("at most {n} steps"),
+        },
+        match guidance {
+            1.0 => "off".to_string(),
+            w => format!("{w}"),
         }
     );
     // As a scene asks: the mode alone (key unknown), and with the scene's tonic beside it.
@@ -398,11 +429,23 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
     sorted[i.min(sorted.len() - 1)]
 }
 
-/// Times `steps` decoding steps in this process's backend.
-fn bench_here(model: &Path, steps: usize) -> anyhow::Result<()> {
+/// Times `steps` decoding steps in this process's backend, plain and (unless `guidance` is 1)
+/// guided.
+fn bench_here(model: &Path, steps: usize, guidance: f32) -> anyhow::Result<()> {
+    let mut weights = vec![1.0];
+    if guidance != 1.0 {
+        weights.push(guidance);
+    }
+    for w in weights {
+        bench_one(model, steps, w)?;
+    }
+    Ok(())
+}
+
+fn bench_one(model: &Path, steps: usize, guidance: f32) -> anyhow::Result<()> {
     let m = Model::open(model)?;
     let backend = runtime::backend()?.clone();
-    let mut src = ModelSource::new(m, 0, true, Mode::Major, 1);
+    let mut src = ModelSource::new(m, 0, true, Mode::Major, 1).with_guidance(guidance);
     let cond = Conditioning {
         density: Some(3.0),
         register: Some(62.0),
@@ -427,8 +470,12 @@ fn bench_here(model: &Path, steps: usize) -> anyhow::Result<()> {
     }
     let total = t0.elapsed().as_secs_f64();
     times.sort_by(f64::total_cmp);
+    let how = match guidance {
+        1.0 => "plain ".to_string(),
+        w => format!("w={w:<4}"),
+    };
     println!(
-        "{:<6} per step (4 tokens): p50 {:.3} ms  p99 {:.3} ms  max {:.3} ms  {:.0} tokens/s  ({steps} steps, 1 thread; {backend})",
+        "{:<6} {how} per step (4 tokens): p50 {:.3} ms  p99 {:.3} ms  max {:.3} ms  {:.0} tokens/s  ({steps} steps, 1 thread; {backend})",
         backend.kind.name(),
         percentile(&times, 0.5),
         percentile(&times, 0.99),
@@ -440,7 +487,7 @@ fn bench_here(model: &Path, steps: usize) -> anyhow::Result<()> {
 
 /// Runs the benchmark once per available backend, each in its own process (`ort` holds one
 /// backend per process).
-fn bench_all(model: &Path, steps: usize) -> anyhow::Result<()> {
+fn bench_all(model: &Path, steps: usize, guidance: f32) -> anyhow::Result<()> {
     let exe = std::env::current_exe().context("finding the roomscore binary")?;
     let mut kinds = Vec::new();
     match runtime::find_dylib() {
@@ -452,6 +499,8 @@ fn bench_all(model: &Path, steps: usize) -> anyhow::Result<()> {
         let status = std::process::Command::new(&exe)
             .args(["model", "bench", "--this-process", "--steps"])
             .arg(steps.to_string())
+            .arg("--guidance")
+            .arg(guidance.to_string())
             .arg("--model")
             .arg(model)
             .env(BACKEND_ENV, kind.name())

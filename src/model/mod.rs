@@ -184,6 +184,7 @@ pub fn load_source(scene: &Scene, seed: u64) -> Result<Box<dyn NoteSource>, Mode
     tracing::info!(
         model = %model.path.display(),
         backend = runtime::backend()?.kind.name(),
+        guidance = scene.generator.guidance,
         "composing with {}",
         model.card.name
     );
@@ -196,6 +197,7 @@ pub fn load_source(scene: &Scene, seed: u64) -> Result<Box<dyn NoteSource>, Mode
             scene.generator.mode,
             seed,
         )
-        .with_max_hold(max_hold),
+        .with_max_hold(max_hold)
+        .with_guidance(scene.generator.guidance),
     ))
 }

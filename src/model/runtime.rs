@@ -292,6 +292,13 @@ impl Cache {
             len: 0,
         }
     }
+
+    /// Becomes a copy of `other`, in the buffers it already has.
+    pub fn copy_from(&mut self, other: &Cache) {
+        self.k.clone_from(&other.k);
+        self.v.clone_from(&other.v);
+        self.len = other.len;
+    }
 }
 
 /// A graph input or output: name, element type, shape (-1 = dynamic).
@@ -415,7 +422,9 @@ impl Net {
             (p + t) as i64,
             self.head_dim as i64,
         ];
-        let take = |name: &str| -> Result<Vec<f32>, ModelError> {
+        // Into the buffers the past came from: a fresh megabyte-sized Vec per token costs page
+        // faults that showed in the step's tail latency.
+        let take = |name: &str, into: &mut Vec<f32>| -> Result<(), ModelError> {
             let (shape, data) = outputs[name].try_extract_tensor::<f32>().map_err(e)?;
             if shape.to_vec() != want {
                 return Err(ort_err(
@@ -423,10 +432,12 @@ impl Net {
                     format!("{name} has shape {shape:?}, expected {want:?}"),
                 ));
             }
-            Ok(data.to_vec())
+            into.clear();
+            into.extend_from_slice(data);
+            Ok(())
         };
-        cache.k = take(self.names.present_k.as_str())?;
-        cache.v = take(self.names.present_v.as_str())?;
+        take(self.names.present_k.as_str(), &mut cache.k)?;
+        take(self.names.present_v.as_str(), &mut cache.v)?;
         cache.len = p + t;
         Ok(logits)
     }

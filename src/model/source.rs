@@ -2,6 +2,11 @@
 //! T, B) per grid step, sampled with temperature and nucleus (top-p) from the engine's seeded
 //! RNG, inside each voice's range and optionally the scene's scale.
 //!
+//! With classifier-free guidance (weight w != 1) every token also goes through the model with the
+//! all-unknown conditioning vector, which condition dropout trained as the unconditional model,
+//! on a second cache, and the logits sampled from are `uncond + w * (cond - uncond)`: the step
+//! costs two passes, and what the conditioning asks for is heard more clearly.
+//!
 //! Decoding keeps one token "pending": the cache holds every token but the last, and the last is
 //! fed, with the conditioning of the step being composed, to get the logits of the next. A
 //! conditioning change therefore reaches the very first token of the next step. When the cache
@@ -107,6 +112,51 @@ pub fn sample(logits: &[f32], allowed: &[bool], params: &SamplingParams, rng: &m
     cand.last().map(|c| c.0).unwrap_or(0)
 }
 
+/// The caches decoding runs on: the conditioned one and, under guidance, the unconditional one
+/// beside it. Both always hold the same tokens at the same positions, so every cut, slide and
+/// snapshot applies to both.
+#[derive(Clone, Debug)]
+struct Caches {
+    cond: Cache,
+    uncond: Option<Cache>,
+}
+
+impl Caches {
+    fn empty(guided: bool) -> Self {
+        Caches {
+            cond: Cache::empty(),
+            uncond: guided.then(Cache::empty),
+        }
+    }
+
+    fn len(&self) -> usize {
+        self.cond.len
+    }
+
+    /// Becomes a copy of `other`, reusing this one's buffers.
+    fn copy_from(&mut self, other: &Caches) {
+        self.cond.copy_from(&other.cond);
+        match (&mut self.uncond, &other.uncond) {
+            (Some(u), Some(o)) => u.copy_from(o),
+            (u, o) => *u = o.clone(),
+        }
+    }
+
+    fn each(&mut self, mut f: impl FnMut(&mut Cache)) {
+        f(&mut self.cond);
+        if let Some(u) = &mut self.uncond {
+            f(u);
+        }
+    }
+}
+
+/// `uncond + w * (cond - uncond)`, in place in `cond`.
+fn guide(cond: &mut [f32], uncond: &[f32], w: f32) {
+    for (c, &u) in cond.iter_mut().zip(uncond) {
+        *c = u + w * (*c - u);
+    }
+}
+
 /// How a full cache makes room: by sliding (drop the oldest positions, turn the kept keys back),
 /// which costs a fraction of a millisecond, or, for a card that does not say how its keys were
 /// rotated, by a fresh pass over the last half-context, which costs one long step.
@@ -114,13 +164,13 @@ struct Slide {
     inv_freq: Vec<f64>,
     /// Caches as they were just before each of the last slides, with their `cache_start`, so a
     /// rollback across a slide restores exactly what was there.
-    before: VecDeque<(usize, Cache)>,
+    before: VecDeque<(usize, Caches)>,
 }
 
 /// Positions dropped per slide: a slide every 16 steps.
 const SLIDE_DROP: usize = 64;
-/// Slides a rollback can reach back across (each keeps a full cache, ~1.2 MB for the shipped
-/// model); rollbacks reach a few beats back, and these span 64 steps.
+/// Slides a rollback can reach back across (each keeps a full cache, ~2.4 MB for the shipped
+/// model, twice that under guidance); rollbacks reach a few beats back, and these span 64 steps.
 const SLIDES_KEPT: usize = 4;
 
 pub struct ModelSource {
@@ -131,6 +181,10 @@ pub struct ModelSource {
     scale_lock: bool,
     /// Steps a voice may repeat its token (hold a note or rest) before it must change; 0 = any.
     max_hold: usize,
+    /// Classifier-free guidance weight: 1 = the conditioned model alone, 0 = unconditional.
+    guidance: f32,
+    /// The all-unknown conditioning vector, for the unconditional pass.
+    unknown: Vec<f32>,
     /// The mode the scale mask uses when the conditioning leaves the mode unknown.
     scene_mode: Mode,
     seed: u64,
@@ -141,7 +195,7 @@ pub struct ModelSource {
     voices: Vec<i64>,
     conds: Vec<f32>,
     base: usize,
-    cache: Cache,
+    cache: Caches,
     cache_start: usize,
     prime_end: usize,
     /// The step the first token after BOS belongs to.
@@ -166,6 +220,7 @@ impl ModelSource {
                 })
                 .collect()
         });
+        let cond_dim = card.conditioning.dim;
         let slide = card.rotary.as_ref().map(|r| Slide {
             inv_freq: r.inv_freq(card.architecture.head_dim),
             before: VecDeque::with_capacity(SLIDES_KEPT),
@@ -177,6 +232,8 @@ impl ModelSource {
             tonic,
             scale_lock,
             max_hold: 0,
+            guidance: 1.0,
+            unknown: vec![0.0; cond_dim],
             scene_mode,
             seed,
             rng: Rng::new(seed),
@@ -184,7 +241,7 @@ impl ModelSource {
             voices: Vec::new(),
             conds: Vec::new(),
             base: 0,
-            cache: Cache::empty(),
+            cache: Caches::empty(false),
             cache_start: 0,
             prime_end: 0,
             start_step: 0,
@@ -200,6 +257,18 @@ impl ModelSource {
     pub fn with_max_hold(mut self, steps: usize) -> Self {
         self.max_hold = steps;
         self
+    }
+
+    /// Steers with classifier-free guidance at weight `w` (1 = off: one pass per token). Starts
+    /// the composition again, since the unconditional cache must hold every token.
+    pub fn with_guidance(mut self, w: f32) -> Self {
+        self.guidance = if w.is_finite() { w.max(0.0) } else { 1.0 };
+        self.start_at(self.start_step);
+        self
+    }
+
+    fn guided(&self) -> bool {
+        self.guidance != 1.0
     }
 
     /// How many steps in a row `voice` has had the token it has now (0 before its first).
@@ -252,11 +321,15 @@ impl ModelSource {
 
     /// One fresh pass over tokens [from, to) (already fed once, so their conditioning is known).
     fn prime(&mut self, from: usize, to: usize) -> Result<(), ModelError> {
-        let mut cache = Cache::empty();
+        let mut cache = Caches::empty(self.guided());
         if to > from {
             let (t, v, c) = self.slice(from, to);
             let (t, v, c) = (t.to_vec(), v.to_vec(), c.to_vec());
-            self.net.forward(&t, &v, &c, &mut cache)?;
+            self.net.forward(&t, &v, &c, &mut cache.cond)?;
+            if let Some(u) = &mut cache.uncond {
+                let unknown = self.unknown.repeat(t.len());
+                self.net.forward(&t, &v, &unknown, u)?;
+            }
         }
         self.cache = cache;
         self.cache_start = from;
@@ -264,20 +337,27 @@ impl ModelSource {
         Ok(())
     }
 
-    /// Feeds the pending token with `cond` and returns the logits that follow it.
+    /// Feeds the pending token with `cond` and returns the logits that follow it (guided, if
+    /// guidance is on).
     fn feed_pending(&mut self, cond: &[f32]) -> Result<Vec<f32>, ModelError> {
         let last = self.end() - 1;
-        if self.cache.len + 1 > self.card.context_length {
+        if self.cache.len() + 1 > self.card.context_length {
             match &mut self.slide {
                 Some(slide) => {
-                    if slide.before.len() == SLIDES_KEPT {
-                        slide.before.pop_front();
-                    }
-                    slide
-                        .before
-                        .push_back((self.cache_start, self.cache.clone()));
-                    let drop = SLIDE_DROP.min(self.cache.len);
-                    self.net.slide(&mut self.cache, drop, &slide.inv_freq);
+                    // The oldest kept cache's buffers take the copy: a slide step allocating
+                    // megabytes was the slowest step of all.
+                    let saved = match slide.before.len() {
+                        SLIDES_KEPT => slide.before.pop_front().map(|(_, mut c)| {
+                            c.copy_from(&self.cache);
+                            c
+                        }),
+                        _ => None,
+                    };
+                    let saved = saved.unwrap_or_else(|| self.cache.clone());
+                    slide.before.push_back((self.cache_start, saved));
+                    let drop = SLIDE_DROP.min(self.cache.len());
+                    let net = &self.net;
+                    self.cache.each(|c| net.slide(c, drop, &slide.inv_freq));
                     self.cache_start += drop;
                 }
                 None => {
@@ -287,12 +367,17 @@ impl ModelSource {
                 }
             }
         }
-        debug_assert_eq!(self.cache_start + self.cache.len, last);
+        debug_assert_eq!(self.cache_start + self.cache.len(), last);
         let d = self.card.conditioning.dim;
         self.conds.truncate((last - self.base) * d);
         self.conds.extend_from_slice(cond);
         let (t, v) = (self.tokens[last - self.base], self.voices[last - self.base]);
-        self.net.forward(&[t], &[v], cond, &mut self.cache)
+        let mut logits = self.net.forward(&[t], &[v], cond, &mut self.cache.cond)?;
+        if let Some(u) = &mut self.cache.uncond {
+            let plain = self.net.forward(&[t], &[v], &self.unknown, u)?;
+            guide(&mut logits, &plain, self.guidance);
+        }
+        Ok(logits)
     }
 
     fn allowed(&self, voice: usize, cond: &Conditioning) -> Vec<bool> {
@@ -406,19 +491,18 @@ impl NoteSource for ModelSource {
         let cached_to = keep - 1;
         let before_slide = self.slide.as_mut().and_then(|sl| {
             let at = sl.before.iter().position(|(c, _)| *c == snap.cache_start)?;
-            let cache = sl.before[at].1.clone();
-            sl.before.truncate(at);
-            Some(cache)
+            sl.before.split_off(at).pop_front().map(|(_, cache)| cache)
         });
+        let net = &self.net;
         if snap.cache_start == self.cache_start && snap.prime_end == self.prime_end {
-            self.net
-                .truncate(&mut self.cache, cached_to - self.cache_start);
+            let len = cached_to - self.cache_start;
+            self.cache.each(|c| net.truncate(c, len));
         } else if let Some(cache) = before_slide {
             // Slid since: the cache from just before that slide, cut back to the step.
             self.cache = cache;
             self.cache_start = snap.cache_start;
-            self.net
-                .truncate(&mut self.cache, cached_to - self.cache_start);
+            let len = cached_to - self.cache_start;
+            self.cache.each(|c| net.truncate(c, len));
         } else if self.slide.is_some() {
             // Slid further back than the kept caches reach: a fresh pass over the same tokens
             // hears the same window, if not with exactly the keys it had.
@@ -431,7 +515,10 @@ impl NoteSource for ModelSource {
                 for i in snap.prime_end..cached_to {
                     let (t, v, c) = s.slice(i, i + 1);
                     let (t, v, c) = (t.to_vec(), v.to_vec(), c.to_vec());
-                    s.net.forward(&t, &v, &c, &mut s.cache)?;
+                    s.net.forward(&t, &v, &c, &mut s.cache.cond)?;
+                    if let Some(u) = &mut s.cache.uncond {
+                        s.net.forward(&t, &v, &s.unknown, u)?;
+                    }
                 }
                 Ok(())
             };
@@ -447,7 +534,7 @@ impl NoteSource for ModelSource {
         self.voices = vec![c.voices.start_id];
         self.conds.clear();
         self.base = 0;
-        self.cache = Cache::empty();
+        self.cache = Caches::empty(self.guided());
         self.cache_start = 0;
         self.prime_end = 0;
         if let Some(sl) = &mut self.slide {

@@ -70,6 +70,9 @@ pub struct GeneratorSettings {
     /// The model may not hold a note or a rest in one voice longer than this (0 = no limit):
     /// sampled holds feed on themselves, and a still room would get one chord for minutes.
     pub max_hold_beats: f32,
+    /// Classifier-free guidance weight for the model (1 = off). Above 1 the room's asks are
+    /// heard more clearly, at the cost of a second pass per token.
+    pub guidance: f32,
     pub velocity: f32,
     pub seed: u64,
 }

@@ -54,6 +54,7 @@ pub struct RawGenerator {
     pub lookahead: Option<f64>,
     pub scale_lock: Option<bool>,
     pub max_hold_beats: Option<f32>,
+    pub guidance: Option<f32>,
     pub velocity: Option<f32>,
     pub seed: Option<u64>,
 }

@@ -184,6 +184,7 @@ fn build(c: &mut Checker, raw: RawScene, path: &Path, base_dir: &Path) -> Scene 
             0.0,
             64.0,
         ),
+        guidance: c.range(&gp("guidance"), g.guidance.unwrap_or(1.0), 0.0, 8.0),
         velocity: c.range(&gp("velocity"), g.velocity.unwrap_or(0.7), 0.0, 1.0),
         seed: g.seed.unwrap_or(1),
     };
@@ -603,6 +604,18 @@ range = [1.0, 6.0]
         let p = &err.problems()[0];
         assert_eq!(p.field, "master.limiter_lookahead_ms");
         assert!(p.message.contains("50"), "{}", p.message);
+    }
+
+    #[test]
+    fn guidance_defaults_off_and_is_bounded() {
+        assert_eq!(parse(GOOD).unwrap().generator.guidance, 1.0);
+        let text = format!("{GOOD}\n[generator]\nguidance = -1.5\n");
+        let err = parse(&text).unwrap_err();
+        let p = &err.problems()[0];
+        assert_eq!(p.field, "generator.guidance");
+        assert!(p.message.contains("-1.5"), "{}", p.message);
+        let text = format!("{GOOD}\n[generator]\nguidance = 2.5\n");
+        assert_eq!(parse(&text).unwrap().generator.guidance, 2.5);
     }
 
     #[test]
