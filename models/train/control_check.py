@@ -27,14 +27,12 @@ def generate(sess, dims, cvec, steps, rng, temperature=1.0, top_p=0.95, max_hold
     out = []
     cond1 = cvec[None, None, :].astype(np.float32)
     for _ in range(steps * 4):
-        lg, pk, pv = sess.run(["logits", "present_k", "present_v"],
-                              dict(tokens=tok, voices=voi, cond=cond1, past_k=pk, past_v=pv))
+        lg, pk, pv = E.run(sess, tok, voi, cond1, pk, pv)
         x = lg[0, -1].astype(np.float64)
         if guidance != 1.0:
             # classifier-free guidance: uncond + w (cond - uncond); the all-unknown vector is the
             # unconditional model the condition dropout trained
-            lu, uk, uv = sess.run(["logits", "present_k", "present_v"],
-                                  dict(tokens=tok, voices=voi, cond=uncond1, past_k=uk, past_v=uv))
+            lu, uk, uv = E.run(sess, tok, voi, uncond1, uk, uv)
             xu = lu[0, -1].astype(np.float64)
             x = xu + guidance * (x - xu)
         x = x / temperature

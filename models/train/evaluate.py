@@ -50,6 +50,28 @@ def empty_past(layers, heads, dh):
     return z, z.copy()
 
 
+def run(sess, tokens, voices, cond, past_k, past_v, cache=True):
+    """One pass through the graph -> (logits, present_k, present_v), the cache packed [L,1,H,P,dh]
+    here whichever way the graph takes it: one past_k/past_v input (the first models) or one per
+    layer (past_k_0..L-1, past_v_0..L-1). cache=False returns (logits, None, None)."""
+    names = {i.name for i in sess.get_inputs()}
+    feed = dict(tokens=tokens, voices=voices, cond=cond)
+    if "past_k" in names:
+        feed.update(past_k=past_k, past_v=past_v)
+        outs = ["logits", "present_k", "present_v"] if cache else ["logits"]
+        r = sess.run(outs, feed)
+        return (r[0], r[1], r[2]) if cache else (r[0], None, None)
+    L = past_k.shape[0]
+    for i in range(L):
+        feed[f"past_k_{i}"] = np.ascontiguousarray(past_k[i])
+        feed[f"past_v_{i}"] = np.ascontiguousarray(past_v[i])
+    outs = ["logits"] + ([f"present_k_{i}" for i in range(L)] + [f"present_v_{i}" for i in range(L)] if cache else [])
+    r = sess.run(outs, feed)
+    if not cache:
+        return r[0], None, None
+    return r[0], np.stack(r[1:1 + L]), np.stack(r[1 + L:])
+
+
 def log_softmax(x):
     m = x.max(-1, keepdims=True)
     return x - m - np.log(np.exp(x - m).sum(-1, keepdims=True))
@@ -65,7 +87,7 @@ def score_piece(sess, tok_grid, ctx, dims, cvec=None):
         pk, pv = empty_past(L_, H, Dh)
         T = e - s
         cond = np.broadcast_to(cvec, (1, T, C.COND_DIM)).astype(np.float32)
-        logits = sess.run(["logits"], dict(tokens=tok[None, s:e], voices=voi[None, s:e], cond=cond, past_k=pk, past_v=pv))[0][0]
+        logits = run(sess, tok[None, s:e], voi[None, s:e], cond, pk, pv, cache=False)[0][0]
         lp = log_softmax(logits.astype(np.float64))
         j = np.arange(f, e)
         nll = -lp[j - s - 1, tok[j]]

@@ -26,16 +26,20 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common as C  # noqa: E402
 import evaluate as E  # noqa: E402
-from model import ROPE_BASE, Composer, n_params  # noqa: E402
+from model import ROPE_BASE, Composer, PerLayerCache, n_params  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 MODELS = os.path.abspath(os.path.join(HERE, ".."))
 
-IN_NAMES = ["tokens", "voices", "cond", "past_k", "past_v"]
-OUT_NAMES = ["logits", "present_k", "present_v"]
+def cache_names(kind, layers):
+    """past_k_0..L-1, past_v_0..L-1 (kind "past") or the same for "present"."""
+    return [f"{kind}_k_{i}" for i in range(layers)] + [f"{kind}_v_{i}" for i in range(layers)]
 
 
 def export(model, path):
+    """The graph takes and gives the cache one tensor per layer ([1, H, P, dh]): a packed
+    [L, 1, H, P, dh] cache cost a copy to split and another to pack on every token, about a third
+    of a token's time at full context under onnxruntime."""
     model.eval()
     L, H, Dh = model.layers, model.heads, model.dh
     T, P = 5, 3  # trace with P > 0 so nothing specialises on an empty cache
@@ -43,17 +47,16 @@ def export(model, path):
         torch.randint(2, C.VOCAB_SIZE, (1, T)),
         torch.tensor([[0, 1, 2, 3, 0]]),
         torch.rand(1, T, C.COND_DIM),
-        torch.randn(L, 1, H, P, Dh),
-        torch.randn(L, 1, H, P, Dh),
+        *[torch.randn(1, H, P, Dh) for _ in range(2 * L)],
     )
+    dynamic = {"tokens": {1: "T"}, "voices": {1: "T"}, "cond": {1: "T"}, "logits": {1: "T"}}
+    dynamic.update({n: {2: "P"} for n in cache_names("past", L)})
+    dynamic.update({n: {2: "P_plus_T"} for n in cache_names("present", L)})
     torch.onnx.export(
-        model, args, path, opset_version=17, input_names=IN_NAMES, output_names=OUT_NAMES,
-        dynamic_axes={
-            "tokens": {1: "T"}, "voices": {1: "T"}, "cond": {1: "T"},
-            "past_k": {3: "P"}, "past_v": {3: "P"},
-            "logits": {1: "T"}, "present_k": {3: "P_plus_T"}, "present_v": {3: "P_plus_T"},
-        },
-        do_constant_folding=True,
+        PerLayerCache(model).eval(), args, path, opset_version=17,
+        input_names=["tokens", "voices", "cond"] + cache_names("past", L),
+        output_names=["logits"] + cache_names("present", L),
+        dynamic_axes=dynamic, do_constant_folding=True,
     )
 
 
@@ -72,8 +75,7 @@ def verify(model, sess, tok, voi, cond):
     L, H, Dh = model.layers, model.heads, model.dh
     N = len(tok)
     pk0, pv0 = E.empty_past(L, H, Dh)
-    feed = dict(tokens=tok[None], voices=voi[None], cond=cond[None], past_k=pk0, past_v=pv0)
-    full, fk, fv = sess.run(OUT_NAMES, feed)
+    full, fk, fv = E.run(sess, tok[None], voi[None], cond[None], pk0, pv0)
     with torch.no_grad():
         tk, tv = model.empty_cache(1)
         tl, tpk, tpv = model(torch.from_numpy(tok[None]), torch.from_numpy(voi[None]), torch.from_numpy(cond[None]), tk, tv)
@@ -86,7 +88,7 @@ def verify(model, sess, tok, voi, cond):
         if i >= N:
             break
         j = min(N, i + sz)
-        lg, pk, pv = sess.run(OUT_NAMES, dict(tokens=tok[None, i:j], voices=voi[None, i:j], cond=cond[None, i:j], past_k=pk, past_v=pv))
+        lg, pk, pv = E.run(sess, tok[None, i:j], voi[None, i:j], cond[None, i:j], pk, pv)
         inc.append(lg)
         i = j
     inc = np.concatenate(inc, axis=1)
@@ -94,8 +96,8 @@ def verify(model, sess, tok, voi, cond):
     d_inc_kv = float(max(np.abs(pk - fk).max(), np.abs(pv - fv).max()))
     # rollback: truncate the cache to position r and decode again -> same logits
     r = N // 2
-    lg, _, _ = sess.run(OUT_NAMES, dict(tokens=tok[None, r:], voices=voi[None, r:], cond=cond[None, r:],
-                                        past_k=np.ascontiguousarray(fk[:, :, :, :r]), past_v=np.ascontiguousarray(fv[:, :, :, :r])))
+    lg, _, _ = E.run(sess, tok[None, r:], voi[None, r:], cond[None, r:],
+                     np.ascontiguousarray(fk[:, :, :, :r]), np.ascontiguousarray(fv[:, :, :, :r]), cache=False)
     d_roll = float(np.abs(lg - full[:, r:]).max())
     return dict(onnx_vs_torch_logits_max_abs=d_torch, onnx_vs_torch_cache_max_abs=d_torch_kv,
                 incremental_vs_full_logits_max_abs=d_inc, incremental_vs_full_cache_max_abs=d_inc_kv,
@@ -208,9 +210,8 @@ def main():
     tk, vc, _ = C.piece_sequence(test[0])
     pk, pv = E.empty_past(L, H, Dh)
     n0 = min(ctx, len(tk))
-    lg = sess.run(["logits"], dict(tokens=tk[None, :n0], voices=vc[None, :n0],
-                                   cond=np.broadcast_to(C.eval_cond(), (1, n0, C.COND_DIM)).astype(np.float32),
-                                   past_k=pk, past_v=pv))[0][0]
+    lg = E.run(sess, tk[None, :n0], vc[None, :n0],
+               np.broadcast_to(C.eval_cond(), (1, n0, C.COND_DIM)).astype(np.float32), pk, pv, cache=False)[0][0]
     fx["reference_logits"] = [[round(float(x), 6) for x in lg[i]] for i in range(8)]
     os.makedirs(os.path.join(MODELS, "fixtures"), exist_ok=True)
     json.dump(fx, open(os.path.join(MODELS, "fixtures", "jsb_test_slice.json"), "w"))
@@ -290,7 +291,7 @@ def main():
         ),
         context_length=ctx,
         max_positions=cfg["max_pos"],
-        positions="rotary; positions of the T new tokens are P .. P+T-1 where P = past_k.shape[3]; keep P+T <= "
+        positions="rotary; positions of the T new tokens are P .. P+T-1 where P = past_k_0.shape[2]; keep P+T <= "
                   "context_length (trained length); when the cache is full, slide it: drop its oldest positions and "
                   "rotate every kept key back by as many positions (see rotary), so the first kept token reads as "
                   "position 0",
@@ -303,16 +304,16 @@ def main():
                 dict(name="tokens", dtype="int64", shape=[1, "T"]),
                 dict(name="voices", dtype="int64", shape=[1, "T"]),
                 dict(name="cond", dtype="float32", shape=[1, "T", C.COND_DIM]),
-                dict(name="past_k", dtype="float32", shape=[L, 1, H, "P", Dh]),
-                dict(name="past_v", dtype="float32", shape=[L, 1, H, "P", Dh]),
+                *[dict(name=n, dtype="float32", shape=[1, H, "P", Dh]) for n in cache_names("past", L)],
             ],
             outputs=[
                 dict(name="logits", dtype="float32", shape=[1, "T", C.VOCAB_SIZE]),
-                dict(name="present_k", dtype="float32", shape=[L, 1, H, "P+T", Dh]),
-                dict(name="present_v", dtype="float32", shape=[L, 1, H, "P+T", Dh]),
+                *[dict(name=n, dtype="float32", shape=[1, H, "P+T", Dh]) for n in cache_names("present", L)],
             ],
-            empty_cache="P = 0 (zero-size past_k/past_v) is accepted by onnxruntime",
-            rollback="truncate present_k/present_v along axis 3 to the kept prefix length and decode again",
+            cache="one key and one value tensor per layer, [1, heads, P, head_dim]: past_k_0..L-1 then "
+                  "past_v_0..L-1 in, present_k_0..L-1 then present_v_0..L-1 out",
+            empty_cache="P = 0 (zero-size past tensors) is accepted by onnxruntime",
+            rollback="truncate every present tensor along axis 2 to the kept prefix length and decode again",
             op_types=op_types(onnx_path),
         ),
         architecture=dict(type="decoder-only transformer, pre-LayerNorm, rotary positions, GELU (tanh) MLP",
@@ -331,7 +332,9 @@ def main():
         splits=dict(jsb_train=dict(pieces=229, steps=55228), jsb_valid=dict(pieces=76, steps=18408),
                     jsb_test=dict(pieces=77, steps=18900)),
         training=dict(
-            checkpoint="best JSB valid NLL" if ck is not None else "RANDOM INIT (pipeline test)",
+            checkpoint=("RANDOM INIT (pipeline test)" if ck is None else
+                        f"best JSB valid NLL, rebuilt from {ck['recovered_from']} by recover.py" if ck.get("recovered_from")
+                        else "best JSB valid NLL"),
             selected_step=ck["step"] if ck is not None else None,
             steps=summary.get("steps"), tokens_seen=summary.get("tokens"),
             train_minutes=summary.get("train_minutes"), tokens_per_s=round(summary["tokens_per_s"]) if summary else None,

@@ -95,8 +95,15 @@ class Composer(nn.Module):
     def forward(self, tokens, voices, cond, past_k, past_v):
         """tokens/voices int64 [B,T]; cond float [B,T,C]; past_k/v [L,B,H,P,dh].
         Returns logits [B,T,V], present_k/v [L,B,H,P+T,dh]. Positions run P .. P+T-1."""
+        logits, ks, vs = self.step(tokens, voices, cond, [past_k[i] for i in range(self.layers)],
+                                   [past_v[i] for i in range(self.layers)])
+        return logits, torch.stack(ks), torch.stack(vs)
+
+    def step(self, tokens, voices, cond, past_ks, past_vs):
+        """As forward, with the cache as one [B,H,P,dh] tensor per layer in and out (how the ONNX
+        graph takes it: a packed cache costs a copy to split it and another to pack it again)."""
         T = tokens.shape[1]
-        P = past_k.shape[3]
+        P = past_ks[0].shape[2]
         x = self.tok(tokens) + self.voice(voices) + self.cond(cond)
         x = self.drop(x)
         cos = self.cos_t[P : P + T]
@@ -105,13 +112,26 @@ class Composer(nn.Module):
         kpos = self.pos_t[: P + T]
         # causal bias: 0 where key pos <= query pos, -1e9 * (k - q) (<= -1e9) otherwise
         bias = torch.clamp(kpos.unsqueeze(0) - qpos.unsqueeze(1), min=0.0) * -1e9
-        pk, pv = [], []
+        ks, vs = [], []
         for i, blk in enumerate(self.blocks):
-            x, k, v = blk(x, cos, sin, bias, past_k[i], past_v[i])
-            pk.append(k.unsqueeze(0))
-            pv.append(v.unsqueeze(0))
-        logits = self.head(self.ln_f(x))
-        return logits, torch.cat(pk, dim=0), torch.cat(pv, dim=0)
+            x, k, v = blk(x, cos, sin, bias, past_ks[i], past_vs[i])
+            ks.append(k)
+            vs.append(v)
+        return self.head(self.ln_f(x)), ks, vs
+
+
+class PerLayerCache(nn.Module):
+    """The exported graph: inputs tokens, voices, cond, past_k_0..L-1, past_v_0..L-1; outputs
+    logits, present_k_0..L-1, present_v_0..L-1."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, tokens, voices, cond, *past):
+        L = self.model.layers
+        logits, ks, vs = self.model.step(tokens, voices, cond, list(past[:L]), list(past[L:]))
+        return (logits, *ks, *vs)
 
 
 def n_params(model):

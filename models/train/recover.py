@@ -75,7 +75,7 @@ def main():
     L, H, Dh = a["layers"], a["heads"], a["head_dim"]
     pk, pv = E.empty_past(L, H, Dh)
     sess = E.session(args.onnx)
-    want = sess.run(["logits"], dict(tokens=tok[None], voices=voi[None], cond=cond, past_k=pk, past_v=pv))[0]
+    want = E.run(sess, tok[None], voi[None], cond, pk, pv, cache=False)[0]
     with torch.no_grad():
         got = model(torch.tensor(tok[None]), torch.tensor(voi[None]), torch.tensor(cond),
                     torch.tensor(pk), torch.tensor(pv))[0].numpy()
@@ -88,8 +88,10 @@ def main():
     os.makedirs(os.path.dirname(out), exist_ok=True)
     summary = os.path.join(HERE, "runs", args.run, "summary.json")
     s = json.load(open(summary)) if os.path.exists(summary) else {}
-    torch.save(dict(model=model.state_dict(), cfg=cfg, step=s.get("steps"), tokens=s.get("tokens"),
-                    recovered_from=os.path.basename(args.onnx)), out)
+    best = min(s.get("history", []), key=lambda h: h["valid_nll"], default={})
+    torch.save(dict(model=model.state_dict(), cfg=s.get("cfg", cfg), args=s.get("args", dict(ctx=card["context_length"])),
+                    step=best.get("step", s.get("steps")), tokens=best.get("tokens", s.get("tokens")),
+                    best=s.get("best_valid_nll"), recovered_from=os.path.basename(args.onnx)), out)
     print(f"wrote {out}")
 
 

@@ -164,18 +164,24 @@ impl Rotary {
     }
 }
 
-/// The ONNX names by role. The card lists inputs as tokens, voices, cond, past_k, past_v and
-/// outputs as logits, present_k, present_v; the names themselves come from the card.
+/// The ONNX names by role; the names themselves come from the card. The cache comes either
+/// packed, one key and one value tensor [layers, 1, heads, P, head_dim] (inputs tokens, voices,
+/// cond, past_k, past_v; outputs logits, present_k, present_v), or per layer, [1, heads, P,
+/// head_dim] each (inputs tokens, voices, cond, the layers' keys, the layers' values; outputs
+/// logits, then keys and values likewise). The per-layer graph spares two copies of the whole
+/// cache per token.
 #[derive(Clone, Debug)]
 pub struct IoNames {
+    pub per_layer: bool,
     pub tokens: String,
     pub voices: String,
     pub cond: String,
-    pub past_k: String,
-    pub past_v: String,
     pub logits: String,
-    pub present_k: String,
-    pub present_v: String,
+    /// One name each (packed) or one per layer.
+    pub past_k: Vec<String>,
+    pub past_v: Vec<String>,
+    pub present_k: Vec<String>,
+    pub present_v: Vec<String>,
 }
 
 /// Where a model's card lives: `X.json` beside `X.onnx`.
@@ -358,23 +364,55 @@ impl Card {
                 "layers, heads and head_dim must be positive",
             ));
         }
-        if self.onnx.inputs.len() != 5 || self.onnx.outputs.len() != 3 {
+        let (ins, outs) = (self.onnx.inputs.len(), self.onnx.outputs.len());
+        // Cache tensors per direction: 2 packed, or a key and a value per layer.
+        let per_dir = if self.cache_per_layer() {
+            2 * a.layers
+        } else {
+            2
+        };
+        if ins != 3 + per_dir || outs != 1 + per_dir {
             return Err(self.bad(
                 "onnx.inputs/outputs",
-                "expected 5 inputs (tokens, voices, cond, past_k, past_v) and 3 outputs (logits, present_k, present_v)",
+                format!(
+                    "{ins} inputs and {outs} outputs: expected tokens, voices, cond and the cache in \
+                     (past_k, past_v, or a key and a value per layer: {} more), logits and the cache \
+                     out",
+                    2 * a.layers
+                ),
             ));
         }
         let cache = |last: &str| {
-            vec![
-                Dim::Fixed(a.layers as i64),
+            let mut dims = vec![
                 Dim::Fixed(1),
                 Dim::Fixed(a.heads as i64),
                 Dim::Symbol(last.into()),
                 Dim::Fixed(a.head_dim as i64),
-            ]
+            ];
+            if !self.cache_per_layer() {
+                dims.insert(0, Dim::Fixed(a.layers as i64));
+            }
+            dims
         };
         let t = || Dim::Symbol("T".into());
-        let expect: [(&Io, &str, Vec<Dim>, &str); 8] = [
+        let mut expect: Vec<(&Io, &str, Vec<Dim>, String)> = Vec::new();
+        for (k, io) in self.onnx.inputs[3..].iter().enumerate() {
+            expect.push((
+                io,
+                "float32",
+                cache("P"),
+                format!("onnx.inputs[{}] (cache)", 3 + k),
+            ));
+        }
+        for (k, io) in self.onnx.outputs[1..].iter().enumerate() {
+            expect.push((
+                io,
+                "float32",
+                cache("P+T"),
+                format!("onnx.outputs[{}] (cache)", 1 + k),
+            ));
+        }
+        let fixed: [(&Io, &str, Vec<Dim>, &str); 4] = [
             (
                 &self.onnx.inputs[0],
                 "int64",
@@ -394,37 +432,17 @@ impl Card {
                 "onnx.inputs[2] (cond)",
             ),
             (
-                &self.onnx.inputs[3],
-                "float32",
-                cache("P"),
-                "onnx.inputs[3] (past_k)",
-            ),
-            (
-                &self.onnx.inputs[4],
-                "float32",
-                cache("P"),
-                "onnx.inputs[4] (past_v)",
-            ),
-            (
                 &self.onnx.outputs[0],
                 "float32",
                 vec![Dim::Fixed(1), t(), Dim::Fixed(v.size as i64)],
                 "onnx.outputs[0] (logits)",
             ),
-            (
-                &self.onnx.outputs[1],
-                "float32",
-                cache("P+T"),
-                "onnx.outputs[1] (present_k)",
-            ),
-            (
-                &self.onnx.outputs[2],
-                "float32",
-                cache("P+T"),
-                "onnx.outputs[2] (present_v)",
-            ),
         ];
-        for (io, dtype, shape, field) in expect {
+        let fixed = fixed
+            .into_iter()
+            .map(|(io, d, s, f)| (io, d, s, f.to_string()));
+        for (io, dtype, shape, field) in fixed.chain(expect) {
+            let field = field.as_str();
             if io.dtype != dtype {
                 return Err(self.bad(
                     field,
@@ -448,18 +466,34 @@ impl Card {
         Ok(())
     }
 
+    /// Whether the graph takes its cache one tensor per layer (rank 4) rather than packed (rank 5).
+    pub fn cache_per_layer(&self) -> bool {
+        self.onnx
+            .inputs
+            .get(3)
+            .is_some_and(|io| io.shape.len() == 4)
+    }
+
     pub fn io_names(&self) -> IoNames {
         let i = |k: usize| self.onnx.inputs[k].name.clone();
         let o = |k: usize| self.onnx.outputs[k].name.clone();
+        // validate() has held the counts to 3 + 2n inputs and 1 + 2n outputs.
+        let n = (self.onnx.inputs.len() - 3) / 2;
+        let names = |list: &[Io]| list.iter().map(|io| io.name.clone()).collect::<Vec<_>>();
+        let (past, present) = (
+            names(&self.onnx.inputs[3..]),
+            names(&self.onnx.outputs[1..]),
+        );
         IoNames {
+            per_layer: self.cache_per_layer(),
             tokens: i(0),
             voices: i(1),
             cond: i(2),
-            past_k: i(3),
-            past_v: i(4),
             logits: o(0),
-            present_k: o(1),
-            present_v: o(2),
+            past_k: past[..n].to_vec(),
+            past_v: past[n..].to_vec(),
+            present_k: present[..n].to_vec(),
+            present_v: present[n..].to_vec(),
         }
     }
 
@@ -542,4 +576,69 @@ fn field_of(message: &str) -> String {
         .nth(1)
         .map(str::to_string)
         .unwrap_or_else(|| "(structure)".into())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::{json, Value};
+
+    fn shipped() -> Value {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("models/roomscore-satb.json");
+        serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
+    }
+
+    fn parse(v: &Value) -> Result<Card, ModelError> {
+        Card::parse(&v.to_string(), Path::new("models/x.json"))
+    }
+
+    /// The first models' layout: one packed key and one packed value tensor each way.
+    fn packed(mut v: Value) -> Value {
+        let a = &v["architecture"];
+        let (l, h, d) = (
+            a["layers"].clone(),
+            a["heads"].clone(),
+            a["head_dim"].clone(),
+        );
+        let cache = |name: &str, len: &str| json!({"name": name, "dtype": "float32", "shape": [l, 1, h, len, d]});
+        let onnx = &mut v["onnx"];
+        let ins = onnx["inputs"].as_array_mut().unwrap();
+        ins.truncate(3);
+        ins.extend([cache("past_k", "P"), cache("past_v", "P")]);
+        let outs = onnx["outputs"].as_array_mut().unwrap();
+        outs.truncate(1);
+        outs.extend([cache("present_k", "P+T"), cache("present_v", "P+T")]);
+        v
+    }
+
+    #[test]
+    fn the_cache_comes_per_layer_or_packed() {
+        let card = parse(&shipped()).unwrap();
+        let names = card.io_names();
+        assert!(names.per_layer);
+        let layers = card.architecture.layers;
+        assert_eq!(names.past_k.len(), layers);
+        assert_eq!(names.present_v.len(), layers);
+        assert_eq!(names.past_v[0], "past_v_0");
+
+        let card = parse(&packed(shipped())).unwrap();
+        let names = card.io_names();
+        assert!(!names.per_layer);
+        assert_eq!(names.past_k, ["past_k"]);
+        assert_eq!(names.present_v, ["present_v"]);
+    }
+
+    #[test]
+    fn a_missing_cache_tensor_is_named() {
+        let mut v = shipped();
+        v["onnx"]["inputs"].as_array_mut().unwrap().pop();
+        let err = parse(&v).unwrap_err().to_string();
+        assert!(err.contains("onnx.inputs/outputs"), "{err}");
+        assert!(err.contains("10 inputs"), "{err}");
+
+        let mut v = shipped();
+        v["onnx"]["outputs"][3]["shape"][1] = json!(8);
+        let err = parse(&v).unwrap_err().to_string();
+        assert!(err.contains("onnx.outputs[3] (cache)"), "{err}");
+    }
 }

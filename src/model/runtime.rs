@@ -8,11 +8,12 @@
 //! here. The choice is made once, logged in one line, and can be forced with
 //! `ROOMSCORE_MODEL_BACKEND=ort|tract` (the benchmark runs itself once per backend that way).
 
+use std::borrow::Cow;
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
 use ort::session::builder::GraphOptimizationLevel;
-use ort::session::Session;
+use ort::session::{Session, SessionInputValue};
 use ort::value::TensorRef;
 
 use super::card::{Card, IoNames};
@@ -276,7 +277,8 @@ fn dylib_in(dir: &Path) -> Option<PathBuf> {
     libs.pop()
 }
 
-/// The key/value cache, laid out as the graph wants it: [layers, 1, heads, len, head_dim].
+/// The key/value cache, packed [layers, 1, heads, len, head_dim]: as a packed graph takes it, and
+/// for a per-layer graph each layer's block is one of its inputs as it stands.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Cache {
     pub k: Vec<f32>,
@@ -389,19 +391,49 @@ impl Net {
         debug_assert_eq!(voices.len(), t);
         debug_assert_eq!(cond.len(), t * self.cond_dim);
         let p = cache.len;
-        let cache_shape = [self.layers, 1, self.heads, p, self.head_dim];
+        let (layers, heads, head_dim) = (self.layers, self.heads, self.head_dim);
         let path = self.path.clone();
         let e = |e: ort::Error| ort_err(&path, e);
-        let outputs = self
-            .session
-            .run(ort::inputs![
-                self.names.tokens.as_str() => TensorRef::from_array_view(([1usize, t], tokens)).map_err(e)?,
-                self.names.voices.as_str() => TensorRef::from_array_view(([1usize, t], voices)).map_err(e)?,
-                self.names.cond.as_str() => TensorRef::from_array_view(([1usize, t, self.cond_dim], cond)).map_err(e)?,
-                self.names.past_k.as_str() => TensorRef::from_array_view((cache_shape, cache.k.as_slice())).map_err(e)?,
-                self.names.past_v.as_str() => TensorRef::from_array_view((cache_shape, cache.v.as_slice())).map_err(e)?,
-            ])
-            .map_err(e)?;
+        let mut inputs: Vec<(Cow<'_, str>, SessionInputValue<'_>)> = vec![
+            (
+                self.names.tokens.as_str().into(),
+                TensorRef::from_array_view(([1usize, t], tokens))
+                    .map_err(e)?
+                    .into(),
+            ),
+            (
+                self.names.voices.as_str().into(),
+                TensorRef::from_array_view(([1usize, t], voices))
+                    .map_err(e)?
+                    .into(),
+            ),
+            (
+                self.names.cond.as_str().into(),
+                TensorRef::from_array_view(([1usize, t, self.cond_dim], cond))
+                    .map_err(e)?
+                    .into(),
+            ),
+        ];
+        for (names, buf) in [
+            (&self.names.past_k, &cache.k),
+            (&self.names.past_v, &cache.v),
+        ] {
+            if self.names.per_layer {
+                // Views of each layer's block of the packed buffer: no copy on the way in.
+                let block = heads * p * head_dim;
+                for (i, name) in names.iter().enumerate() {
+                    let part = &buf[i * block..(i + 1) * block];
+                    let view = TensorRef::from_array_view(([1usize, heads, p, head_dim], part))
+                        .map_err(e)?;
+                    inputs.push((name.as_str().into(), view.into()));
+                }
+            } else {
+                let shape = [layers, 1, heads, p, head_dim];
+                let view = TensorRef::from_array_view((shape, buf.as_slice())).map_err(e)?;
+                inputs.push((names[0].as_str().into(), view.into()));
+            }
+        }
+        let outputs = self.session.run(inputs).map_err(e)?;
         let (shape, logits) = outputs[self.names.logits.as_str()]
             .try_extract_tensor::<f32>()
             .map_err(e)?;
@@ -415,29 +447,30 @@ impl Net {
             ));
         }
         let logits = logits.to_vec();
-        let want = [
-            self.layers as i64,
-            1,
-            self.heads as i64,
-            (p + t) as i64,
-            self.head_dim as i64,
-        ];
-        // Into the buffers the past came from: a fresh megabyte-sized Vec per token costs page
-        // faults that showed in the step's tail latency.
-        let take = |name: &str, into: &mut Vec<f32>| -> Result<(), ModelError> {
-            let (shape, data) = outputs[name].try_extract_tensor::<f32>().map_err(e)?;
-            if shape.to_vec() != want {
-                return Err(ort_err(
-                    &path,
-                    format!("{name} has shape {shape:?}, expected {want:?}"),
-                ));
-            }
+        let mut want = vec![1, heads as i64, (p + t) as i64, head_dim as i64];
+        if !self.names.per_layer {
+            want.insert(0, layers as i64);
+        }
+        // Into the buffers the past came from, layer after layer: a fresh megabyte-sized Vec per
+        // token costs page faults that showed in the step's tail latency.
+        let take = |names: &[String], into: &mut Vec<f32>| -> Result<(), ModelError> {
             into.clear();
-            into.extend_from_slice(data);
+            for name in names {
+                let (shape, data) = outputs[name.as_str()]
+                    .try_extract_tensor::<f32>()
+                    .map_err(e)?;
+                if shape.to_vec() != want {
+                    return Err(ort_err(
+                        &path,
+                        format!("{name} has shape {shape:?}, expected {want:?}"),
+                    ));
+                }
+                into.extend_from_slice(data);
+            }
             Ok(())
         };
-        take(self.names.present_k.as_str(), &mut cache.k)?;
-        take(self.names.present_v.as_str(), &mut cache.v)?;
+        take(&self.names.present_k, &mut cache.k)?;
+        take(&self.names.present_v, &mut cache.v)?;
         cache.len = p + t;
         Ok(logits)
     }
