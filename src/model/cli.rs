@@ -66,8 +66,9 @@ pub enum ModelCmd {
         /// As a scene's `max_hold_beats`: no voice holds a note or rest longer (0 = the model alone).
         #[arg(long, default_value_t = 0.0)]
         max_hold_beats: f32,
-        /// As a scene's `guidance`: classifier-free guidance weight (1 = off).
-        #[arg(long, default_value_t = 1.0)]
+        /// As a scene's `guidance`: classifier-free guidance weight; the default is the chorale
+        /// scene's, 1 measures the conditioned model alone.
+        #[arg(long, default_value_t = 3.0)]
         guidance: f32,
     },
     /// Per-step (4 tokens) decoding latency and tokens/s on one thread, per available backend.
@@ -77,9 +78,9 @@ pub enum ModelCmd {
         /// Steps timed (the cache fills and re-primes every context/8 steps; those count too).
         #[arg(long, default_value_t = 400)]
         steps: usize,
-        /// Also time steps under classifier-free guidance at this weight (two passes a token);
-        /// 1 times plain steps alone.
-        #[arg(long, default_value_t = 2.0)]
+        /// Also time steps under classifier-free guidance at this weight (two passes a token;
+        /// the default is the chorale scene's); 1 times plain steps alone.
+        #[arg(long, default_value_t = 3.0)]
         guidance: f32,
         /// Time only the backend this process runs (how `bench` runs each backend).
         #[arg(long, hide = true)]
