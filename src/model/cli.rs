@@ -75,7 +75,7 @@ pub enum ModelCmd {
     Bench {
         #[arg(long)]
         model: Option<PathBuf>,
-        /// Steps timed (the cache fills and re-primes every context/8 steps; those count too).
+        /// Steps timed, from an empty cache (once full it slides every 16 steps; those count too).
         #[arg(long, default_value_t = 400)]
         steps: usize,
         /// Also time steps under classifier-free guidance at this weight (two passes a token;

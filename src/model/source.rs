@@ -10,11 +10,13 @@
 //! Decoding keeps one token "pending": the cache holds every token but the last, and the last is
 //! fed, with the conditioning of the step being composed, to get the logits of the next. A
 //! conditioning change therefore reaches the very first token of the next step. When the cache
-//! is full it is re-primed by one fresh pass over the last half-context of tokens (positions are
-//! rotary, so starting again from position 0 is equivalent). Rollback keeps, per step, the RNG
-//! state and how the cache was built, so a rolled-back step decodes exactly as a fresh decode
-//! that took the same path would: truncating the cache is exact because earlier rows never
-//! change, and a rollback across a re-prime rebuilds the cache by replaying the same passes.
+//! is full it slides: the oldest positions go and the kept keys are turned back (the card says
+//! how its rotary positions turn); a card that does not say is re-primed instead, by one fresh
+//! pass over the last half-context. Rollback keeps, per step, the RNG state and how the cache
+//! was built, so a rolled-back step decodes exactly as a fresh decode that took the same path
+//! would: truncating the cache is exact because earlier rows never change, a rollback across a
+//! slide takes back the cache kept from just before it, and one across a re-prime rebuilds the
+//! cache by replaying the same passes.
 
 use std::collections::VecDeque;
 
