@@ -93,7 +93,7 @@ fn card_and_vocabulary_agree_with_the_graph() {
     assert_eq!(logits.len(), 3 * card.vocabulary.size);
     assert_eq!(cache.len, 3);
     assert_eq!(
-        cache.k.len(),
+        cache.keys().len(),
         card.architecture.layers * card.architecture.heads * 3 * card.architecture.head_dim
     );
     // Every pitch token maps back to its pitch; specials are not pitches.
@@ -167,8 +167,8 @@ fn incremental_decoding_gives_the_logits_of_a_full_pass_and_of_python() {
     }
     let d = max_diff(&inc, &full);
     assert!(d < 1e-4, "incremental vs full logits differ by {d}");
-    assert!(max_diff(&cache.k, &full_cache.k) < 1e-4);
-    assert!(max_diff(&cache.v, &full_cache.v) < 1e-4);
+    assert!(max_diff(&cache.keys(), &full_cache.keys()) < 1e-4);
+    assert!(max_diff(&cache.values(), &full_cache.values()) < 1e-4);
 
     // A truncated cache continues exactly like the prefix it keeps.
     let r = 40;
@@ -474,16 +474,16 @@ fn a_slid_cache_holds_the_keys_a_fresh_pass_gives() {
         )
         .unwrap();
     let per_layer = card.architecture.heads * (n - drop) * card.architecture.head_dim;
-    let err = max_diff(&slid.k[..per_layer], &fresh.k[..per_layer]);
+    let err = max_diff(&slid.keys()[..per_layer], &fresh.keys()[..per_layer]);
     assert!(err < 1e-4, "layer 0 keys differ by {err}");
-    assert_eq!(slid.v[..per_layer], fresh.v[..per_layer]);
+    assert_eq!(slid.values()[..per_layer], fresh.values()[..per_layer]);
     // And it is a rotation: without one the keys would be far off.
     let mut unturned = Cache::empty();
     m.net
         .forward(&tokens[..n], &voices[..n], &cond[..n * dim], &mut unturned)
         .unwrap();
     m.net.slide(&mut unturned, drop, &vec![0.0; inv.len()]);
-    assert!(max_diff(&unturned.k[..per_layer], &fresh.k[..per_layer]) > 1e-2);
+    assert!(max_diff(&unturned.keys()[..per_layer], &fresh.keys()[..per_layer]) > 1e-2);
 }
 
 #[test]

@@ -277,29 +277,77 @@ fn dylib_in(dir: &Path) -> Option<PathBuf> {
     libs.pop()
 }
 
-/// The key/value cache, packed [layers, 1, heads, len, head_dim]: as a packed graph takes it, and
-/// for a per-layer graph each layer's block is one of its inputs as it stands.
-#[derive(Clone, Debug, PartialEq)]
+/// The key/value cache. Between passes it stays in the tensors the graph gave back, which the
+/// next pass takes as they are: copying a megabyte-sized cache out of every pass was a third of
+/// a token's time. Sliding, cutting and keeping a copy work on a host copy, packed [layers, 1,
+/// heads, len, head_dim], which a packed graph takes whole and a per-layer graph a block per layer.
+#[derive(Debug, Default)]
 pub struct Cache {
-    pub k: Vec<f32>,
-    pub v: Vec<f32>,
+    /// The host copy; current only while `graph` is empty.
+    k: Vec<f32>,
+    v: Vec<f32>,
+    /// The last pass's present tensors, keys then values (one of each packed, one per layer
+    /// otherwise).
+    graph: Vec<ort::value::DynValue>,
     pub len: usize,
+}
+
+impl Clone for Cache {
+    fn clone(&self) -> Self {
+        let mut c = Cache::empty();
+        c.copy_from(self);
+        c
+    }
 }
 
 impl Cache {
     pub fn empty() -> Self {
-        Cache {
-            k: Vec::new(),
-            v: Vec::new(),
-            len: 0,
-        }
+        Cache::default()
     }
 
     /// Becomes a copy of `other`, in the buffers it already has.
     pub fn copy_from(&mut self, other: &Cache) {
-        self.k.clone_from(&other.k);
-        self.v.clone_from(&other.v);
+        self.graph.clear();
+        if other.graph.is_empty() {
+            self.k.clone_from(&other.k);
+            self.v.clone_from(&other.v);
+        } else {
+            let half = other.graph.len() / 2;
+            gather(&other.graph[..half], &mut self.k);
+            gather(&other.graph[half..], &mut self.v);
+        }
         self.len = other.len;
+    }
+
+    /// The keys, packed [layers, 1, heads, len, head_dim].
+    pub fn keys(&self) -> Vec<f32> {
+        self.clone().k
+    }
+
+    /// The values, packed as the keys.
+    pub fn values(&self) -> Vec<f32> {
+        self.clone().v
+    }
+
+    /// Brings the host copy up to date, for work on it.
+    fn to_host(&mut self) {
+        if !self.graph.is_empty() {
+            let graph = std::mem::take(&mut self.graph);
+            let half = graph.len() / 2;
+            gather(&graph[..half], &mut self.k);
+            gather(&graph[half..], &mut self.v);
+        }
+    }
+}
+
+/// The data of `parts` one after another into `into` (which keeps its buffer).
+fn gather(parts: &[ort::value::DynValue], into: &mut Vec<f32>) {
+    into.clear();
+    for part in parts {
+        // These are the graph's own float tensors, checked when they came back.
+        if let Ok((_, data)) = part.try_extract_tensor::<f32>() {
+            into.extend_from_slice(data);
+        }
     }
 }
 
@@ -414,10 +462,18 @@ impl Net {
                     .into(),
             ),
         ];
+        // The last pass's own tensors, in the order the names list them.
+        let names = self.names.past_k.iter().chain(&self.names.past_v);
+        for (name, value) in names.zip(&cache.graph) {
+            inputs.push((name.as_str().into(), value.into()));
+        }
         for (names, buf) in [
             (&self.names.past_k, &cache.k),
             (&self.names.past_v, &cache.v),
         ] {
+            if !cache.graph.is_empty() {
+                break;
+            }
             if self.names.per_layer {
                 // Views of each layer's block of the packed buffer: no copy on the way in.
                 let block = heads * p * head_dim;
@@ -433,7 +489,7 @@ impl Net {
                 inputs.push((names[0].as_str().into(), view.into()));
             }
         }
-        let outputs = self.session.run(inputs).map_err(e)?;
+        let mut outputs = self.session.run(inputs).map_err(e)?;
         let (shape, logits) = outputs[self.names.logits.as_str()]
             .try_extract_tensor::<f32>()
             .map_err(e)?;
@@ -451,26 +507,22 @@ impl Net {
         if !self.names.per_layer {
             want.insert(0, layers as i64);
         }
-        // Into the buffers the past came from, layer after layer: a fresh megabyte-sized Vec per
-        // token costs page faults that showed in the step's tail latency.
-        let take = |names: &[String], into: &mut Vec<f32>| -> Result<(), ModelError> {
-            into.clear();
-            for name in names {
-                let (shape, data) = outputs[name.as_str()]
-                    .try_extract_tensor::<f32>()
-                    .map_err(e)?;
-                if shape.to_vec() != want {
-                    return Err(ort_err(
-                        &path,
-                        format!("{name} has shape {shape:?}, expected {want:?}"),
-                    ));
-                }
-                into.extend_from_slice(data);
+        let mut present = Vec::with_capacity(2 * self.names.present_k.len());
+        for name in self.names.present_k.iter().chain(&self.names.present_v) {
+            let value = outputs
+                .remove(name.as_str())
+                .ok_or_else(|| ort_err(&path, format!("the graph gave no {name}")))?;
+            let (shape, _) = value.try_extract_tensor::<f32>().map_err(e)?;
+            if shape.to_vec() != want {
+                return Err(ort_err(
+                    &path,
+                    format!("{name} has shape {shape:?}, expected {want:?}"),
+                ));
             }
-            Ok(())
-        };
-        take(&self.names.present_k, &mut cache.k)?;
-        take(&self.names.present_v, &mut cache.v)?;
+            present.push(value);
+        }
+        drop(outputs);
+        cache.graph = present;
         cache.len = p + t;
         Ok(logits)
     }
@@ -479,6 +531,7 @@ impl Net {
     /// rotation by `-drop * inv_freq`), so the cache reads as if its first kept token were at
     /// position 0 and new tokens continue at `len`. Values carry no position and only move.
     pub fn slide(&self, cache: &mut Cache, drop: usize, inv_freq: &[f64]) {
+        cache.to_host();
         let drop = drop.min(cache.len);
         let (old, d) = (cache.len, self.head_dim);
         let (len, half) = (old - drop, d / 2);
@@ -514,6 +567,7 @@ impl Net {
         if len >= cache.len {
             return;
         }
+        cache.to_host();
         let (old, d) = (cache.len, self.head_dim);
         let blocks = self.layers * self.heads;
         let cut = |x: &mut Vec<f32>| {
