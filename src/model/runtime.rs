@@ -330,7 +330,7 @@ impl Cache {
     }
 
     /// Brings the host copy up to date, for work on it.
-    fn bring_home(&mut self) {
+    fn sync_host(&mut self) {
         if !self.graph.is_empty() {
             let graph = std::mem::take(&mut self.graph);
             let half = graph.len() / 2;
@@ -531,7 +531,7 @@ impl Net {
     /// rotation by `-drop * inv_freq`), so the cache reads as if its first kept token were at
     /// position 0 and new tokens continue at `len`. Values carry no position and only move.
     pub fn slide(&self, cache: &mut Cache, drop: usize, inv_freq: &[f64]) {
-        cache.bring_home();
+        cache.sync_host();
         let drop = drop.min(cache.len);
         let (old, d) = (cache.len, self.head_dim);
         let (len, half) = (old - drop, d / 2);
@@ -567,7 +567,7 @@ impl Net {
         if len >= cache.len {
             return;
         }
-        cache.bring_home();
+        cache.sync_host();
         let (old, d) = (cache.len, self.head_dim);
         let blocks = self.layers * self.heads;
         let cut = |x: &mut Vec<f32>| {
