@@ -92,15 +92,48 @@ impl Jack {
     }
 
     /// Starts `jack_capture` on the playback ports for `seconds`.
+    /// Returns once its input ports exist: a capture that had not yet connected when the
+    /// music began (or that died connecting, as it once did in CI) lost the take, and the test
+    /// then found no file at all. A capture that dies is started again, up to three times.
     pub fn capture(&self, to: &Path, seconds: u32) -> std::process::Child {
-        Command::new("jack_capture")
-            .args(["-b", "FLOAT", "-d", &seconds.to_string(), "--daemon"])
-            .arg(to)
+        let log = to.with_extension("capture.log");
+        let mut why = String::new();
+        for _ in 0..3 {
+            let mut child = Command::new("jack_capture")
+                .args(["-b", "FLOAT", "-d", &seconds.to_string(), "--daemon"])
+                .arg(to)
+                .env("JACK_DEFAULT_SERVER", &self.name)
+                .stdout(Stdio::null())
+                .stderr(std::fs::File::create(&log).expect("capture log"))
+                .spawn()
+                .expect("start jack_capture");
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while Instant::now() < deadline {
+                if let Ok(Some(status)) = child.try_wait() {
+                    why = format!(
+                        "{status}: {}",
+                        std::fs::read_to_string(&log).unwrap_or_default()
+                    );
+                    break;
+                }
+                if self.ports().contains("jack_capture:input1") {
+                    return child;
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        panic!("jack_capture never connected to {}: {why}", self.name);
+    }
+
+    /// The server's ports, as `jack_lsp` lists them.
+    pub fn ports(&self) -> String {
+        Command::new("jack_lsp")
             .env("JACK_DEFAULT_SERVER", &self.name)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("start jack_capture")
+            .output()
+            .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+            .unwrap_or_default()
     }
 }
 
