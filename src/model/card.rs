@@ -396,21 +396,14 @@ impl Card {
         };
         let t = || Dim::Symbol("T".into());
         let mut expect: Vec<(&Io, &str, Vec<Dim>, String)> = Vec::new();
-        for (k, io) in self.onnx.inputs[3..].iter().enumerate() {
-            expect.push((
-                io,
-                "float32",
-                cache("P"),
-                format!("onnx.inputs[{}] (cache)", 3 + k),
-            ));
-        }
-        for (k, io) in self.onnx.outputs[1..].iter().enumerate() {
-            expect.push((
-                io,
-                "float32",
-                cache("P+T"),
-                format!("onnx.outputs[{}] (cache)", 1 + k),
-            ));
+        for (list, first, side, len) in [
+            (&self.onnx.inputs, 3, "inputs", "P"),
+            (&self.onnx.outputs, 1, "outputs", "P+T"),
+        ] {
+            for (k, io) in list.iter().enumerate().skip(first) {
+                let field = format!("onnx.{side}[{k}] (cache)");
+                expect.push((io, "float32", cache(len), field));
+            }
         }
         let fixed: [(&Io, &str, Vec<Dim>, &str); 4] = [
             (
