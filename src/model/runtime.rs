@@ -312,9 +312,7 @@ impl Cache {
             self.k.clone_from(&other.k);
             self.v.clone_from(&other.v);
         } else {
-            let half = other.graph.len() / 2;
-            gather(&other.graph[..half], &mut self.k);
-            gather(&other.graph[half..], &mut self.v);
+            gather(&other.graph, &mut self.k, &mut self.v);
         }
         self.len = other.len;
     }
@@ -333,20 +331,22 @@ impl Cache {
     fn sync_host(&mut self) {
         if !self.graph.is_empty() {
             let graph = std::mem::take(&mut self.graph);
-            let half = graph.len() / 2;
-            gather(&graph[..half], &mut self.k);
-            gather(&graph[half..], &mut self.v);
+            gather(&graph, &mut self.k, &mut self.v);
         }
     }
 }
 
-/// The data of `parts` one after another into `into` (which keeps its buffer).
-fn gather(parts: &[ort::value::DynValue], into: &mut Vec<f32>) {
-    into.clear();
-    for part in parts {
-        // These are the graph's own float tensors, checked when they came back.
-        if let Ok((_, data)) = part.try_extract_tensor::<f32>() {
-            into.extend_from_slice(data);
+/// The graph's present tensors (keys, then values) packed into `k` and `v`, which keep their
+/// buffers.
+fn gather(graph: &[ort::value::DynValue], k: &mut Vec<f32>, v: &mut Vec<f32>) {
+    let (keys, values) = graph.split_at(graph.len() / 2);
+    for (parts, into) in [(keys, k), (values, v)] {
+        into.clear();
+        for part in parts {
+            // These are the graph's own float tensors, checked when they came back.
+            if let Ok((_, data)) = part.try_extract_tensor::<f32>() {
+                into.extend_from_slice(data);
+            }
         }
     }
 }
@@ -462,31 +462,31 @@ impl Net {
                     .into(),
             ),
         ];
-        // The last pass's own tensors, in the order the names list them.
+        // The last pass's own tensors, in the order the names list them; before the first
+        // pass and after work on the host copy, views of that copy.
         let names = self.names.past_k.iter().chain(&self.names.past_v);
         for (name, value) in names.zip(&cache.graph) {
             inputs.push((name.as_str().into(), value.into()));
         }
-        for (names, buf) in [
-            (&self.names.past_k, &cache.k),
-            (&self.names.past_v, &cache.v),
-        ] {
-            if !cache.graph.is_empty() {
-                break;
-            }
-            if self.names.per_layer {
-                // Views of each layer's block of the packed buffer: no copy on the way in.
-                let block = heads * p * head_dim;
-                for (i, name) in names.iter().enumerate() {
-                    let part = &buf[i * block..(i + 1) * block];
-                    let view = TensorRef::from_array_view(([1usize, heads, p, head_dim], part))
-                        .map_err(e)?;
-                    inputs.push((name.as_str().into(), view.into()));
+        if cache.graph.is_empty() {
+            for (names, buf) in [
+                (&self.names.past_k, &cache.k),
+                (&self.names.past_v, &cache.v),
+            ] {
+                if self.names.per_layer {
+                    // Views of each layer's block of the packed buffer: no copy on the way in.
+                    let block = heads * p * head_dim;
+                    for (i, name) in names.iter().enumerate() {
+                        let part = &buf[i * block..(i + 1) * block];
+                        let view = TensorRef::from_array_view(([1usize, heads, p, head_dim], part))
+                            .map_err(e)?;
+                        inputs.push((name.as_str().into(), view.into()));
+                    }
+                } else {
+                    let shape = [layers, 1, heads, p, head_dim];
+                    let view = TensorRef::from_array_view((shape, buf.as_slice())).map_err(e)?;
+                    inputs.push((names[0].as_str().into(), view.into()));
                 }
-            } else {
-                let shape = [layers, 1, heads, p, head_dim];
-                let view = TensorRef::from_array_view((shape, buf.as_slice())).map_err(e)?;
-                inputs.push((names[0].as_str().into(), view.into()));
             }
         }
         let mut outputs = self.session.run(inputs).map_err(e)?;
