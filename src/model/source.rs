@@ -144,6 +144,28 @@ impl Caches {
         }
     }
 
+    /// Runs `tokens` through the model after both caches: with `cond` on the conditioned one
+    /// and, under guidance, with `unknown` (one token's all-unknown vector) on the other. Returns
+    /// the conditioned logits and the unconditional ones.
+    fn forward(
+        &mut self,
+        net: &mut Net,
+        (tokens, voices, cond): (&[i64], &[i64], &[f32]),
+        unknown: &[f32],
+    ) -> Result<(Vec<f32>, Option<Vec<f32>>), ModelError> {
+        let logits = net.forward(tokens, voices, cond, &mut self.cond)?;
+        let plain = match &mut self.uncond {
+            // One vector per token; a single token (every decoding step) needs no copy.
+            Some(u) if tokens.len() == 1 => Some(net.forward(tokens, voices, unknown, u)?),
+            Some(u) => {
+                let unknown = unknown.repeat(tokens.len());
+                Some(net.forward(tokens, voices, &unknown, u)?)
+            }
+            None => None,
+        };
+        Ok((logits, plain))
+    }
+
     fn each(&mut self, mut f: impl FnMut(&mut Cache)) {
         f(&mut self.cond);
         if let Some(u) = &mut self.uncond {
@@ -327,11 +349,7 @@ impl ModelSource {
         if to > from {
             let (t, v, c) = self.slice(from, to);
             let (t, v, c) = (t.to_vec(), v.to_vec(), c.to_vec());
-            self.net.forward(&t, &v, &c, &mut cache.cond)?;
-            if let Some(u) = &mut cache.uncond {
-                let unknown = self.unknown.repeat(t.len());
-                self.net.forward(&t, &v, &unknown, u)?;
-            }
+            cache.forward(&mut self.net, (&t, &v, &c), &self.unknown)?;
         }
         self.cache = cache;
         self.cache_start = from;
@@ -374,9 +392,10 @@ impl ModelSource {
         self.conds.truncate((last - self.base) * d);
         self.conds.extend_from_slice(cond);
         let (t, v) = (self.tokens[last - self.base], self.voices[last - self.base]);
-        let mut logits = self.net.forward(&[t], &[v], cond, &mut self.cache.cond)?;
-        if let Some(u) = &mut self.cache.uncond {
-            let plain = self.net.forward(&[t], &[v], &self.unknown, u)?;
+        let (mut logits, plain) =
+            self.cache
+                .forward(&mut self.net, (&[t], &[v], cond), &self.unknown)?;
+        if let Some(plain) = plain {
             guide(&mut logits, &plain, self.guidance);
         }
         Ok(logits)
@@ -517,10 +536,7 @@ impl NoteSource for ModelSource {
                 for i in snap.prime_end..cached_to {
                     let (t, v, c) = s.slice(i, i + 1);
                     let (t, v, c) = (t.to_vec(), v.to_vec(), c.to_vec());
-                    s.net.forward(&t, &v, &c, &mut s.cache.cond)?;
-                    if let Some(u) = &mut s.cache.uncond {
-                        s.net.forward(&t, &v, &s.unknown, u)?;
-                    }
+                    s.cache.forward(&mut s.net, (&t, &v, &c), &s.unknown)?;
                 }
                 Ok(())
             };
