@@ -73,11 +73,7 @@ impl Jack {
             if let Ok(Some(_)) = jack.child.try_wait() {
                 return false;
             }
-            Command::new("jack_lsp")
-                .env("JACK_DEFAULT_SERVER", name)
-                .output()
-                .map(|o| String::from_utf8_lossy(&o.stdout).contains("system:playback_1"))
-                .unwrap_or(false)
+            jack.ports().contains("system:playback_1")
         });
         up.then_some(jack)
     }
