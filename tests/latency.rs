@@ -83,9 +83,12 @@ fn osc_notes_reach_the_jack_ports_and_time_tags_land_on_their_sample() {
         median > 0.0 && median < 2.0 * 256.0,
         "median {median}\n{summary}"
     );
+    // Not before it was sent; the same frame is possible: the probe reads JACK's estimated frame
+    // time just before it sends, and a note the live lane puts at offset 0 of the cycle that
+    // starts on that very frame measures 0 (seen once in CI).
     let settled: Vec<f64> = immediate.iter().filter(|r| !r.1).map(|r| r.0).collect();
     assert!(
-        settled.iter().all(|&d| d > 0.0 && d < 8.0 * 256.0),
+        settled.iter().all(|&d| (0.0..8.0 * 256.0).contains(&d)),
         "{summary}"
     );
 
