@@ -45,6 +45,16 @@ pub struct TonicAttr {
     pub known_flag_index: usize,
 }
 
+/// The key as a pitch-class profile (C first): `m * major[(pc - tonic) % 12] + (1 - m) *
+/// minor[..]` for mode value `m`, filled only when tonic and mode are both known. Absent from
+/// cards of models trained without it.
+#[derive(Clone, Debug, Deserialize)]
+pub struct KeyAttr {
+    pub indices: Vec<usize>,
+    pub major: [f32; 12],
+    pub minor: [f32; 12],
+}
+
 #[derive(Clone, Debug, Deserialize)]
 pub struct CondLayout {
     pub dim: usize,
@@ -55,6 +65,8 @@ pub struct CondLayout {
     pub style: StyleAttr,
     #[serde(default)]
     pub tonic: Option<TonicAttr>,
+    #[serde(default)]
+    pub key: Option<KeyAttr>,
     /// The vector of the published evaluation protocol (everything unknown, style chorale).
     pub eval_vector: Vec<f32>,
 }
@@ -326,6 +338,17 @@ impl Card {
                     "conditioning.tonic",
                     "needs 12 indices (C to B) and a known flag, all inside the vector",
                 ));
+            }
+        }
+        if let Some(k) = &c.key {
+            if c.tonic.is_none() || k.indices.len() != 12 || k.indices.iter().any(|&i| i >= c.dim) {
+                return Err(self.bad(
+                    "conditioning.key",
+                    "needs a tonic section and 12 indices (C to B) inside the vector",
+                ));
+            }
+            if !k.major.iter().chain(&k.minor).all(|x| x.is_finite()) {
+                return Err(self.bad("conditioning.key", "a profile value is not a number"));
             }
         }
         if c.style.order != self.styles {
@@ -633,5 +656,26 @@ mod tests {
         v["onnx"]["outputs"][3]["shape"][1] = json!(8);
         let err = parse(&v).unwrap_err().to_string();
         assert!(err.contains("onnx.outputs[3] (cache)"), "{err}");
+    }
+    #[test]
+    fn a_key_profile_outside_the_vector_or_without_a_tonic_is_named() {
+        let profile = json!([1.0, 0.0, 0.3, 0.0, 0.5, 0.4, 0.1, 0.7, 0.0, 0.3, 0.0, 0.2]);
+        let with_key = |first: usize| {
+            let mut v = shipped();
+            let indices: Vec<usize> = (first..first + 12).collect();
+            v["conditioning"]["key"] =
+                json!({"indices": indices, "major": profile, "minor": profile});
+            v
+        };
+        assert!(parse(&with_key(0)).unwrap().conditioning.key.is_some());
+
+        let dim = shipped()["conditioning"]["dim"].as_u64().unwrap() as usize;
+        let err = parse(&with_key(dim - 6)).unwrap_err().to_string();
+        assert!(err.contains("conditioning.key"), "{err}");
+
+        let mut v = with_key(0);
+        v["conditioning"].as_object_mut().unwrap().remove("tonic");
+        let err = parse(&v).unwrap_err().to_string();
+        assert!(err.contains("conditioning.key"), "{err}");
     }
 }

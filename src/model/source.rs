@@ -61,6 +61,15 @@ pub fn cond_vector(card: &Card, cond: &Conditioning) -> Vec<f32> {
         x[t.indices[(k % 12) as usize]] = 1.0;
         x[t.known_flag_index] = 1.0;
     }
+    if let (Some(key), Some(tonic), Some(m)) =
+        (&c.key, cond.tonic, cond.major.filter(|m| m.is_finite()))
+    {
+        let m = m.clamp(0.0, 1.0);
+        for (pc, &i) in key.indices.iter().enumerate() {
+            let degree = (pc + 12 - (tonic % 12) as usize) % 12;
+            x[i] = m * key.major[degree] + (1.0 - m) * key.minor[degree];
+        }
+    }
     // Unknown style names are ignored; weights that sum to nothing leave the style unknown,
     // which is exactly the all-zero slice the model was trained to read as "any style".
     for (name, w) in &cond.styles {
