@@ -36,6 +36,7 @@ REGISTER_RANGE = (48.0, 80.0)  # MIDI pitch
 
 PITCH_CLASSES = ["C", "C#", "D", "D#", "E", "F", "F#", "G", "G#", "A", "A#", "B"]
 TONIC_INDEX = 10  # first of the 12 tonic columns; TONIC_INDEX + 12 is tonic_known
+KEY_INDEX = 23  # first of the 12 key-profile columns (pitch classes C..B)
 
 # Conditioning vector fed beside every token, float32, in this order:
 COND_NAMES = [
@@ -53,11 +54,40 @@ COND_NAMES = [
     # mode it names the key, which mode alone leaves to the context (the first model ignored it)
     *[f"tonic_{pc}" for pc in PITCH_CLASSES],
     "tonic_known",
+    # the key as a pitch-class profile: the Krumhansl-Schmuckler profile of the mode, rotated to
+    # the tonic and scaled to [0, 1]; zero unless tonic and mode are both known. It says what
+    # tonic x mode means pitch by pitch (A minor stresses C, A major C#), which a linear read of
+    # the one-hot tonic and the mode bit cannot: the second model all but ignored the mode bit
+    *[f"key_{pc}" for pc in PITCH_CLASSES],
 ]
 COND_DIM = len(COND_NAMES)
 
 KS_MAJOR = np.array([6.35, 2.23, 3.48, 2.33, 4.38, 4.09, 2.52, 5.19, 2.39, 3.66, 2.29, 2.88])
 KS_MINOR = np.array([6.33, 2.68, 3.52, 5.38, 2.60, 3.53, 2.54, 4.75, 3.98, 2.69, 3.34, 3.17])
+
+
+def _unit(prof):
+    return (prof - prof.min()) / (prof.max() - prof.min())
+
+
+# Key-profile columns: KEY_MAJOR[(pc - tonic) % 12] for a major key, KEY_MINOR for a minor one, a
+# mode weight m in between gives m * major + (1 - m) * minor (the engine may glide the mode).
+KEY_MAJOR = _unit(KS_MAJOR)
+KEY_MINOR = _unit(KS_MINOR)
+
+
+def key_profile(mode, tonic):
+    """mode weight (1 major .. 0 minor), tonic pitch class -> the 12 key-profile columns."""
+    prof = mode * KEY_MAJOR + (1.0 - mode) * KEY_MINOR
+    return np.roll(prof, int(tonic) % 12).astype(np.float32)
+
+
+def refresh_key(c):
+    """Zero the key-profile columns of the rows of c [steps, COND_DIM] whose mode or tonic is
+    unknown (after condition dropout): the profile is only known when both are."""
+    unknown = (c[:, 5] == 0) | (c[:, TONIC_INDEX + 12] == 0)
+    c[unknown, KEY_INDEX : KEY_INDEX + 12] = 0.0
+    return c
 
 
 def midi_to_token(p):
@@ -160,6 +190,8 @@ def cond_vector(density=None, register=None, mode=None, style=None, tonic=None):
     if tonic is not None and tonic >= 0:
         c[TONIC_INDEX + int(tonic) % 12] = 1.0
         c[TONIC_INDEX + 12] = 1.0
+        if mode is not None and mode >= 0:
+            c[KEY_INDEX : KEY_INDEX + 12] = key_profile(float(mode), tonic).tolist()
     return c
 
 
@@ -185,6 +217,11 @@ def cond_arrays(density, register, mode, style_idx, shift=0, tonic=None):
         tk = np.nonzero(tonic >= 0)[0]
         c[tk, TONIC_INDEX + (tonic[tk].astype(np.int64) + shift) % 12] = 1.0
         c[tk, TONIC_INDEX + 12] = 1.0
+        both = np.nonzero((tonic >= 0) & mk)[0]
+        if len(both):
+            rot = (np.arange(12)[None, :] - (tonic[both].astype(np.int64) + shift)[:, None]) % 12
+            m = mode[both].astype(np.float32)[:, None]
+            c[both, KEY_INDEX : KEY_INDEX + 12] = m * KEY_MAJOR[rot] + (1 - m) * KEY_MINOR[rot]
     return c
 
 

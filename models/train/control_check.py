@@ -4,11 +4,14 @@ at a time (others unknown, style chorale), and measures the generated grid with 
 as the training data (common.features). Prints Spearman's rho between asked and measured.
 
     .venv/bin/python models/train/control_check.py models/roomscore-satb.onnx --steps 64 --reps 2
+    .venv/bin/python models/train/control_check.py models/train/runs/NAME/checkpoints/last.pt --only mode
+        # a checkpoint in training, exported to a temporary ONNX file first
 """
 import argparse
 import json
 import os
 import sys
+import tempfile
 
 import numpy as np
 
@@ -17,11 +20,11 @@ import common as C  # noqa: E402
 import evaluate as E  # noqa: E402
 
 
-def generate(sess, dims, cvec, steps, rng, temperature=1.0, top_p=0.95, max_hold=0, guidance=1.0):
+def generate(sess, dims, cvec, steps, rng, temperature=1.0, top_p=0.95, max_hold=0, guidance=1.0, neg=None):
     L_, H, Dh = dims
     pk, pv = E.empty_past(L_, H, Dh)
     uk, uv = E.empty_past(L_, H, Dh)  # the unconditional pass's cache (guidance only)
-    uncond1 = np.zeros((1, 1, len(cvec)), np.float32)
+    uncond1 = np.zeros((1, 1, len(cvec)), np.float32) if neg is None else neg[None, None, :].astype(np.float32)
     tok = np.array([[C.BOS]], np.int64)
     voi = np.array([[C.VOICE_START]], np.int64)
     out = []
@@ -66,20 +69,37 @@ def spearman(a, b):
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("onnx", nargs="?", default=os.path.join(os.path.dirname(__file__), "..", "roomscore-satb.onnx"))
+    ap.add_argument("onnx", nargs="?", default=os.path.join(os.path.dirname(__file__), "..", "roomscore-satb.onnx"),
+                    help="an .onnx file with its card beside it, or a training checkpoint (.pt)")
+    ap.add_argument("--only", choices=["sweeps", "mode"], default=None, help="run one half of the check")
     ap.add_argument("--steps", type=int, default=64)
     ap.add_argument("--reps", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--guidance", type=float, default=1.0, help="classifier-free guidance weight; 1 = none")
     ap.add_argument("--max-hold-beats", type=float, default=0.0, help="as the scene setting; 0 = no limit")
     args = ap.parse_args()
-    card = json.load(open(os.path.splitext(args.onnx)[0] + ".json"))
-    dims = (card["architecture"]["layers"], card["architecture"]["heads"], card["architecture"]["head_dim"])
-    sess = E.session(args.onnx)
+    if args.onnx.endswith(".pt"):
+        import torch
+
+        from export import export
+        from model import Composer
+
+        ck = torch.load(args.onnx)
+        model = Composer(**ck["cfg"])
+        model.load_state_dict(ck["model"])
+        path = os.path.join(tempfile.mkdtemp(), "check.onnx")
+        export(model, path)
+        dims = (model.layers, model.heads, model.dh)
+        sess = E.session(path)
+    else:
+        card = json.load(open(os.path.splitext(args.onnx)[0] + ".json"))
+        dims = (card["architecture"]["layers"], card["architecture"]["heads"], card["architecture"]["head_dim"])
+        sess = E.session(args.onnx)
     rng = np.random.default_rng(args.seed)
     max_hold = int(round(max(args.max_hold_beats, 0.0) * C.STEPS_PER_BEAT))  # as gen::steps_in
     res = {}
-    for attr, values in (("density", [1.0, 2.0, 3.0, 4.0, 5.0, 6.0]), ("register", [54.0, 58.0, 62.0, 66.0, 70.0])):
+    sweeps = (("density", [1.0, 2.0, 3.0, 4.0, 5.0, 6.0]), ("register", [54.0, 58.0, 62.0, 66.0, 70.0]))
+    for attr, values in sweeps if args.only != "mode" else ():
         asked, got = [], []
         for val in values:
             for _ in range(args.reps):
@@ -92,10 +112,12 @@ def main():
         res[attr] = dict(rho=round(spearman(np.array(asked), np.array(got)), 3),
                          pairs=[[a, round(b, 2)] for a, b in zip(asked, got)])
         print(attr, res[attr])
-    for label, tonics in (("key unknown", [None] * (args.reps * 2)),
-                          ("with tonic", [(i * 7) % 12 for i in range(args.reps * 2)])):
+    asks = (("key unknown", [None] * (args.reps * 2)), ("with tonic", [(i * 7) % 12 for i in range(args.reps * 2)]))
+    for label, tonics in asks if args.only != "sweeps" else ():
         hits, keys, n = 0, 0, 0
+        per_mode = {}
         for mode in (1, 0):
+            before = hits
             for tonic in tonics:
                 cvec = np.array(C.cond_vector(style="chorale", mode=mode, tonic=tonic), np.float32)
                 g = C.tokens_to_pitch(generate(sess, dims, cvec, args.steps, rng, max_hold=max_hold, guidance=args.guidance))
@@ -106,7 +128,8 @@ def main():
                 hits += int(heard_mode == mode)
                 keys += int(heard_mode == mode and tonic is not None and heard_tonic == tonic)
                 n += 1
-        res[label] = dict(mode_agreement=round(hits / n, 3), key_agreement=round(keys / n, 3), n=n)
+            per_mode["major" if mode else "minor"] = f"{hits - before}/{len(tonics)}"
+        res[label] = dict(mode_agreement=round(hits / n, 3), key_agreement=round(keys / n, 3), n=n, **per_mode)
         print("mode", label, res[label])
 
 

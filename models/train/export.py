@@ -213,6 +213,15 @@ def main():
     lg = E.run(sess, tk[None, :n0], vc[None, :n0],
                np.broadcast_to(C.eval_cond(), (1, n0, C.COND_DIM)).astype(np.float32), pk, pv, cache=False)[0][0]
     fx["reference_logits"] = [[round(float(x), 6) for x in lg[i]] for i in range(8)]
+    # Conditioning vectors as Python builds them, for the engine's cond_vector to match.
+    fx["cond_cases"] = [
+        dict(density=dn, register=rg, mode=md, style=st, tonic=tn,
+             vector=[float(x) for x in C.cond_vector(density=dn, register=rg, mode=md, style=st, tonic=tn)])
+        for dn, rg, md, st, tn in [
+            (3.0, 64.0, 1, "chorale", 2), (None, None, 0, "folk", 9), (1.5, 70.0, 0.5, "quartet", 11),
+            (None, None, 0, "chorale", None), (None, None, None, "chorale", 4), (None, None, None, None, None),
+        ]
+    ]
     os.makedirs(os.path.join(MODELS, "fixtures"), exist_ok=True)
     json.dump(fx, open(os.path.join(MODELS, "fixtures", "jsb_test_slice.json"), "w"))
     print(f"fixture: 2 pieces, {cnt} tokens, mean NLL {fx['mean_nll']:.5f}")
@@ -284,9 +293,17 @@ def main():
                            "whichever the mode picked) over the mode's window; moved with the transposition; unknown "
                            "if nothing sounds",
                 window_steps=2 * C.MODE_HALF),
+            key=dict(
+                indices=list(range(C.KEY_INDEX, C.KEY_INDEX + 12)), order=C.PITCH_CLASSES,
+                unit="the key as a pitch-class profile, each in [0, 1]",
+                definition="known only when mode and tonic both are (else all zero): column pc = m * major[(pc - tonic) "
+                           "% 12] + (1 - m) * minor[(pc - tonic) % 12], m the mode value (1 major, 0 minor), major/minor "
+                           "the Krumhansl-Schmuckler profiles scaled to [0, 1] by (p - min) / (max - min)",
+                major=C.KEY_MAJOR.tolist(), minor=C.KEY_MINOR.tolist()),
             per_token="cond[0, i] describes the step of token i (the BOS position uses step 0)",
             training_dropout="per training window: with p=0.1 the whole vector is zeroed; otherwise each of density, "
-                             "register, mode, style, tonic is zeroed independently with p=0.3",
+                             "register, mode, style, tonic is zeroed independently with p=0.3; the key profile is zeroed "
+                             "wherever mode or tonic was",
             eval_vector=[float(x) for x in C.eval_cond()],
         ),
         context_length=ctx,

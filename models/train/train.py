@@ -89,6 +89,7 @@ class Corpus:
                 for cols in ([0, 1], [2, 3], [4, 5], [6, 7, 8, 9], list(range(C.TONIC_INDEX, C.TONIC_INDEX + 13))):
                     if rng.random() < 0.3:
                         cond[:, cols] = 0
+            C.refresh_key(cond)
         return tok, voi, cond
 
 
@@ -171,6 +172,13 @@ def main():
     ap.add_argument("--transpose", type=int, default=5)
     ap.add_argument("--bos-share", type=float, default=0.0,
                     help="share of training windows taken from a piece's start (default: starts uniform)")
+    ap.add_argument("--start-weight", type=float, default=1.0,
+                    help="loss weight of each window's first --start-tokens targets, where the model has no "
+                         "context and only the conditioning can say what to play (1 = plain mean)")
+    ap.add_argument("--start-tokens", type=int, default=64)
+    ap.add_argument("--cond-lr-mult", type=float, default=1.0,
+                    help="learning-rate multiple for the conditioning projection (new zero-initialised columns "
+                         "learn faster; the rest of the model keeps --lr)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--max-steps", type=int, default=0, help="stop after this many steps (smoke tests)")
@@ -219,7 +227,11 @@ def main():
         pst = torch.load(os.path.join(HERE, "runs", args.init_from, "checkpoints", "best.pt"))
         cfg = dict(pst["cfg"], dropout=args.dropout, cond_dim=C.COND_DIM)
         psum = os.path.join(HERE, "runs", args.init_from, "summary.json")
-        parent = json.load(open(psum)) if os.path.exists(psum) else dict(steps=pst["step"], tokens=pst["tokens"])
+        # A parent stopped before its end has no summary; its checkpoint carries the same record.
+        parent = json.load(open(psum)) if os.path.exists(psum) else dict(
+            steps=pst["step"], tokens=pst["tokens"], best_valid_nll=pst.get("best"), history=pst.get("history"),
+            train_minutes=round(pst.get("elapsed", 0.0) / 60, 2), args=pst.get("args"), parent=pst.get("parent"),
+            stopped_early=True)
         parent["name"] = args.init_from
     model = Composer(**cfg)
     if parent is not None:
@@ -233,7 +245,10 @@ def main():
             state_dict = dict(state_dict, **{"cond.weight": grown})
             parent["cond_dim"] = int(old.shape[1])
         model.load_state_dict(state_dict)
-    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.98), weight_decay=args.wd)
+    cond_params = list(model.cond.parameters())
+    rest = [p for n, p in model.named_parameters() if not n.startswith("cond.")]
+    opt = torch.optim.AdamW([dict(params=rest, lr_mult=1.0), dict(params=cond_params, lr_mult=args.cond_lr_mult)],
+                            lr=args.lr, betas=(0.9, 0.98), weight_decay=args.wd)
     rng = np.random.default_rng(args.seed)
     step, elapsed, tokens_seen, best = 0, 0.0, 0, float("inf")
     history = []
@@ -293,10 +308,17 @@ def main():
         lr = args.lr * min(1.0, (step + 1) / args.warmup) * (
             args.min_lr_frac + (1 - args.min_lr_frac) * 0.5 * (1 + math.cos(math.pi * min(1.0, prog))))
         for g in opt.param_groups:
-            g["lr"] = lr
+            g["lr"] = lr * g.get("lr_mult", 1.0)
         pk, pv = model.empty_cache(args.batch)
         logits, _, _ = model(X, V, Cc, pk, pv)
-        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), Y.reshape(-1), ignore_index=-100)
+        if args.start_weight != 1.0:
+            per_tok = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), Y.reshape(-1), ignore_index=-100,
+                                      reduction="none").reshape(Y.shape)
+            w = (Y != -100).float()
+            w[:, : args.start_tokens] *= args.start_weight
+            loss = (per_tok * w).sum() / w.sum()
+        else:
+            loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), Y.reshape(-1), ignore_index=-100)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
