@@ -515,3 +515,42 @@ fn no_voice_holds_longer_than_the_scene_allows() {
         "the check needs a model that holds when let: {unlimited}"
     );
 }
+
+#[test]
+fn the_engine_builds_the_conditioning_vectors_python_builds() {
+    let m = open();
+    let fx = fixture();
+    let cases = fx["cond_cases"]
+        .as_array()
+        .expect("the fixture carries Python's conditioning vectors");
+    assert!(!cases.is_empty());
+    let f = |v: &serde_json::Value| v.as_f64().map(|x| x as f32);
+    for case in cases {
+        let cond = Conditioning {
+            density: f(&case["density"]),
+            register: f(&case["register"]),
+            major: f(&case["mode"]),
+            styles: case["style"]
+                .as_str()
+                .map(|s| vec![(s.to_string(), 1.0)])
+                .unwrap_or_default(),
+            tonic: case["tonic"].as_u64().map(|t| t as u8),
+        };
+        let ours = roomscore::model::source::cond_vector(&m.card, &cond);
+        let python: Vec<f32> = case["vector"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_f64().unwrap() as f32)
+            .collect();
+        assert_eq!(ours.len(), python.len(), "{case}");
+        for (i, (a, b)) in ours.iter().zip(&python).enumerate() {
+            assert!(
+                (a - b).abs() < 1e-6,
+                "column {} ({}): engine {a}, Python {b}, for {case}",
+                i,
+                m.card.conditioning.names[i]
+            );
+        }
+    }
+}

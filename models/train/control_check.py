@@ -75,6 +75,7 @@ def main():
     ap.add_argument("--steps", type=int, default=64)
     ap.add_argument("--reps", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--temperature", type=float, default=1.0)
     ap.add_argument("--guidance", type=float, default=1.0, help="classifier-free guidance weight; 1 = none")
     ap.add_argument("--max-hold-beats", type=float, default=0.0, help="as the scene setting; 0 = no limit")
     args = ap.parse_args()
@@ -104,7 +105,8 @@ def main():
         for val in values:
             for _ in range(args.reps):
                 cvec = np.array(C.cond_vector(style="chorale", **{attr: val}), np.float32)
-                g = C.tokens_to_pitch(generate(sess, dims, cvec, args.steps, rng, max_hold=max_hold, guidance=args.guidance))
+                g = C.tokens_to_pitch(generate(sess, dims, cvec, args.steps, rng, max_hold=max_hold, guidance=args.guidance,
+                                             temperature=args.temperature))
                 d, r, m, _ = C.features(g)
                 meas = float(np.mean(d)) if attr == "density" else float(np.nanmean(r))
                 asked.append(val)
@@ -120,7 +122,8 @@ def main():
             before = hits
             for tonic in tonics:
                 cvec = np.array(C.cond_vector(style="chorale", mode=mode, tonic=tonic), np.float32)
-                g = C.tokens_to_pitch(generate(sess, dims, cvec, args.steps, rng, max_hold=max_hold, guidance=args.guidance))
+                g = C.tokens_to_pitch(generate(sess, dims, cvec, args.steps, rng, max_hold=max_hold, guidance=args.guidance,
+                                             temperature=args.temperature))
                 hist = np.zeros(12)
                 for p in g[g >= 0]:
                     hist[p % 12] += 1
