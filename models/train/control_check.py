@@ -20,11 +20,11 @@ import common as C  # noqa: E402
 import evaluate as E  # noqa: E402
 
 
-def generate(sess, dims, cvec, steps, rng, temperature=1.0, top_p=0.95, max_hold=0, guidance=1.0, neg=None):
+def generate(sess, dims, cvec, steps, rng, temperature=1.0, top_p=0.95, max_hold=0, guidance=1.0):
     L_, H, Dh = dims
     pk, pv = E.empty_past(L_, H, Dh)
     uk, uv = E.empty_past(L_, H, Dh)  # the unconditional pass's cache (guidance only)
-    uncond1 = np.zeros((1, 1, len(cvec)), np.float32) if neg is None else neg[None, None, :].astype(np.float32)
+    uncond1 = np.zeros((1, 1, len(cvec)), np.float32)
     tok = np.array([[C.BOS]], np.int64)
     voi = np.array([[C.VOICE_START]], np.int64)
     out = []

@@ -196,6 +196,12 @@ fn info(path: &Path, json: bool) -> anyhow::Result<()> {
     if c.tonic.is_some() {
         println!("             tonic: the key's pitch class, one-hot (the scene's key in play)");
     }
+    if c.key.is_some() {
+        println!(
+            "             key: the mode's Krumhansl-Schmuckler profile turned to the tonic, 0..1 \
+             (filled when tonic and mode are both known)"
+        );
+    }
     println!(
         "context      {} tokens (max positions {}); a full cache {}",
         card.context_length,
