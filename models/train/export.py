@@ -222,6 +222,16 @@ def main():
             (None, None, 0, "chorale", None), (None, None, None, "chorale", 4), (None, None, None, None, None),
         ]
     ]
+    # Training builds its vectors with cond_arrays, the engine mirrors cond_vector: they must agree,
+    # or the model is played an encoding it never trained on.
+    for case in fx["cond_cases"]:
+        if case["density"] is None or case["register"] is None or case["style"] is None:
+            continue  # cond_arrays always knows density, register and style
+        md, tn = case["mode"], case["tonic"]
+        row = C.cond_arrays(np.array([case["density"]]), np.array([case["register"]]),
+                            np.array([-1 if md is None else md], np.float32), C.STYLES.index(case["style"]),
+                            tonic=None if tn is None else np.array([tn]))[0]
+        assert np.allclose(row, case["vector"], atol=1e-6), f"cond_arrays and cond_vector disagree on {case}"
     os.makedirs(os.path.join(MODELS, "fixtures"), exist_ok=True)
     json.dump(fx, open(os.path.join(MODELS, "fixtures", "jsb_test_slice.json"), "w"))
     print(f"fixture: 2 pieces, {cnt} tokens, mean NLL {fx['mean_nll']:.5f}")
