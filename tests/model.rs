@@ -47,6 +47,14 @@ fn ints(v: &serde_json::Value) -> Vec<i64> {
         .collect()
 }
 
+fn floats(v: &serde_json::Value) -> Vec<f32> {
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_f64().unwrap() as f32)
+        .collect()
+}
+
 fn max_diff(a: &[f32], b: &[f32]) -> f32 {
     assert_eq!(a.len(), b.len());
     a.iter()
@@ -117,12 +125,7 @@ fn incremental_decoding_gives_the_logits_of_a_full_pass_and_of_python() {
     let n = 72;
     let tokens = &ints(&piece["tokens"])[..n];
     let voices = &ints(&piece["voices"])[..n];
-    let cvec: Vec<f32> = fx["cond"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|x| x.as_f64().unwrap() as f32)
-        .collect();
+    let cvec = floats(&fx["cond"]);
     let cond = cvec.repeat(n);
     let vocab = card.vocabulary.size;
     let mut full_cache = Cache::empty();
@@ -138,12 +141,7 @@ fn incremental_decoding_gives_the_logits_of_a_full_pass_and_of_python() {
         .iter()
         .enumerate()
     {
-        let py: Vec<f32> = row
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|x| x.as_f64().unwrap() as f32)
-            .collect();
+        let py = floats(row);
         let d = max_diff(&full[i * vocab..(i + 1) * vocab], &py);
         assert!(
             d < 1e-4,
@@ -399,12 +397,7 @@ fn rust_nll_equals_python_nll_on_the_fixture() {
         fx["context_length"].as_u64().unwrap() as usize,
         card.context_length
     );
-    let cvec: Vec<f32> = fx["cond"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|x| x.as_f64().unwrap() as f32)
-        .collect();
+    let cvec = floats(&fx["cond"]);
     assert_eq!(cvec, card.conditioning.eval_vector);
     let (mut total, mut count) = (0.0, 0);
     for piece in fx["pieces"].as_array().unwrap() {
@@ -537,12 +530,7 @@ fn the_engine_builds_the_conditioning_vectors_python_builds() {
             tonic: case["tonic"].as_u64().map(|t| t as u8),
         };
         let ours = roomscore::model::source::cond_vector(&m.card, &cond);
-        let python: Vec<f32> = case["vector"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|x| x.as_f64().unwrap() as f32)
-            .collect();
+        let python = floats(&case["vector"]);
         assert_eq!(ours.len(), python.len(), "{case}");
         for (i, (a, b)) in ours.iter().zip(&python).enumerate() {
             assert!(
