@@ -77,9 +77,11 @@ KEY_MINOR = _unit(KS_MINOR)
 
 
 def key_profile(mode, tonic):
-    """mode weight (1 major .. 0 minor), tonic pitch class -> the 12 key-profile columns."""
-    prof = mode * KEY_MAJOR + (1.0 - mode) * KEY_MINOR
-    return np.roll(prof, int(tonic) % 12).astype(np.float32)
+    """mode weight (1 major .. 0 minor) and tonic pitch class, scalars or arrays of one length ->
+    the 12 key-profile columns ([12], or [n, 12])."""
+    m = np.asarray(mode, np.float64)[..., None]
+    rot = (np.arange(12) - np.asarray(tonic, np.int64)[..., None]) % 12  # degree of each pitch class
+    return (m * KEY_MAJOR[rot] + (1.0 - m) * KEY_MINOR[rot]).astype(np.float32)
 
 
 def refresh_key(c):
@@ -218,10 +220,7 @@ def cond_arrays(density, register, mode, style_idx, shift=0, tonic=None):
         c[tk, TONIC_INDEX + (tonic[tk].astype(np.int64) + shift) % 12] = 1.0
         c[tk, TONIC_INDEX + 12] = 1.0
         both = np.nonzero((tonic >= 0) & mk)[0]
-        if len(both):
-            rot = (np.arange(12)[None, :] - (tonic[both].astype(np.int64) + shift)[:, None]) % 12
-            m = mode[both].astype(np.float32)[:, None]
-            c[both, KEY_INDEX : KEY_INDEX + 12] = m * KEY_MAJOR[rot] + (1 - m) * KEY_MINOR[rot]
+        c[both, KEY_INDEX : KEY_INDEX + 12] = key_profile(mode[both], tonic[both].astype(np.int64) + shift)
     return c
 
 

@@ -99,14 +99,18 @@ def main():
     rng = np.random.default_rng(args.seed)
     max_hold = int(round(max(args.max_hold_beats, 0.0) * C.STEPS_PER_BEAT))  # as gen::steps_in
     res = {}
+
+    def sample(cvec):
+        return C.tokens_to_pitch(generate(sess, dims, cvec, args.steps, rng, max_hold=max_hold,
+                                          guidance=args.guidance, temperature=args.temperature))
+
     sweeps = (("density", [1.0, 2.0, 3.0, 4.0, 5.0, 6.0]), ("register", [54.0, 58.0, 62.0, 66.0, 70.0]))
     for attr, values in sweeps if args.only != "mode" else ():
         asked, got = [], []
         for val in values:
             for _ in range(args.reps):
                 cvec = np.array(C.cond_vector(style="chorale", **{attr: val}), np.float32)
-                g = C.tokens_to_pitch(generate(sess, dims, cvec, args.steps, rng, max_hold=max_hold, guidance=args.guidance,
-                                             temperature=args.temperature))
+                g = sample(cvec)
                 d, r, m, _ = C.features(g)
                 meas = float(np.mean(d)) if attr == "density" else float(np.nanmean(r))
                 asked.append(val)
@@ -122,8 +126,7 @@ def main():
             before = hits
             for tonic in tonics:
                 cvec = np.array(C.cond_vector(style="chorale", mode=mode, tonic=tonic), np.float32)
-                g = C.tokens_to_pitch(generate(sess, dims, cvec, args.steps, rng, max_hold=max_hold, guidance=args.guidance,
-                                             temperature=args.temperature))
+                g = sample(cvec)
                 hist = np.zeros(12)
                 for p in g[g >= 0]:
                     hist[p % 12] += 1

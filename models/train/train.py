@@ -311,14 +311,12 @@ def main():
             g["lr"] = lr * g.get("lr_mult", 1.0)
         pk, pv = model.empty_cache(args.batch)
         logits, _, _ = model(X, V, Cc, pk, pv)
-        if args.start_weight != 1.0:
-            per_tok = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), Y.reshape(-1), ignore_index=-100,
-                                      reduction="none").reshape(Y.shape)
-            w = (Y != -100).float()
-            w[:, : args.start_tokens] *= args.start_weight
-            loss = (per_tok * w).sum() / w.sum()
-        else:
-            loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), Y.reshape(-1), ignore_index=-100)
+        # mean over the scored targets, a window's first --start-tokens weighted --start-weight
+        per_tok = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), Y.reshape(-1), ignore_index=-100,
+                                  reduction="none").reshape(Y.shape)
+        w = (Y != -100).float()
+        w[:, : args.start_tokens] *= args.start_weight
+        loss = (per_tok * w).sum() / w.sum()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
