@@ -1,0 +1,82 @@
+"""Cheap levers on a trained checkpoint, scored on JSB valid by the eval protocol (PyTorch), before
+spending a training stage on them:
+
+    .venv/bin/python models/train/levers.py CKPT --ctx 192,256,384,512
+        # the same weights read with other context lengths (rotary positions past the trained
+        # length are extrapolated)
+    .venv/bin/python models/train/levers.py CKPT --temperature 0.95,1.0,1.05
+        # a logit temperature fitted on valid (1.0 = the model as exported)
+    .venv/bin/python models/train/levers.py CKPT OTHER.pt [...] --average
+        # the weights of several checkpoints averaged (stochastic weight averaging)
+
+Never pick a lever by the test split: these read valid only.
+"""
+import argparse
+import os
+import sys
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import common as C  # noqa: E402
+import train as T  # noqa: E402
+from model import Composer  # noqa: E402
+
+VALID = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "jsb_valid.npz")
+
+
+def load(paths):
+    cks = [torch.load(p, map_location="cpu") for p in paths]
+    state = {k: sum(ck["model"][k].float() for ck in cks) / len(cks) for k in cks[0]["model"]}
+    model = Composer(**dict(cks[0]["cfg"], dropout=0.0))
+    model.load_state_dict(state)
+    model.eval()
+    return model, cks[0]["args"].get("ctx", 384)
+
+
+@torch.no_grad()
+def valid_logits(model, ctx):
+    """Each scored valid target's logits, windowed as the eval protocol does."""
+    z = np.load(VALID)
+    off = z["offsets"]
+    cvec = torch.from_numpy(C.eval_cond())
+    logits, targets = [], []
+    for i in range(len(off) - 1):
+        tok, voi, _ = C.piece_sequence(z["tokens"][off[i] : off[i + 1]])
+        for s, e, f in C.eval_windows(len(tok), ctx):
+            x = torch.from_numpy(tok[s:e])[None]
+            v = torch.from_numpy(voi[s:e])[None]
+            pk, pv = model.empty_cache(1)
+            lg, _, _ = model(x, v, cvec.expand(1, e - s, C.COND_DIM), pk, pv)
+            logits.append(lg[0, f - s - 1 : e - s - 1])
+            targets.append(torch.from_numpy(tok[f:e]))
+    return torch.cat(logits), torch.cat(targets)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("checkpoints", nargs="+")
+    ap.add_argument("--ctx", default=None, help="comma-separated context lengths (default: trained)")
+    ap.add_argument("--temperature", default=None, help="comma-separated logit temperatures")
+    ap.add_argument("--average", action="store_true", help="average the checkpoints' weights")
+    ap.add_argument("--threads", type=int, default=2)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    if len(args.checkpoints) > 1 and not args.average:
+        ap.error("several checkpoints are only read together with --average")
+    model, trained_ctx = load(args.checkpoints)
+    print(f"{len(args.checkpoints)} checkpoint(s), trained context {trained_ctx}")
+    if args.temperature:
+        logits, y = valid_logits(model, trained_ctx)
+        for t in (float(x) for x in args.temperature.split(",")):
+            print(f"temperature {t}: valid {float(F.cross_entropy(logits / t, y)):.5f} ({len(y)} tokens)")
+        return
+    for ctx in [int(x) for x in args.ctx.split(",")] if args.ctx else [trained_ctx]:
+        nll, n = T.score_split(model, VALID, ctx, batch=8)
+        print(f"context {ctx}: valid {nll:.5f} ({n} tokens)", flush=True)
+
+
+if __name__ == "__main__":
+    main()
