@@ -542,3 +542,37 @@ fn the_engine_builds_the_conditioning_vectors_python_builds() {
         }
     }
 }
+
+/// `model info` is the card as a person reads it: the file's hash checked against the card, the
+/// context the engine will keep, and a calibration folded into the graph, when the card has one.
+#[test]
+fn model_info_prints_the_card() {
+    let card = open().card;
+    let out = Command::new(env!("CARGO_BIN_EXE_roomscore"))
+        .args(["model", "info"])
+        .arg(model_path())
+        .current_dir(root())
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.contains(&format!("{} (matches", card.sha256)),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains(&format!("context      {} tokens", card.context_length)),
+        "{stdout}"
+    );
+    match card.raw["calibration"]["temperature"].as_f64() {
+        Some(t) => assert!(
+            stdout.contains(&format!("calibration  logits divided by {t},")),
+            "{stdout}"
+        ),
+        None => assert!(!stdout.contains("calibration"), "{stdout}"),
+    }
+}

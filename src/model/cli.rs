@@ -223,6 +223,19 @@ fn info(path: &Path, json: bool) -> anyhow::Result<()> {
             .map(|p| p.to_string())
             .unwrap_or_else(|| "?".into())
     );
+    if let Some(c) = card.raw.get("calibration").filter(|c| !c.is_null()) {
+        let num = |k: &str| c.get(k).and_then(serde_json::Value::as_f64);
+        if let Some(t) = num("temperature") {
+            let fit = match (num("valid_nll_before"), num("valid_nll_after")) {
+                (Some(b), Some(a)) => format!(" (JSB valid {b} -> {a})"),
+                _ => String::new(),
+            };
+            println!(
+                "calibration  logits divided by {t}, fitted on JSB valid and folded into the \
+                 output layer{fit}"
+            );
+        }
+    }
     let io = |v: &[super::card::Io]| {
         v.iter()
             .map(|i| {
