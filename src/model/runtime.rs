@@ -305,6 +305,22 @@ impl Cache {
         Cache::default()
     }
 
+    /// An empty cache whose host buffers already hold `floats` each, written once so that their
+    /// pages are mapped: the first copies into them then cost what later ones do, where a fresh
+    /// buffer made a slide step the slowest step of all.
+    pub fn with_capacity(floats: usize) -> Self {
+        let touched = || {
+            let mut b = vec![1.0f32; floats];
+            b.clear();
+            b
+        };
+        Cache {
+            k: touched(),
+            v: touched(),
+            ..Cache::default()
+        }
+    }
+
     /// Becomes a copy of `other`, in the buffers it already has.
     pub fn copy_from(&mut self, other: &Cache) {
         self.graph.clear();

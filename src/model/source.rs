@@ -145,6 +145,15 @@ impl Caches {
     }
 
     /// Becomes a copy of `other`, reusing this one's buffers.
+    /// Empty caches with host buffers for `floats` each, ready to take a copy (see
+    /// `Cache::with_capacity`).
+    fn with_capacity(guided: bool, floats: usize) -> Self {
+        Caches {
+            cond: Cache::with_capacity(floats),
+            uncond: guided.then(|| Cache::with_capacity(floats)),
+        }
+    }
+
     fn copy_from(&mut self, other: &Caches) {
         self.cond.copy_from(&other.cond);
         match (&mut self.uncond, &other.uncond) {
@@ -198,6 +207,21 @@ struct Slide {
     /// Caches as they were just before each of the last slides, with their `cache_start`, so a
     /// rollback across a slide restores exactly what was there.
     before: VecDeque<(usize, Caches)>,
+    /// Caches with their buffers mapped, which the next slides copy into: allocating megabytes
+    /// on a slide step made the first slides of a composition the slowest steps of all.
+    spare: Vec<Caches>,
+}
+
+impl Slide {
+    /// Moves every kept cache to the spares and tops them up to `SLIDES_KEPT`, for caches of
+    /// `floats` each, guided or not.
+    fn reset(&mut self, guided: bool, floats: usize) {
+        self.spare.extend(self.before.drain(..).map(|(_, c)| c));
+        self.spare.retain(|c| c.uncond.is_some() == guided);
+        while self.spare.len() < SLIDES_KEPT {
+            self.spare.push(Caches::with_capacity(guided, floats));
+        }
+    }
 }
 
 /// Positions dropped per slide: a slide every 16 steps.
@@ -257,6 +281,7 @@ impl ModelSource {
         let slide = card.rotary.as_ref().map(|r| Slide {
             inv_freq: r.inv_freq(card.architecture.head_dim),
             before: VecDeque::with_capacity(SLIDES_KEPT),
+            spare: Vec::with_capacity(SLIDES_KEPT),
         });
         let mut s = ModelSource {
             net: model.net,
@@ -373,16 +398,19 @@ impl ModelSource {
         if self.cache.len() + 1 > self.card.context_length {
             match &mut self.slide {
                 Some(slide) => {
-                    // The oldest kept cache's buffers take the copy: a slide step allocating
-                    // megabytes was the slowest step of all.
-                    let saved = match slide.before.len() {
-                        SLIDES_KEPT => slide.before.pop_front().map(|(_, mut c)| {
+                    // The oldest kept cache's buffers, or a spare's, take the copy: a slide
+                    // step allocating megabytes was the slowest step of all.
+                    let reuse = match slide.before.len() {
+                        SLIDES_KEPT => slide.before.pop_front().map(|(_, c)| c),
+                        _ => slide.spare.pop(),
+                    };
+                    let saved = match reuse {
+                        Some(mut c) => {
                             c.copy_from(&self.cache);
                             c
-                        }),
-                        _ => None,
+                        }
+                        None => self.cache.clone(),
                     };
-                    let saved = saved.unwrap_or_else(|| self.cache.clone());
                     slide.before.push_back((self.cache_start, saved));
                     let drop = SLIDE_DROP.min(self.cache.len());
                     let net = &self.net;
@@ -521,7 +549,10 @@ impl NoteSource for ModelSource {
         let cached_to = keep - 1;
         let before_slide = self.slide.as_mut().and_then(|sl| {
             let at = sl.before.iter().position(|(c, _)| *c == snap.cache_start)?;
-            sl.before.split_off(at).pop_front().map(|(_, cache)| cache)
+            let mut later = sl.before.split_off(at);
+            let cache = later.pop_front().map(|(_, cache)| cache);
+            sl.spare.extend(later.into_iter().map(|(_, c)| c));
+            cache
         });
         let net = &self.net;
         if snap.cache_start == self.cache_start && snap.prime_end == self.prime_end {
@@ -529,7 +560,10 @@ impl NoteSource for ModelSource {
             self.cache.each(|c| net.truncate(c, len));
         } else if let Some(cache) = before_slide {
             // Slid since: the cache from just before that slide, cut back to the step.
-            self.cache = cache;
+            let replaced = std::mem::replace(&mut self.cache, cache);
+            if let Some(sl) = &mut self.slide {
+                sl.spare.push(replaced);
+            }
             self.cache_start = snap.cache_start;
             let len = cached_to - self.cache_start;
             self.cache.each(|c| net.truncate(c, len));
@@ -564,8 +598,13 @@ impl NoteSource for ModelSource {
         self.cache = Caches::empty(self.guided());
         self.cache_start = 0;
         self.prime_end = 0;
+        let floats = c.architecture.layers
+            * c.architecture.heads
+            * c.context_length
+            * c.architecture.head_dim;
+        let guided = self.guided();
         if let Some(sl) = &mut self.slide {
-            sl.before.clear();
+            sl.reset(guided, floats);
         }
         self.start_step = step;
         self.position = step;
