@@ -226,8 +226,9 @@ impl Slide {
 
 /// Positions dropped per slide: a slide every 16 steps.
 const SLIDE_DROP: usize = 64;
-/// Slides a rollback can reach back across (each keeps a full cache, ~2.4 MB for the shipped
-/// model, twice that under guidance); rollbacks reach a few beats back, and these span 64 steps.
+/// Slides a rollback can reach back across (each keeps a full cache, 3.1 MB for the shipped
+/// model, twice that under guidance, held from the start as spares); rollbacks reach a few beats
+/// back, and these span 64 steps.
 const SLIDES_KEPT: usize = 4;
 
 pub struct ModelSource {
