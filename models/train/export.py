@@ -390,7 +390,7 @@ def main():
                         else "best JSB valid NLL"),
             selected_step=ck["step"] if ck is not None else None,
             steps=summary.get("steps"), tokens_seen=summary.get("tokens"),
-            train_minutes=summary.get("train_minutes"), tokens_per_s=round(summary["tokens_per_s"]) if summary else None,
+            train_minutes=summary.get("train_minutes"), tokens_per_s=round(summary["tokens_per_s"]) if summary.get("tokens_per_s") else None,
             final_train_loss_running=summary.get("final_train_loss_running"),
             train_loss_note="running mean of the training loss (EMA 0.98) with dropout, condition dropout and transposition",
             best_valid_nll_torch=summary.get("best_valid_nll"), history=summary.get("history"),

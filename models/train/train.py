@@ -179,6 +179,9 @@ def main():
     ap.add_argument("--cond-lr-mult", type=float, default=1.0,
                     help="learning-rate multiple for the conditioning projection (new zero-initialised columns "
                          "learn faster; the rest of the model keeps --lr)")
+    ap.add_argument("--new-lr-mult", type=float, default=1.0,
+                    help="learning-rate multiple for the blocks grow.py added to the --init-from run (they start "
+                         "as the identity and have everything to learn; the parent's blocks keep --lr)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--max-steps", type=int, default=0, help="stop after this many steps (smoke tests)")
@@ -245,10 +248,16 @@ def main():
             state_dict = dict(state_dict, **{"cond.weight": grown})
             parent["cond_dim"] = int(old.shape[1])
         model.load_state_dict(state_dict)
+    new_blocks = pst.get("new_blocks", []) if parent is not None else (state or {}).get("new_blocks", [])
+    new_prefixes = tuple(f"blocks.{i}." for i in new_blocks)
     cond_params = list(model.cond.parameters())
-    rest = [p for n, p in model.named_parameters() if not n.startswith("cond.")]
-    opt = torch.optim.AdamW([dict(params=rest, lr_mult=1.0), dict(params=cond_params, lr_mult=args.cond_lr_mult)],
-                            lr=args.lr, betas=(0.9, 0.98), weight_decay=args.wd)
+    new_params = [p for n, p in model.named_parameters() if n.startswith(new_prefixes)] if new_blocks else []
+    rest = [p for n, p in model.named_parameters()
+            if not n.startswith("cond.") and not (new_blocks and n.startswith(new_prefixes))]
+    groups = [dict(params=rest, lr_mult=1.0), dict(params=cond_params, lr_mult=args.cond_lr_mult)]
+    if new_params:
+        groups.append(dict(params=new_params, lr_mult=args.new_lr_mult))
+    opt = torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.98), weight_decay=args.wd)
     rng = np.random.default_rng(args.seed)
     step, elapsed, tokens_seen, best = 0, 0.0, 0, float("inf")
     history = []
@@ -274,7 +283,7 @@ def main():
     def save(name, extra=None):
         st = dict(model=model.state_dict(), opt=opt.state_dict(), rng=rng.bit_generator.state,
                   torch_rng=torch.get_rng_state(), step=step, elapsed=elapsed, tokens=tokens_seen, best=best,
-                  cfg=cfg, args=vars(args), history=history, parent=parent)
+                  cfg=cfg, args=vars(args), history=history, parent=parent, new_blocks=new_blocks)
         if extra:
             st.update(extra)
         tmp = os.path.join(ck, name + ".tmp")
