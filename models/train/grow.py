@@ -1,6 +1,7 @@
-"""Deepens a trained run: new transformer blocks go in between the parent's, each starting as the
-identity, so the grown model computes exactly what its parent did and training only has to teach
-the new blocks (and adjust the old ones) instead of learning the music again.
+"""Deepens or widens a trained run: new transformer blocks go in between the parent's (--after),
+or every block's MLP gets more units (--ff), each new part starting silent, so the grown model
+computes exactly what its parent did and training only has to teach the new parts (and adjust the
+old ones) instead of learning the music again.
 
     .venv/bin/python models/train/grow.py --from roomscore-satb-7 --name roomscore-satb-7-grown --after 1,3
     .venv/bin/python models/train/train.py --name roomscore-satb-8 --init-from roomscore-satb-7-grown \
