@@ -449,6 +449,16 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
     sorted[i.min(sorted.len() - 1)]
 }
 
+/// "p50 .. ms  p99 .. ms  max .. ms" of step times sorted in ms.
+fn spread(sorted: &[f64]) -> String {
+    format!(
+        "p50 {:.3} ms  p99 {:.3} ms  max {:.3} ms",
+        percentile(sorted, 0.5),
+        percentile(sorted, 0.99),
+        sorted.last().copied().unwrap_or(0.0)
+    )
+}
+
 /// Times `steps` decoding steps in this process's backend, plain and (unless `guidance` is 1)
 /// guided.
 fn bench_here(model: &Path, steps: usize, guidance: f32) -> anyhow::Result<()> {
@@ -499,21 +509,16 @@ fn bench_one(model: &Path, steps: usize, guidance: f32) -> anyhow::Result<()> {
         1.0 => "plain ".to_string(),
         w => format!("w={w:<4}"),
     };
+    let name = backend.kind.name();
     println!(
-        "{:<6} {how} per step (4 tokens): p50 {:.3} ms  p99 {:.3} ms  max {:.3} ms  {:.0} tokens/s  ({steps} steps, 1 thread; {backend})",
-        backend.kind.name(),
-        percentile(&times, 0.5),
-        percentile(&times, 0.99),
-        times.last().copied().unwrap_or(0.0),
+        "{name:<6} {how} per step (4 tokens): {}  {:.0} tokens/s  ({steps} steps, 1 thread; {backend})",
+        spread(&times),
         (steps * 4) as f64 / total,
     );
     if full.len() >= 100 {
         println!(
-            "{:<6} {how} full cache, steps {full_from}..{steps} (slides included): p50 {:.3} ms  p99 {:.3} ms  max {:.3} ms",
-            backend.kind.name(),
-            percentile(&full, 0.5),
-            percentile(&full, 0.99),
-            full.last().copied().unwrap_or(0.0),
+            "{name:<6} {how} full cache, steps {full_from}..{steps} (slides included): {}",
+            spread(&full),
         );
     }
     Ok(())
