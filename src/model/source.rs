@@ -144,7 +144,6 @@ impl Caches {
         self.cond.len
     }
 
-    /// Becomes a copy of `other`, reusing this one's buffers.
     /// Empty caches with host buffers for `floats` each, ready to take a copy (see
     /// `Cache::with_capacity`).
     fn with_capacity(guided: bool, floats: usize) -> Self {
@@ -154,6 +153,7 @@ impl Caches {
         }
     }
 
+    /// Becomes a copy of `other`, reusing this one's buffers.
     fn copy_from(&mut self, other: &Caches) {
         self.cond.copy_from(&other.cond);
         match (&mut self.uncond, &other.uncond) {
