@@ -79,8 +79,8 @@ def main():
             state[f"blocks.{j}.fc2.weight"].zero_()
             state[f"blocks.{j}.fc2.bias"].zero_()
             continue
+        prefix = f"blocks.{src}."
         for name, t in pstate.items():
-            prefix = f"blocks.{src}."
             if not name.startswith(prefix):
                 continue
             key = f"blocks.{j}." + name[len(prefix):]

@@ -251,9 +251,9 @@ def main():
     new_blocks = pst.get("new_blocks", []) if parent is not None else (state or {}).get("new_blocks", [])
     new_prefixes = tuple(f"blocks.{i}." for i in new_blocks)
     cond_params = list(model.cond.parameters())
-    new_params = [p for n, p in model.named_parameters() if n.startswith(new_prefixes)] if new_blocks else []
-    rest = [p for n, p in model.named_parameters()
-            if not n.startswith("cond.") and not (new_blocks and n.startswith(new_prefixes))]
+    # str.startswith(()) is False: without grown blocks every non-cond parameter is in `rest`.
+    new_params = [p for n, p in model.named_parameters() if n.startswith(new_prefixes)]
+    rest = [p for n, p in model.named_parameters() if not n.startswith(("cond.",) + new_prefixes)]
     groups = [dict(params=rest, lr_mult=1.0), dict(params=cond_params, lr_mult=args.cond_lr_mult)]
     if new_params:
         groups.append(dict(params=new_params, lr_mult=args.new_lr_mult))
