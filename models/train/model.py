@@ -17,6 +17,7 @@ ROPE_BASE = 10000.0  # rotary: dims i and i + dh/2 turn by position * ROPE_BASE 
 class Block(nn.Module):
     def __init__(self, d, h, ff, dropout):
         super().__init__()
+        self.d = d
         self.h = h
         self.dh = d // h
         self.ln1 = nn.LayerNorm(d)
@@ -27,27 +28,26 @@ class Block(nn.Module):
         self.fc2 = nn.Linear(ff, d)
         self.drop = nn.Dropout(dropout)
 
-    @staticmethod
-    def rotate(x, cos, sin):
-        half = x.shape[-1] // 2
-        x1 = x[..., :half]
-        x2 = x[..., half:]
-        return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
-
-    def forward(self, x, cos, sin, bias, past_k, past_v):
-        # x [B,T,d]; cos/sin [T,dh/2]; bias [T,P+T]; past_k/v [B,H,P,dh]
-        B, T, d = x.shape
+    def forward(self, x, batch, rope, bias, past_k, past_v):
+        # x [B*T, d], the sequences one after another; rope = (cos, signed sin, swap) for the
+        # T new positions; bias [T, P+T]; past_k/v [B,H,P,dh].
+        # The rows stay 2-D so each Linear exports as one Gemm, and shapes are built from
+        # constants: under onnxruntime a token's step is mostly per-node overhead, and a reshape
+        # built from the input's runtime shape costs five nodes more than one built from -1.
+        cos, sin, swap = rope
         y = self.ln1(x)
-        qkv = self.qkv(y).reshape(B, T, 3, self.h, self.dh).permute(2, 0, 3, 1, 4)
-        q, k, v = qkv[0], qkv[1], qkv[2]  # [B,H,T,dh]
-        q = self.rotate(q, cos, sin)
-        k = self.rotate(k, cos, sin)
+        qkv = self.qkv(y).reshape(batch, -1, 3, self.h, self.dh).permute(2, 0, 3, 1, 4)  # [3,B,H,T,dh]
+        # q and k rotated together: x * cos + swap_halves(x) * [-sin, sin] is the rotation of
+        # dims i and i + dh/2 by the position's angle, in four nodes for both.
+        qk = qkv[:2]
+        qk = qk * cos + torch.matmul(qk, swap) * sin
+        q, k, v = qk[0], qk[1], qkv[2]  # [B,H,T,dh]
         k_all = torch.cat([past_k, k], dim=2)
         v_all = torch.cat([past_v, v], dim=2)
         att = torch.matmul(q, k_all.transpose(-1, -2)) * (1.0 / math.sqrt(self.dh)) + bias
         att = torch.softmax(att, dim=-1)
         att = self.drop(att)
-        o = torch.matmul(att, v_all).transpose(1, 2).reshape(B, T, d)
+        o = torch.matmul(att, v_all).transpose(1, 2).reshape(-1, self.d)
         x = x + self.drop(self.proj(o))
         y = self.ln2(x)
         y = self.fc1(y)
@@ -76,8 +76,13 @@ class Composer(nn.Module):
         half = self.dh // 2
         inv = 1.0 / (ROPE_BASE ** (torch.arange(half, dtype=torch.float32) / half))
         ang = torch.arange(max_pos, dtype=torch.float32)[:, None] * inv[None, :]
-        self.register_buffer("cos_t", torch.cos(ang), persistent=False)
-        self.register_buffer("sin_t", torch.sin(ang), persistent=False)
+        cos, sin = torch.cos(ang), torch.sin(ang)
+        self.register_buffer("cos_t", torch.cat([cos, cos], -1), persistent=False)
+        self.register_buffer("sin_t", torch.cat([-sin, sin], -1), persistent=False)
+        swap = torch.zeros(self.dh, self.dh)
+        swap[torch.arange(half) + half, torch.arange(half)] = 1.0
+        swap[torch.arange(half), torch.arange(half) + half] = 1.0
+        self.register_buffer("swap", swap, persistent=False)
         self.register_buffer("pos_t", torch.arange(max_pos, dtype=torch.float32), persistent=False)
         self.apply(self._init)
 
@@ -104,20 +109,23 @@ class Composer(nn.Module):
         graph takes it: a packed cache costs a copy to split it and another to pack it again)."""
         T = tokens.shape[1]
         P = past_ks[0].shape[2]
-        x = self.tok(tokens) + self.voice(voices) + self.cond(cond)
+        # The exported graph takes one sequence; a batch size read from the input would put
+        # shape nodes into every block.
+        batch = 1 if torch.onnx.is_in_onnx_export() else tokens.shape[0]
+        d = self.cfg["d"]
+        x = (self.tok(tokens) + self.voice(voices) + self.cond(cond)).reshape(-1, d)
         x = self.drop(x)
-        cos = self.cos_t[P : P + T]
-        sin = self.sin_t[P : P + T]
+        rope = (self.cos_t[P : P + T], self.sin_t[P : P + T], self.swap)
         qpos = self.pos_t[P : P + T]
         kpos = self.pos_t[: P + T]
         # causal bias: 0 where key pos <= query pos, -1e9 * (k - q) (<= -1e9) otherwise
         bias = torch.clamp(kpos.unsqueeze(0) - qpos.unsqueeze(1), min=0.0) * -1e9
         ks, vs = [], []
         for i, blk in enumerate(self.blocks):
-            x, k, v = blk(x, cos, sin, bias, past_ks[i], past_vs[i])
+            x, k, v = blk(x, batch, rope, bias, past_ks[i], past_vs[i])
             ks.append(k)
             vs.append(v)
-        return self.head(self.ln_f(x)), ks, vs
+        return self.head(self.ln_f(x)).reshape(batch, -1, self.cfg["vocab"]), ks, vs
 
 
 class PerLayerCache(nn.Module):
