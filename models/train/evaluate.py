@@ -50,10 +50,14 @@ def empty_past(layers, heads, dh):
     return z, z.copy()
 
 
-def run(sess, tokens, voices, cond, past_k, past_v, cache=True):
+def run(sess, tokens, voices, cond, past_k, past_v, cache=True, past_len=None):
     """One pass through the graph -> (logits, present_k, present_v), the cache packed [L,1,H,P,dh]
-    here whichever way the graph takes it: one past_k/past_v input (the first models) or one per
-    layer (past_k_0..L-1, past_v_0..L-1). cache=False returns (logits, None, None)."""
+    here whichever way the graph takes it. The current graph takes past_len and a cache of any
+    capacity per layer (past_k_0..L-1, past_v_0..L-1) and gives the new tokens' keys and values
+    (new_k_*, new_v_*), which are appended here (past_len below the capacity: the rest of the cache is
+    ignored); earlier graphs took the cache as it was, packed
+    (past_k, past_v) or per layer, and gave it back whole (present_*). cache=False returns
+    (logits, None, None)."""
     names = {i.name for i in sess.get_inputs()}
     feed = dict(tokens=tokens, voices=voices, cond=cond)
     if "past_k" in names:
@@ -62,14 +66,26 @@ def run(sess, tokens, voices, cond, past_k, past_v, cache=True):
         r = sess.run(outs, feed)
         return (r[0], r[1], r[2]) if cache else (r[0], None, None)
     L = past_k.shape[0]
+    P = past_k.shape[3] if past_len is None else past_len
+    appends = "past_len" in names
+    if appends:
+        feed["past_len"] = np.array([P], np.int64)
+        if past_k.shape[3] == 0:
+            # One masked position: a zero-size cache would be the only zero-size tensor in the graph.
+            past_k = past_v = np.zeros(past_k.shape[:3] + (1,) + past_k.shape[4:], np.float32)
     for i in range(L):
         feed[f"past_k_{i}"] = np.ascontiguousarray(past_k[i])
         feed[f"past_v_{i}"] = np.ascontiguousarray(past_v[i])
-    outs = ["logits"] + ([f"present_k_{i}" for i in range(L)] + [f"present_v_{i}" for i in range(L)] if cache else [])
+    kind = "new" if appends else "present"
+    outs = ["logits"] + ([f"{kind}_k_{i}" for i in range(L)] + [f"{kind}_v_{i}" for i in range(L)] if cache else [])
     r = sess.run(outs, feed)
     if not cache:
         return r[0], None, None
-    return r[0], np.stack(r[1:1 + L]), np.stack(r[1 + L:])
+    k, v = np.stack(r[1:1 + L]), np.stack(r[1 + L:])
+    if appends:
+        k = np.concatenate([past_k[:, :, :, :P], k], axis=3)
+        v = np.concatenate([past_v[:, :, :, :P], v], axis=3)
+    return r[0], k, v
 
 
 def log_softmax(x):

@@ -27,36 +27,37 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common as C  # noqa: E402
 import evaluate as E  # noqa: E402
 import levers as LV  # noqa: E402
-from model import ROPE_BASE, Composer, PerLayerCache, n_params  # noqa: E402
+from model import ROPE_BASE, Composer, Decoder, n_params  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 MODELS = os.path.abspath(os.path.join(HERE, ".."))
 
 def cache_names(kind, layers):
-    """past_k_0..L-1, past_v_0..L-1 (kind "past") or the same for "present"."""
+    """past_k_0..L-1, past_v_0..L-1 (kind "past") or the same for "new"."""
     return [f"{kind}_k_{i}" for i in range(layers)] + [f"{kind}_v_{i}" for i in range(layers)]
 
 
 def export(model, path):
-    """The graph takes and gives the cache one tensor per layer ([1, H, P, dh]): a packed
-    [L, 1, H, P, dh] cache cost a copy to split and another to pack on every token, about a third
-    of a token's time at full context under onnxruntime."""
+    """The graph (model.Decoder) takes the cache one tensor per layer ([1, H, capacity, dh]) with
+    past_len, and gives back only the new tokens' keys and values: a graph that returned the
+    whole cache copied it twice per token, most of a token's time at full context."""
     model.eval()
     L, H, Dh = model.layers, model.heads, model.dh
-    T, P = 5, 3  # trace with P > 0 so nothing specialises on an empty cache
+    T, cap = 5, 8  # trace with a cache in use so nothing specialises on an empty one
     args = (
         torch.randint(2, C.VOCAB_SIZE, (1, T)),
         torch.tensor([[0, 1, 2, 3, 0]]),
         torch.rand(1, T, C.COND_DIM),
-        *[torch.randn(1, H, P, Dh) for _ in range(2 * L)],
+        torch.tensor([3]),
+        *[torch.randn(1, H, cap, Dh) for _ in range(2 * L)],
     )
     dynamic = {"tokens": {1: "T"}, "voices": {1: "T"}, "cond": {1: "T"}, "logits": {1: "T"}}
-    dynamic.update({n: {2: "P"} for n in cache_names("past", L)})
-    dynamic.update({n: {2: "P_plus_T"} for n in cache_names("present", L)})
+    dynamic.update({n: {2: "capacity"} for n in cache_names("past", L)})
+    dynamic.update({n: {2: "T"} for n in cache_names("new", L)})
     torch.onnx.export(
-        PerLayerCache(model).eval(), args, path, opset_version=17,
-        input_names=["tokens", "voices", "cond"] + cache_names("past", L),
-        output_names=["logits"] + cache_names("present", L),
+        Decoder(model).eval(), args, path, opset_version=17,
+        input_names=["tokens", "voices", "cond", "past_len"] + cache_names("past", L),
+        output_names=["logits"] + cache_names("new", L),
         dynamic_axes=dynamic, do_constant_folding=True,
     )
 
@@ -100,9 +101,17 @@ def verify(model, sess, tok, voi, cond):
     lg, _, _ = E.run(sess, tok[None, r:], voi[None, r:], cond[None, r:],
                      np.ascontiguousarray(fk[:, :, :, :r]), np.ascontiguousarray(fv[:, :, :, :r]), cache=False)
     d_roll = float(np.abs(lg - full[:, r:]).max())
+    # the same from a cache of the whole length whose positions from r on hold noise: past_len
+    # alone must say what is in use
+    noise = np.random.default_rng(0).standard_normal(fk.shape).astype(np.float32)
+    nk, nv = noise.copy(), noise[::-1].copy()
+    nk[:, :, :, :r], nv[:, :, :, :r] = fk[:, :, :, :r], fv[:, :, :, :r]
+    lg, _, _ = E.run(sess, tok[None, r:], voi[None, r:], cond[None, r:], nk, nv, cache=False, past_len=r)
+    d_masked = float(np.abs(lg - full[:, r:]).max())
     return dict(onnx_vs_torch_logits_max_abs=d_torch, onnx_vs_torch_cache_max_abs=d_torch_kv,
                 incremental_vs_full_logits_max_abs=d_inc, incremental_vs_full_cache_max_abs=d_inc_kv,
-                truncated_cache_vs_full_logits_max_abs=d_roll, n_tokens=N, empty_cache_P0_accepted=True)
+                truncated_cache_vs_full_logits_max_abs=d_roll,
+                noise_beyond_past_len_vs_full_logits_max_abs=d_masked, n_tokens=N, empty_cache_P0_accepted=True)
 
 
 def train_wall_minutes(run):
@@ -274,7 +283,7 @@ def main():
     card = dict(
         name=args.name,
         training_run=args.run or args.name,
-        format_version=1,
+        format_version=2,
         file=f"{args.name}.onnx",
         sha256=sha256(onnx_path),
         size_bytes=os.path.getsize(onnx_path),
@@ -344,7 +353,7 @@ def main():
         ),
         context_length=ctx,
         max_positions=cfg["max_pos"],
-        positions="rotary; positions of the T new tokens are P .. P+T-1 where P = past_k_0.shape[2]; keep P+T <= "
+        positions="rotary; positions of the T new tokens are past_len .. past_len+T-1; keep past_len+T <= "
                   "context_length (trained length); when the cache is full, slide it: drop its oldest positions and "
                   "rotate every kept key back by as many positions (see rotary), so the first kept token reads as "
                   "position 0",
@@ -357,16 +366,19 @@ def main():
                 dict(name="tokens", dtype="int64", shape=[1, "T"]),
                 dict(name="voices", dtype="int64", shape=[1, "T"]),
                 dict(name="cond", dtype="float32", shape=[1, "T", C.COND_DIM]),
-                *[dict(name=n, dtype="float32", shape=[1, H, "P", Dh]) for n in cache_names("past", L)],
+                dict(name="past_len", dtype="int64", shape=[1]),
+                *[dict(name=n, dtype="float32", shape=[1, H, "capacity", Dh]) for n in cache_names("past", L)],
             ],
             outputs=[
                 dict(name="logits", dtype="float32", shape=[1, "T", C.VOCAB_SIZE]),
-                *[dict(name=n, dtype="float32", shape=[1, H, "P+T", Dh]) for n in cache_names("present", L)],
+                *[dict(name=n, dtype="float32", shape=[1, H, "T", Dh]) for n in cache_names("new", L)],
             ],
-            cache="one key and one value tensor per layer, [1, heads, P, head_dim]: past_k_0..L-1 then "
-                  "past_v_0..L-1 in, present_k_0..L-1 then present_v_0..L-1 out",
-            empty_cache="P = 0 (zero-size past tensors) is accepted by onnxruntime",
-            rollback="truncate every present tensor along axis 2 to the kept prefix length and decode again",
+            cache="one key and one value buffer per layer, [1, heads, capacity, head_dim], of which the first "
+                  "past_len positions are in use (the rest is masked, whatever it holds): past_k_0..L-1 then "
+                  "past_v_0..L-1 in; out, only the T new tokens' keys and values, new_k_0..L-1 then new_v_0..L-1, "
+                  "[1, heads, T, head_dim], which the caller writes at positions past_len .. past_len+T-1",
+            empty_cache="past_len = 0 with a capacity of 1 (one masked position)",
+            rollback="lower past_len to the kept prefix length and decode again",
             op_types=op_types(onnx_path),
         ),
         architecture=dict(type="decoder-only transformer, pre-LayerNorm, rotary positions, GELU (tanh) MLP",

@@ -1,8 +1,9 @@
 """roomscore's composer: a small decoder-only transformer over S/A/T/B raster tokens.
 
 Inputs beside every token: its voice id (0..3 = S,A,T,B, 4 = start) and a float conditioning
-vector. Rotary positions; the key/value cache is an explicit input/output so the same graph does a
-full pass (P = 0) and incremental decoding (P > 0). Only simple ops are used (MatMul/Gemm, Softmax,
+vector. Rotary positions; the key/value cache is an explicit input and the new tokens' keys and
+values an output (`Decoder`), so the same graph does a full pass (nothing cached) and incremental
+decoding. Only simple ops are used (MatMul/Gemm, Softmax,
 LayerNormalization, Concat, Slice, Gather, Tanh, elementwise) so it exports cleanly to ONNX opset 17
 and runs under onnxruntime and tract. sin/cos tables and the position index are constants.
 """
@@ -29,11 +30,9 @@ class Block(nn.Module):
         self.drop = nn.Dropout(dropout)
 
     def forward(self, x, batch, rope, bias, past_k, past_v):
-        # x [B*T, d], the sequences one after another; rope = (cos, signed sin, swap) for the
-        # T new positions; bias [T, P+T]; past_k/v [B,H,P,dh].
-        # The rows stay 2-D so each Linear exports as one Gemm, and shapes are built from
-        # constants: under onnxruntime a token's step is mostly per-node overhead, and a reshape
-        # built from the input's runtime shape costs five nodes more than one built from -1.
+        # Training and the PyTorch reference; the ONNX graph runs `decode`, the same arithmetic
+        # on one sequence. x [B*T, d], the sequences one after another; rope = (cos, signed sin,
+        # swap) for the T new positions; bias [T, P+T]; past_k/v [B,H,P,dh].
         cos, sin, swap = rope
         y = self.ln1(x)
         qkv = self.qkv(y).reshape(batch, -1, 3, self.h, self.dh).permute(2, 0, 3, 1, 4)  # [3,B,H,T,dh]
@@ -54,6 +53,32 @@ class Block(nn.Module):
         y = 0.5 * y * (1.0 + torch.tanh(0.7978845608028654 * (y + 0.044715 * y * y * y)))  # GELU (tanh)
         x = x + self.drop(self.fc2(y))
         return x, k_all, v_all
+
+    def decode(self, x, rope, bias_past, bias_new, past_k, past_v):
+        """The exported graph's block, one sequence: x [T, d]; past_k/v [1,H,C,dh], a cache of
+        capacity C whose first past_len positions hold keys and values (bias_past [T, C] masks the
+        rest); bias_new [T, T] is causal. Returns x and only the new tokens' keys and values
+        [1,H,T,dh]: the caller writes them into its cache in place. A graph that concatenated past
+        and new and gave the whole cache back copied it twice per token, which at full context was
+        most of a token's time."""
+        # Rows stay 2-D so each Linear exports as one Gemm, and reshapes take -1 rather than
+        # sizes read from the input (five nodes more each): much of a step is per-node overhead.
+        cos, sin, swap = rope
+        y = self.ln1(x)
+        qkv = self.qkv(y).reshape(-1, 3, self.h, self.dh).permute(1, 2, 0, 3)  # [3,H,T,dh]
+        qk = qkv[:2]
+        qk = qk * cos + torch.matmul(qk, swap) * sin
+        q, k, v = qk[0:1], qk[1:2], qkv[2:3]  # [1,H,T,dh]
+        q = q * (1.0 / math.sqrt(self.dh))
+        att = torch.cat([torch.matmul(q, past_k.transpose(-1, -2)) + bias_past,
+                         torch.matmul(q, k.transpose(-1, -2)) + bias_new], -1)
+        att = torch.softmax(att, dim=-1)
+        cap = past_k.shape[2]
+        o = torch.matmul(att[..., :cap], past_v) + torch.matmul(att[..., cap:], v)
+        x = x + self.proj(o.transpose(1, 2).reshape(-1, self.d))
+        y = self.fc1(self.ln2(x))
+        y = 0.5 * y * (1.0 + torch.tanh(0.7978845608028654 * (y + 0.044715 * y * y * y)))  # GELU (tanh)
+        return x + self.fc2(y), k, v
 
 
 class Composer(nn.Module):
@@ -105,13 +130,10 @@ class Composer(nn.Module):
         return logits, torch.stack(ks), torch.stack(vs)
 
     def step(self, tokens, voices, cond, past_ks, past_vs):
-        """As forward, with the cache as one [B,H,P,dh] tensor per layer in and out (how the ONNX
-        graph takes it: a packed cache costs a copy to split it and another to pack it again)."""
+        """As forward, with the cache as one [B,H,P,dh] tensor per layer in and out."""
         T = tokens.shape[1]
         P = past_ks[0].shape[2]
-        # The exported graph takes one sequence; a batch size read from the input would put
-        # shape nodes into every block.
-        batch = 1 if torch.onnx.is_in_onnx_export() else tokens.shape[0]
+        batch = tokens.shape[0]
         d = self.cfg["d"]
         x = (self.tok(tokens) + self.voice(voices) + self.cond(cond)).reshape(-1, d)
         x = self.drop(x)
@@ -128,18 +150,36 @@ class Composer(nn.Module):
         return self.head(self.ln_f(x)).reshape(batch, -1, self.cfg["vocab"]), ks, vs
 
 
-class PerLayerCache(nn.Module):
-    """The exported graph: inputs tokens, voices, cond, past_k_0..L-1, past_v_0..L-1; outputs
-    logits, present_k_0..L-1, present_v_0..L-1."""
+class Decoder(nn.Module):
+    """The exported graph: inputs tokens, voices, cond [1, T(, C)], past_len [1] and the cache,
+    past_k_0..L-1 then past_v_0..L-1, each [1, H, capacity, dh] with its first past_len
+    positions in use; outputs logits [1, T, V] and the new tokens' keys and values, new_k_0..L-1
+    then new_v_0..L-1, each [1, H, T, dh]. The new tokens sit at positions past_len ..
+    past_len+T-1. Nothing in it depends on the capacity, so one buffer of the context length can
+    serve every step: decoding writes each new key and value after the last, rollback only
+    lowers past_len."""
 
     def __init__(self, model):
         super().__init__()
         self.model = model
 
-    def forward(self, tokens, voices, cond, *past):
-        L = self.model.layers
-        logits, ks, vs = self.model.step(tokens, voices, cond, list(past[:L]), list(past[L:]))
-        return (logits, *ks, *vs)
+    def forward(self, tokens, voices, cond, past_len, *past):
+        m = self.model
+        L, d = m.layers, m.cfg["d"]
+        T = tokens.shape[1]
+        x = (m.tok(tokens) + m.voice(voices) + m.cond(cond)).reshape(-1, d)
+        qpos = past_len + torch.arange(T)
+        rope = (m.cos_t[qpos], m.sin_t[qpos], m.swap)
+        kpos = torch.arange(past[0].shape[2])
+        bias_past = (kpos.unsqueeze(0) >= past_len).float().expand(T, -1) * -1e9
+        tpos = torch.arange(T)
+        bias_new = torch.clamp(tpos.unsqueeze(0) - tpos.unsqueeze(1), min=0).float() * -1e9
+        ks, vs = [], []
+        for i, blk in enumerate(m.blocks):
+            x, k, v = blk.decode(x, rope, bias_past, bias_new, past[i], past[L + i])
+            ks.append(k)
+            vs.append(v)
+        return (m.head(m.ln_f(x)).reshape(1, -1, m.cfg["vocab"]), *ks, *vs)
 
 
 def n_params(model):

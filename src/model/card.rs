@@ -135,6 +135,10 @@ pub struct Architecture {
     pub params: Option<u64>,
 }
 
+/// The card format this engine reads: 2 is the graph that takes past_len and a cache buffer of
+/// any capacity, and gives back only the new keys and values.
+pub const FORMAT_VERSION: u32 = 2;
+
 #[derive(Clone, Debug, Deserialize)]
 pub struct Card {
     pub name: String,
@@ -176,24 +180,23 @@ impl Rotary {
     }
 }
 
-/// The ONNX names by role; the names themselves come from the card. The cache comes either
-/// packed, one key and one value tensor [layers, 1, heads, P, head_dim] (inputs tokens, voices,
-/// cond, past_k, past_v; outputs logits, present_k, present_v), or per layer, [1, heads, P,
-/// head_dim] each (inputs tokens, voices, cond, the layers' keys, the layers' values; outputs
-/// logits, then keys and values likewise). The per-layer graph spares two copies of the whole
-/// cache per token.
+/// The ONNX names by role; the names themselves come from the card. Inputs: tokens, voices, cond,
+/// past_len, then one key and one value buffer per layer, [1, heads, capacity, head_dim], whose
+/// first past_len positions are in use. Outputs: logits, then the new tokens' keys and values per
+/// layer, [1, heads, T, head_dim], which the caller writes into its buffers: a graph that gave the
+/// whole cache back copied it twice per token.
 #[derive(Clone, Debug)]
 pub struct IoNames {
-    pub per_layer: bool,
     pub tokens: String,
     pub voices: String,
     pub cond: String,
+    pub past_len: String,
     pub logits: String,
-    /// One name each (packed) or one per layer.
+    /// One name per layer each.
     pub past_k: Vec<String>,
     pub past_v: Vec<String>,
-    pub present_k: Vec<String>,
-    pub present_v: Vec<String>,
+    pub new_k: Vec<String>,
+    pub new_v: Vec<String>,
 }
 
 /// Where a model's card lives: `X.json` beside `X.onnx`.
@@ -240,11 +243,12 @@ impl Card {
     }
 
     fn validate(&self) -> Result<(), ModelError> {
-        if self.format_version != 1 {
+        if self.format_version != FORMAT_VERSION {
             return Err(self.bad(
                 "format_version",
                 format!(
-                    "{} is not a version this engine reads (1)",
+                    "{} is not the version this engine reads ({FORMAT_VERSION}); \
+                     models/train/export.py writes it",
                     self.format_version
                 ),
             ));
@@ -388,47 +392,36 @@ impl Card {
             ));
         }
         let (ins, outs) = (self.onnx.inputs.len(), self.onnx.outputs.len());
-        // Cache tensors per direction: 2 packed, or a key and a value per layer.
-        let per_dir = if self.cache_per_layer() {
-            2 * a.layers
-        } else {
-            2
-        };
-        if ins != 3 + per_dir || outs != 1 + per_dir {
+        if ins != 4 + 2 * a.layers || outs != 1 + 2 * a.layers {
             return Err(self.bad(
                 "onnx.inputs/outputs",
                 format!(
-                    "{ins} inputs and {outs} outputs: expected tokens, voices, cond and the cache in \
-                     (past_k, past_v, or a key and a value per layer: {} more), logits and the cache \
-                     out",
+                    "{ins} inputs and {outs} outputs: expected tokens, voices, cond, past_len and a \
+                     key and a value per layer in ({} more), logits and the new keys and values out",
                     2 * a.layers
                 ),
             ));
         }
-        let cache = |last: &str| {
-            let mut dims = vec![
+        let cache = |len: &str| {
+            vec![
                 Dim::Fixed(1),
                 Dim::Fixed(a.heads as i64),
-                Dim::Symbol(last.into()),
+                Dim::Symbol(len.into()),
                 Dim::Fixed(a.head_dim as i64),
-            ];
-            if !self.cache_per_layer() {
-                dims.insert(0, Dim::Fixed(a.layers as i64));
-            }
-            dims
+            ]
         };
         let t = || Dim::Symbol("T".into());
         let mut expect: Vec<(&Io, &str, Vec<Dim>, String)> = Vec::new();
         for (list, first, side, len) in [
-            (&self.onnx.inputs, 3, "inputs", "P"),
-            (&self.onnx.outputs, 1, "outputs", "P+T"),
+            (&self.onnx.inputs, 4, "inputs", "capacity"),
+            (&self.onnx.outputs, 1, "outputs", "T"),
         ] {
             for (k, io) in list.iter().enumerate().skip(first) {
                 let field = format!("onnx.{side}[{k}] (cache)");
                 expect.push((io, "float32", cache(len), field));
             }
         }
-        let fixed: [(&Io, &str, Vec<Dim>, &str); 4] = [
+        let fixed: [(&Io, &str, Vec<Dim>, &str); 5] = [
             (
                 &self.onnx.inputs[0],
                 "int64",
@@ -446,6 +439,12 @@ impl Card {
                 "float32",
                 vec![Dim::Fixed(1), t(), Dim::Fixed(c.dim as i64)],
                 "onnx.inputs[2] (cond)",
+            ),
+            (
+                &self.onnx.inputs[3],
+                "int64",
+                vec![Dim::Fixed(1)],
+                "onnx.inputs[3] (past_len)",
             ),
             (
                 &self.onnx.outputs[0],
@@ -482,34 +481,25 @@ impl Card {
         Ok(())
     }
 
-    /// Whether the graph takes its cache one tensor per layer (rank 4) rather than packed (rank 5).
-    pub fn cache_per_layer(&self) -> bool {
-        self.onnx
-            .inputs
-            .get(3)
-            .is_some_and(|io| io.shape.len() == 4)
-    }
-
     pub fn io_names(&self) -> IoNames {
         let i = |k: usize| self.onnx.inputs[k].name.clone();
-        let o = |k: usize| self.onnx.outputs[k].name.clone();
-        // validate() has held the counts to 3 + 2n inputs and 1 + 2n outputs.
-        let n = (self.onnx.inputs.len() - 3) / 2;
+        // validate() has held the counts to 4 + 2n inputs and 1 + 2n outputs.
+        let n = self.architecture.layers;
         let names = |list: &[Io]| list.iter().map(|io| io.name.clone()).collect::<Vec<_>>();
-        let (past, present) = (
-            names(&self.onnx.inputs[3..]),
+        let (past, new) = (
+            names(&self.onnx.inputs[4..]),
             names(&self.onnx.outputs[1..]),
         );
         IoNames {
-            per_layer: self.cache_per_layer(),
             tokens: i(0),
             voices: i(1),
             cond: i(2),
-            logits: o(0),
+            past_len: i(3),
+            logits: self.onnx.outputs[0].name.clone(),
             past_k: past[..n].to_vec(),
             past_v: past[n..].to_vec(),
-            present_k: present[..n].to_vec(),
-            present_v: present[n..].to_vec(),
+            new_k: new[..n].to_vec(),
+            new_v: new[n..].to_vec(),
         }
     }
 
@@ -608,49 +598,36 @@ mod tests {
         Card::parse(&v.to_string(), Path::new("models/x.json"))
     }
 
-    /// The first models' layout: one packed key and one packed value tensor each way.
-    fn packed(mut v: Value) -> Value {
-        let a = &v["architecture"];
-        let (l, h, d) = (
-            a["layers"].clone(),
-            a["heads"].clone(),
-            a["head_dim"].clone(),
-        );
-        let cache = |name: &str, len: &str| json!({"name": name, "dtype": "float32", "shape": [l, 1, h, len, d]});
-        let onnx = &mut v["onnx"];
-        let ins = onnx["inputs"].as_array_mut().unwrap();
-        ins.truncate(3);
-        ins.extend([cache("past_k", "P"), cache("past_v", "P")]);
-        let outs = onnx["outputs"].as_array_mut().unwrap();
-        outs.truncate(1);
-        outs.extend([cache("present_k", "P+T"), cache("present_v", "P+T")]);
-        v
+    #[test]
+    fn the_cache_comes_a_key_and_a_value_per_layer() {
+        let card = parse(&shipped()).unwrap();
+        let names = card.io_names();
+        let layers = card.architecture.layers;
+        assert_eq!(names.past_len, "past_len");
+        assert_eq!(names.past_k.len(), layers);
+        assert_eq!(names.new_v.len(), layers);
+        assert_eq!(names.past_v[0], "past_v_0");
+        assert_eq!(names.new_k[layers - 1], format!("new_k_{}", layers - 1));
     }
 
     #[test]
-    fn the_cache_comes_per_layer_or_packed() {
-        let card = parse(&shipped()).unwrap();
-        let names = card.io_names();
-        assert!(names.per_layer);
-        let layers = card.architecture.layers;
-        assert_eq!(names.past_k.len(), layers);
-        assert_eq!(names.present_v.len(), layers);
-        assert_eq!(names.past_v[0], "past_v_0");
-
-        let card = parse(&packed(shipped())).unwrap();
-        let names = card.io_names();
-        assert!(!names.per_layer);
-        assert_eq!(names.past_k, ["past_k"]);
-        assert_eq!(names.present_v, ["present_v"]);
+    fn a_card_of_another_format_is_named() {
+        let mut v = shipped();
+        v["format_version"] = json!(1);
+        let err = parse(&v).unwrap_err().to_string();
+        assert!(err.contains("format_version"), "{err}");
+        assert!(err.contains("export.py"), "{err}");
     }
 
     #[test]
     fn a_missing_cache_tensor_is_named() {
         let mut v = shipped();
-        v["onnx"]["inputs"].as_array_mut().unwrap().pop();
+        let inputs = v["onnx"]["inputs"].as_array_mut().unwrap();
+        inputs.pop();
+        let left = inputs.len();
         let err = parse(&v).unwrap_err().to_string();
         assert!(err.contains("onnx.inputs/outputs"), "{err}");
-        assert!(err.contains("10 inputs"), "{err}");
+        assert!(err.contains(&format!("{left} inputs")), "{err}");
 
         let mut v = shipped();
         v["onnx"]["outputs"][3]["shape"][1] = json!(8);

@@ -277,93 +277,73 @@ fn dylib_in(dir: &Path) -> Option<PathBuf> {
     libs.pop()
 }
 
-/// The key/value cache. Between passes it stays in the tensors the graph gave back, which the
-/// next pass takes as they are: copying a megabyte-sized cache out of every pass was a third of
-/// a token's time. Sliding, cutting and keeping a copy work on a host copy, packed [layers, 1,
-/// heads, len, head_dim], which a packed graph takes whole and a per-layer graph a block per layer.
-#[derive(Debug, Default)]
+/// The key/value cache: per layer and head, room for `capacity` positions of keys and of values,
+/// packed [layers, heads, capacity, head_dim], of which the first `len` are in use. The graph
+/// reads each layer's block where it lies and gives back only the new tokens' keys and values,
+/// written here after the last: no pass copies the whole cache, and cutting it back is a
+/// smaller `len` (what lies beyond is masked by the graph, whatever it holds).
+#[derive(Clone, Debug, Default)]
 pub struct Cache {
-    /// The host copy; current only while `graph` is empty.
     k: Vec<f32>,
     v: Vec<f32>,
-    /// The last pass's present tensors, keys then values (one of each packed, one per layer
-    /// otherwise).
-    graph: Vec<ort::value::DynValue>,
+    /// Layers times heads: the blocks of `capacity` positions.
+    blocks: usize,
+    head_dim: usize,
+    capacity: usize,
     pub len: usize,
 }
 
-impl Clone for Cache {
-    fn clone(&self) -> Self {
-        let mut c = Cache::empty();
-        c.copy_from(self);
-        c
-    }
-}
-
 impl Cache {
+    /// A cache with no room yet; the first pass gives it as much as that pass needs.
     pub fn empty() -> Self {
         Cache::default()
     }
 
-    /// An empty cache whose host buffers already hold `floats` each, written once so that their
-    /// pages are mapped: the first copies into them then cost what later ones do, where a fresh
-    /// buffer made a slide step the slowest step of all.
-    pub fn with_capacity(floats: usize) -> Self {
-        let touched = || {
-            let mut b = vec![1.0f32; floats];
-            b.clear();
-            b
-        };
-        Cache {
-            k: touched(),
-            v: touched(),
-            ..Cache::default()
-        }
+    /// An empty cache with room for `positions` of `net`'s keys and values, written once so
+    /// that their pages are mapped: a step that first touches megabytes of fresh pages is the
+    /// slowest step of all.
+    pub fn with_capacity(net: &Net, positions: usize) -> Self {
+        let mut c = Cache::empty();
+        net.reserve(&mut c, positions);
+        c
     }
 
-    /// Becomes a copy of `other`, in the buffers it already has.
+    /// Becomes a copy of `other`, in the buffers it already has where they are large enough.
     pub fn copy_from(&mut self, other: &Cache) {
-        self.graph.clear();
-        if other.graph.is_empty() {
-            self.k.clone_from(&other.k);
-            self.v.clone_from(&other.v);
-        } else {
-            gather(&other.graph, &mut self.k, &mut self.v);
-        }
+        self.k.clone_from(&other.k);
+        self.v.clone_from(&other.v);
+        self.blocks = other.blocks;
+        self.head_dim = other.head_dim;
+        self.capacity = other.capacity;
         self.len = other.len;
     }
 
-    /// The keys, packed [layers, 1, heads, len, head_dim].
+    /// Positions it has room for.
+    pub fn capacity(&self) -> usize {
+        self.capacity
+    }
+
+    /// Forgets every position, keeping the room.
+    pub fn clear(&mut self) {
+        self.len = 0;
+    }
+
+    /// The keys in use, packed [layers, 1, heads, len, head_dim].
     pub fn keys(&self) -> Vec<f32> {
-        self.clone().k
+        self.in_use(&self.k)
     }
 
-    /// The values, packed as the keys.
+    /// The values in use, packed as the keys.
     pub fn values(&self) -> Vec<f32> {
-        self.clone().v
+        self.in_use(&self.v)
     }
 
-    /// Brings the host copy up to date, for work on it.
-    fn sync_host(&mut self) {
-        if !self.graph.is_empty() {
-            let graph = std::mem::take(&mut self.graph);
-            gather(&graph, &mut self.k, &mut self.v);
-        }
-    }
-}
-
-/// The graph's present tensors (keys, then values) packed into `k` and `v`, which keep their
-/// buffers.
-fn gather(graph: &[ort::value::DynValue], k: &mut Vec<f32>, v: &mut Vec<f32>) {
-    let (keys, values) = graph.split_at(graph.len() / 2);
-    for (parts, into) in [(keys, k), (values, v)] {
-        into.clear();
-        for part in parts {
-            // These are the graph's own float tensors, checked when they came back.
-            if let Ok((_, data)) = part.try_extract_tensor::<f32>() {
-                into.extend_from_slice(data);
-            }
-        }
+    fn in_use(&self, buf: &[f32]) -> Vec<f32> {
+        let (cap, d) = (self.capacity, self.head_dim);
+        (0..self.blocks)
+            .flat_map(|b| &buf[b * cap * d..(b * cap + self.len) * d])
+            .copied()
+            .collect()
     }
 }
 
@@ -374,6 +354,8 @@ pub type Port = (String, String, Vec<i64>);
 pub struct Net {
     session: Session,
     names: IoNames,
+    /// One masked position per head, the cache a pass over nothing cached reads.
+    nothing: Vec<f32>,
     pub layers: usize,
     pub heads: usize,
     pub head_dim: usize,
@@ -415,6 +397,7 @@ impl Net {
         Ok(Net {
             session,
             names: card.io_names(),
+            nothing: vec![0.0; a.heads * a.head_dim],
             layers: a.layers,
             heads: a.heads,
             head_dim: a.head_dim,
@@ -442,8 +425,43 @@ impl Net {
         )
     }
 
-    /// Runs `tokens` (with their voices and `cond`, `cond_dim` floats per token) after `cache`,
-    /// returns their logits ([T * vocab]) and replaces `cache` by the present one.
+    /// Makes room in `cache` for at least `positions`, keeping what it holds.
+    pub fn reserve(&self, cache: &mut Cache, positions: usize) {
+        let (blocks, d) = (self.layers * self.heads, self.head_dim);
+        if cache.blocks == blocks && cache.head_dim == d && cache.capacity >= positions {
+            return;
+        }
+        let cap = positions.max(cache.capacity * 2);
+        let grow = |old: &[f32]| {
+            // Written through, not calloc'd: see `Cache::with_capacity`.
+            let mut buf = Vec::with_capacity(blocks * cap * d);
+            buf.resize(blocks * cap * d, 0.0);
+            if cache.blocks == blocks && cache.head_dim == d {
+                for b in 0..blocks {
+                    let n = cache.len * d;
+                    let src = b * cache.capacity * d;
+                    buf[b * cap * d..b * cap * d + n].copy_from_slice(&old[src..src + n]);
+                }
+            }
+            buf
+        };
+        let (k, v) = (grow(&cache.k), grow(&cache.v));
+        if cache.blocks != blocks || cache.head_dim != d {
+            cache.len = 0;
+        }
+        *cache = Cache {
+            k,
+            v,
+            blocks,
+            head_dim: d,
+            capacity: cap,
+            len: cache.len,
+        };
+    }
+
+    /// Runs `tokens` (with their voices and `cond`, `cond_dim` floats per token) after what
+    /// `cache` holds, returns their logits ([T * vocab]) and writes their keys and values into
+    /// `cache` after the last.
     pub fn forward(
         &mut self,
         tokens: &[i64],
@@ -454,10 +472,12 @@ impl Net {
         let t = tokens.len();
         debug_assert_eq!(voices.len(), t);
         debug_assert_eq!(cond.len(), t * self.cond_dim);
-        let p = cache.len;
-        let (layers, heads, head_dim) = (self.layers, self.heads, self.head_dim);
+        self.reserve(cache, cache.len + t);
+        let (p, cap) = (cache.len, cache.capacity);
+        let (heads, head_dim) = (self.heads, self.head_dim);
         let path = self.path.clone();
         let e = |e: ort::Error| ort_err(&path, e);
+        let past_len = [p as i64];
         let mut inputs: Vec<(Cow<'_, str>, SessionInputValue<'_>)> = vec![
             (
                 self.names.tokens.as_str().into(),
@@ -477,35 +497,32 @@ impl Net {
                     .map_err(e)?
                     .into(),
             ),
+            (
+                self.names.past_len.as_str().into(),
+                TensorRef::from_array_view(([1usize], &past_len[..]))
+                    .map_err(e)?
+                    .into(),
+            ),
         ];
-        // The last pass's own tensors, in the order the names list them; before the first
-        // pass and after work on the host copy, views of that copy.
-        let names = self.names.past_k.iter().chain(&self.names.past_v);
-        for (name, value) in names.zip(&cache.graph) {
-            inputs.push((name.as_str().into(), value.into()));
-        }
-        if cache.graph.is_empty() {
-            for (names, buf) in [
-                (&self.names.past_k, &cache.k),
-                (&self.names.past_v, &cache.v),
-            ] {
-                if self.names.per_layer {
-                    // Views of each layer's block of the packed buffer: no copy on the way in.
-                    let block = heads * p * head_dim;
-                    for (i, name) in names.iter().enumerate() {
-                        let part = &buf[i * block..(i + 1) * block];
-                        let view = TensorRef::from_array_view(([1usize, heads, p, head_dim], part))
-                            .map_err(e)?;
-                        inputs.push((name.as_str().into(), view.into()));
-                    }
+        // Each layer's block where it lies, no copy; with nothing cached, one masked position
+        // rather than a whole capacity of them.
+        let block = heads * cap * head_dim;
+        for (names, buf) in [
+            (&self.names.past_k, &cache.k),
+            (&self.names.past_v, &cache.v),
+        ] {
+            for (i, name) in names.iter().enumerate() {
+                let view = if p == 0 {
+                    TensorRef::from_array_view(([1usize, heads, 1, head_dim], &self.nothing[..]))
                 } else {
-                    let shape = [layers, 1, heads, p, head_dim];
-                    let view = TensorRef::from_array_view((shape, buf.as_slice())).map_err(e)?;
-                    inputs.push((names[0].as_str().into(), view.into()));
+                    let part = &buf[i * block..(i + 1) * block];
+                    TensorRef::from_array_view(([1usize, heads, cap, head_dim], part))
                 }
+                .map_err(e)?;
+                inputs.push((name.as_str().into(), view.into()));
             }
         }
-        let mut outputs = self.session.run(inputs).map_err(e)?;
+        let outputs = self.session.run(inputs).map_err(e)?;
         let (shape, logits) = outputs[self.names.logits.as_str()]
             .try_extract_tensor::<f32>()
             .map_err(e)?;
@@ -519,26 +536,29 @@ impl Net {
             ));
         }
         let logits = logits.to_vec();
-        let mut want = vec![1, heads as i64, (p + t) as i64, head_dim as i64];
-        if !self.names.per_layer {
-            want.insert(0, layers as i64);
-        }
-        let mut present = Vec::with_capacity(2 * self.names.present_k.len());
-        for name in self.names.present_k.iter().chain(&self.names.present_v) {
-            let value = outputs
-                .remove(name.as_str())
-                .ok_or_else(|| ort_err(&path, format!("the graph gave no {name}")))?;
-            let (shape, _) = value.try_extract_tensor::<f32>().map_err(e)?;
-            if shape.to_vec() != want {
-                return Err(ort_err(
-                    &path,
-                    format!("{name} has shape {shape:?}, expected {want:?}"),
-                ));
+        let want = [1, heads as i64, t as i64, head_dim as i64];
+        for (names, buf) in [
+            (&self.names.new_k, &mut cache.k),
+            (&self.names.new_v, &mut cache.v),
+        ] {
+            for (i, name) in names.iter().enumerate() {
+                let value = outputs
+                    .get(name.as_str())
+                    .ok_or_else(|| ort_err(&path, format!("the graph gave no {name}")))?;
+                let (shape, data) = value.try_extract_tensor::<f32>().map_err(e)?;
+                if shape.to_vec() != want {
+                    return Err(ort_err(
+                        &path,
+                        format!("{name} has shape {shape:?}, expected {want:?}"),
+                    ));
+                }
+                for h in 0..heads {
+                    let dst = ((i * heads + h) * cap + p) * head_dim;
+                    buf[dst..dst + t * head_dim]
+                        .copy_from_slice(&data[h * t * head_dim..(h + 1) * t * head_dim]);
+                }
             }
-            present.push(value);
         }
-        drop(outputs);
-        cache.graph = present;
         cache.len = p + t;
         Ok(logits)
     }
@@ -547,10 +567,9 @@ impl Net {
     /// rotation by `-drop * inv_freq`), so the cache reads as if its first kept token were at
     /// position 0 and new tokens continue at `len`. Values carry no position and only move.
     pub fn slide(&self, cache: &mut Cache, drop: usize, inv_freq: &[f64]) {
-        cache.sync_host();
         let drop = drop.min(cache.len);
-        let (old, d) = (cache.len, self.head_dim);
-        let (len, half) = (old - drop, d / 2);
+        let (cap, d) = (cache.capacity, cache.head_dim);
+        let (len, half) = (cache.len - drop, d / 2);
         let turn: Vec<(f32, f32)> = inv_freq
             .iter()
             .map(|f| {
@@ -558,43 +577,25 @@ impl Net {
                 (a.cos() as f32, a.sin() as f32)
             })
             .collect();
-        for b in 0..self.layers * self.heads {
+        for b in 0..cache.blocks {
             for p in 0..len {
                 // dst < src, and positions go up, so nothing is read after it is written.
-                let (src, dst) = ((b * old + p + drop) * d, (b * len + p) * d);
+                let (src, dst) = ((b * cap + p + drop) * d, (b * cap + p) * d);
                 for (i, &(c, s)) in turn.iter().enumerate() {
                     let (x1, x2) = (cache.k[src + i], cache.k[src + half + i]);
                     cache.k[dst + i] = x1 * c - x2 * s;
                     cache.k[dst + half + i] = x1 * s + x2 * c;
                 }
             }
-            let (src, dst) = (b * old * d + drop * d, b * len * d);
+            let (src, dst) = ((b * cap + drop) * d, b * cap * d);
             cache.v.copy_within(src..src + len * d, dst);
         }
-        let total = self.layers * self.heads * len * d;
-        cache.k.truncate(total);
-        cache.v.truncate(total);
         cache.len = len;
     }
 
     /// Keeps the first `len` positions of `cache` (rollback: rotary positions are relative, so a
     /// truncated cache is exactly the cache of the shorter prefix).
     pub fn truncate(&self, cache: &mut Cache, len: usize) {
-        if len >= cache.len {
-            return;
-        }
-        cache.sync_host();
-        let (old, d) = (cache.len, self.head_dim);
-        let blocks = self.layers * self.heads;
-        let cut = |x: &mut Vec<f32>| {
-            for b in 0..blocks {
-                let (src, dst) = (b * old * d, b * len * d);
-                x.copy_within(src..src + len * d, dst);
-            }
-            x.truncate(blocks * len * d);
-        };
-        cut(&mut cache.k);
-        cut(&mut cache.v);
-        cache.len = len;
+        cache.len = cache.len.min(len);
     }
 }

@@ -144,12 +144,11 @@ impl Caches {
         self.cond.len
     }
 
-    /// Empty caches with host buffers for `floats` each, ready to take a copy (see
-    /// `Cache::with_capacity`).
-    fn with_capacity(guided: bool, floats: usize) -> Self {
+    /// Empty caches with room for `positions` each (see `Cache::with_capacity`).
+    fn with_capacity(guided: bool, net: &Net, positions: usize) -> Self {
         Caches {
-            cond: Cache::with_capacity(floats),
-            uncond: guided.then(|| Cache::with_capacity(floats)),
+            cond: Cache::with_capacity(net, positions),
+            uncond: guided.then(|| Cache::with_capacity(net, positions)),
         }
     }
 
@@ -214,12 +213,13 @@ struct Slide {
 
 impl Slide {
     /// Moves every kept cache to the spares and tops them up to `SLIDES_KEPT`, for caches of
-    /// `floats` each, guided or not.
-    fn reset(&mut self, guided: bool, floats: usize) {
+    /// `positions` each, guided or not.
+    fn reset(&mut self, guided: bool, net: &Net, positions: usize) {
         self.spare.extend(self.before.drain(..).map(|(_, c)| c));
         self.spare.retain(|c| c.uncond.is_some() == guided);
         while self.spare.len() < SLIDES_KEPT {
-            self.spare.push(Caches::with_capacity(guided, floats));
+            self.spare
+                .push(Caches::with_capacity(guided, net, positions));
         }
     }
 }
@@ -380,14 +380,21 @@ impl ModelSource {
 
     /// One fresh pass over tokens [from, to) (already fed once, so their conditioning is known).
     fn prime(&mut self, from: usize, to: usize) -> Result<(), ModelError> {
-        let mut cache = Caches::empty(self.guided());
+        // The caches keep their room; a failed pass leaves them empty, never half-written.
+        self.cache.each(Cache::clear);
+        self.cache_start = from;
+        self.prime_end = from;
         if to > from {
             let (t, v, c) = self.slice(from, to);
             let (t, v, c) = (t.to_vec(), v.to_vec(), c.to_vec());
-            cache.forward(&mut self.net, (&t, &v, &c), &self.unknown)?;
+            if let Err(e) = self
+                .cache
+                .forward(&mut self.net, (&t, &v, &c), &self.unknown)
+            {
+                self.cache.each(Cache::clear);
+                return Err(e);
+            }
         }
-        self.cache = cache;
-        self.cache_start = from;
         self.prime_end = to;
         Ok(())
     }
@@ -596,16 +603,16 @@ impl NoteSource for ModelSource {
         self.voices = vec![c.voices.start_id];
         self.conds.clear();
         self.base = 0;
-        self.cache = Caches::empty(self.guided());
+        let guided = self.guided();
+        if self.cache.uncond.is_some() == guided && self.cache.cond.capacity() >= c.context_length {
+            self.cache.each(Cache::clear);
+        } else {
+            self.cache = Caches::with_capacity(guided, &self.net, c.context_length);
+        }
         self.cache_start = 0;
         self.prime_end = 0;
-        let floats = c.architecture.layers
-            * c.architecture.heads
-            * c.context_length
-            * c.architecture.head_dim;
-        let guided = self.guided();
         if let Some(sl) = &mut self.slide {
-            sl.reset(guided, floats);
+            sl.reset(guided, &self.net, c.context_length);
         }
         self.start_step = step;
         self.position = step;
