@@ -117,6 +117,43 @@ fn card_and_vocabulary_agree_with_the_graph() {
 }
 
 #[test]
+fn a_guided_pair_in_one_pass_gives_the_logits_of_two_passes() {
+    // Guidance sends the conditioned and the unconditional sequence as a batch of two; each must
+    // come out as it would alone, over a prefix and then token by token on the caches.
+    let mut m = open();
+    let card = m.card.clone();
+    let fx = fixture();
+    let piece = &fx["pieces"][0];
+    let n = 40;
+    let tokens = &ints(&piece["tokens"])[..n];
+    let voices = &ints(&piece["voices"])[..n];
+    let asked = roomscore::model::source::cond_vector(&card, &cond(5.0, 66.0, 0.0)).repeat(n);
+    let unknown = vec![0.0f32; card.conditioning.dim * n];
+    let (dim, vocab, split) = (card.conditioning.dim, card.vocabulary.size, 32);
+    let (mut pair, mut alone_a, mut alone_u) = (Cache::empty(), Cache::empty(), Cache::empty());
+    for (from, to) in [(0, split), (split, split + 1), (split + 1, n)] {
+        let (t, v) = (&tokens[from..to], &voices[from..to]);
+        let (a, u) = (&asked[from * dim..to * dim], &unknown[from * dim..to * dim]);
+        let both = m.net.forward_streams(t, v, &[a, u], &mut pair).unwrap();
+        let one_a = m.net.forward(t, v, a, &mut alone_a).unwrap();
+        let one_u = m.net.forward(t, v, u, &mut alone_u).unwrap();
+        let half = (to - from) * vocab;
+        assert_eq!(both.len(), 2 * half);
+        let d = max_diff(&both[..half], &one_a).max(max_diff(&both[half..], &one_u));
+        assert!(
+            d < 1e-4,
+            "tokens {from}..{to}: the pair differs from two passes by {d}"
+        );
+        // What was asked must matter, or this test could not tell the two apart.
+        assert!(max_diff(&one_a, &one_u) > 1e-2);
+    }
+    assert_eq!(pair.len, n);
+    assert_eq!(pair.streams(), 2);
+    // The same tokens cached twice over, [layers, streams, heads, len, head_dim].
+    assert_eq!(pair.keys().len(), 2 * alone_a.keys().len());
+}
+
+#[test]
 fn incremental_decoding_gives_the_logits_of_a_full_pass_and_of_python() {
     let mut m = open();
     let card = m.card.clone();

@@ -40,7 +40,8 @@ def cache_names(kind, layers):
 def export(model, path):
     """The graph (model.Decoder) takes the cache one tensor per layer ([1, H, capacity, dh]) with
     past_len, and gives back only the new tokens' keys and values: a graph that returned the
-    whole cache copied it twice per token, most of a token's time at full context."""
+    whole cache copied it twice per token, most of a token's time at full context. The batch
+    axis carries guidance's two sequences in one pass."""
     model.eval()
     L, H, Dh = model.layers, model.heads, model.dh
     T, cap = 5, 8  # trace with a cache in use so nothing specialises on an empty one
@@ -51,9 +52,9 @@ def export(model, path):
         torch.tensor([3]),
         *[torch.randn(1, H, cap, Dh) for _ in range(2 * L)],
     )
-    dynamic = {"tokens": {1: "T"}, "voices": {1: "T"}, "cond": {1: "T"}, "logits": {1: "T"}}
-    dynamic.update({n: {2: "capacity"} for n in cache_names("past", L)})
-    dynamic.update({n: {2: "T"} for n in cache_names("new", L)})
+    dynamic = {n: {0: "B", 1: "T"} for n in ("tokens", "voices", "cond", "logits")}
+    dynamic.update({n: {0: "B", 2: "capacity"} for n in cache_names("past", L)})
+    dynamic.update({n: {0: "B", 2: "T"} for n in cache_names("new", L)})
     torch.onnx.export(
         Decoder(model).eval(), args, path, opset_version=17,
         input_names=["tokens", "voices", "cond", "past_len"] + cache_names("past", L),
@@ -112,6 +113,24 @@ def verify(model, sess, tok, voi, cond):
                 incremental_vs_full_logits_max_abs=d_inc, incremental_vs_full_cache_max_abs=d_inc_kv,
                 truncated_cache_vs_full_logits_max_abs=d_roll,
                 noise_beyond_past_len_vs_full_logits_max_abs=d_masked, n_tokens=N, empty_cache_P0_accepted=True)
+
+
+def verify_batch(sess, L, H, Dh, tok, voi, cond_a, cond_b):
+    """A batch of two (guidance's pair: the same tokens, two conditionings) against each alone,
+    over a prefix and then one more token with the prefix cached -> max abs logits diff."""
+    n = len(tok) - 1
+    tt, vv = np.stack([tok, tok]), np.stack([voi, voi])
+    cc = np.stack([cond_a, cond_b])
+    pk, pv = E.empty_past(L, H, Dh)
+    pk2, pv2 = np.concatenate([pk, pk], 1), np.concatenate([pv, pv], 1)
+    both, bk, bv = E.run(sess, tt[:, :n], vv[:, :n], cc[:, :n], pk2, pv2)
+    step, _, _ = E.run(sess, tt[:, n:], vv[:, n:], cc[:, n:], bk, bv, cache=False)
+    diff = 0.0
+    for b in range(2):
+        alone, ak, av = E.run(sess, tt[b:b + 1, :n], vv[b:b + 1, :n], cc[b:b + 1, :n], pk, pv)
+        one, _, _ = E.run(sess, tt[b:b + 1, n:], vv[b:b + 1, n:], cc[b:b + 1, n:], ak, av, cache=False)
+        diff = max(diff, float(np.abs(alone[0] - both[b]).max()), float(np.abs(one[0] - step[b]).max()))
+    return diff
 
 
 def train_wall_minutes(run):
@@ -207,6 +226,9 @@ def main():
     ver = verify(model, sess, tok, voi, cond)
     ver_eval = verify(model, sess, tok, voi, np.broadcast_to(C.eval_cond(), (len(tok), C.COND_DIM)).copy())
     ver["eval_cond_incremental_vs_full_logits_max_abs"] = ver_eval["incremental_vs_full_logits_max_abs"]
+    ver["batch_of_two_vs_alone_logits_max_abs"] = verify_batch(
+        sess, L, H, Dh, tok[:64], voi[:64], cond[:64],
+        np.broadcast_to(C.eval_cond(), (64, C.COND_DIM)).astype(np.float32))
     ver["eval_cond_onnx_vs_torch_logits_max_abs"] = ver_eval["onnx_vs_torch_logits_max_abs"]
     print("verification:", json.dumps(ver, indent=1))
 
@@ -363,20 +385,22 @@ def main():
         onnx=dict(
             opset=17,
             inputs=[
-                dict(name="tokens", dtype="int64", shape=[1, "T"]),
-                dict(name="voices", dtype="int64", shape=[1, "T"]),
-                dict(name="cond", dtype="float32", shape=[1, "T", C.COND_DIM]),
+                dict(name="tokens", dtype="int64", shape=["B", "T"]),
+                dict(name="voices", dtype="int64", shape=["B", "T"]),
+                dict(name="cond", dtype="float32", shape=["B", "T", C.COND_DIM]),
                 dict(name="past_len", dtype="int64", shape=[1]),
-                *[dict(name=n, dtype="float32", shape=[1, H, "capacity", Dh]) for n in cache_names("past", L)],
+                *[dict(name=n, dtype="float32", shape=["B", H, "capacity", Dh]) for n in cache_names("past", L)],
             ],
             outputs=[
-                dict(name="logits", dtype="float32", shape=[1, "T", C.VOCAB_SIZE]),
-                *[dict(name=n, dtype="float32", shape=[1, H, "T", Dh]) for n in cache_names("new", L)],
+                dict(name="logits", dtype="float32", shape=["B", "T", C.VOCAB_SIZE]),
+                *[dict(name=n, dtype="float32", shape=["B", H, "T", Dh]) for n in cache_names("new", L)],
             ],
-            cache="one key and one value buffer per layer, [1, heads, capacity, head_dim], of which the first "
+            cache="one key and one value buffer per layer, [B, heads, capacity, head_dim], of which the first "
                   "past_len positions are in use (the rest is masked, whatever it holds): past_k_0..L-1 then "
                   "past_v_0..L-1 in; out, only the T new tokens' keys and values, new_k_0..L-1 then new_v_0..L-1, "
-                  "[1, heads, T, head_dim], which the caller writes at positions past_len .. past_len+T-1",
+                  "[B, heads, T, head_dim], which the caller writes at positions past_len .. past_len+T-1",
+            batch="B sequences of the same length in one pass, each its own tokens, conditioning and cache; "
+                  "the engine sends guidance's conditioned and unconditional sequences as a batch of two",
             empty_cache="past_len = 0 with a capacity of 1 (one masked position)",
             rollback="lower past_len to the kept prefix length and decode again",
             op_types=op_types(onnx_path),

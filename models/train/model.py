@@ -54,21 +54,22 @@ class Block(nn.Module):
         x = x + self.drop(self.fc2(y))
         return x, k_all, v_all
 
-    def decode(self, x, rope, bias_past, bias_new, past_k, past_v):
-        """The exported graph's block, one sequence: x [T, d]; past_k/v [1,H,C,dh], a cache of
-        capacity C whose first past_len positions hold keys and values (bias_past [T, C] masks the
-        rest); bias_new [T, T] is causal. Returns x and only the new tokens' keys and values
-        [1,H,T,dh]: the caller writes them into its cache in place. A graph that concatenated past
-        and new and gave the whole cache back copied it twice per token, which at full context was
-        most of a token's time."""
+    def decode(self, x, batch, rope, bias_past, bias_new, past_k, past_v):
+        """The exported graph's block: x [B*T, d], the sequences one after another; past_k/v
+        [B,H,C,dh], a cache of capacity C whose first past_len positions hold keys and values
+        (bias_past [T, C] masks the rest); bias_new [T, T] is causal. Returns x and only the new
+        tokens' keys and values [B,H,T,dh]: the caller writes them into its cache in place. A
+        graph that concatenated past and new and gave the whole cache back copied it twice per
+        token, which at full context was most of a token's time. The batch is guidance's pair
+        (conditioned and unconditional, same tokens and positions), one pass for both."""
         # Rows stay 2-D so each Linear exports as one Gemm, and reshapes take -1 rather than
         # sizes read from the input (five nodes more each): much of a step is per-node overhead.
         cos, sin, swap = rope
         y = self.ln1(x)
-        qkv = self.qkv(y).reshape(-1, 3, self.h, self.dh).permute(1, 2, 0, 3)  # [3,H,T,dh]
+        qkv = self.qkv(y).reshape(batch, -1, 3, self.h, self.dh).permute(2, 0, 3, 1, 4)  # [3,B,H,T,dh]
         qk = qkv[:2]
         qk = qk * cos + torch.matmul(qk, swap) * sin
-        q, k, v = qk[0:1], qk[1:2], qkv[2:3]  # [1,H,T,dh]
+        q, k, v = qk[0], qk[1], qkv[2]  # [B,H,T,dh]
         q = q * (1.0 / math.sqrt(self.dh))
         att = torch.cat([torch.matmul(q, past_k.transpose(-1, -2)) + bias_past,
                          torch.matmul(q, k.transpose(-1, -2)) + bias_new], -1)
@@ -151,13 +152,13 @@ class Composer(nn.Module):
 
 
 class Decoder(nn.Module):
-    """The exported graph: inputs tokens, voices, cond [1, T(, C)], past_len [1] and the cache,
-    past_k_0..L-1 then past_v_0..L-1, each [1, H, capacity, dh] with its first past_len
-    positions in use; outputs logits [1, T, V] and the new tokens' keys and values, new_k_0..L-1
-    then new_v_0..L-1, each [1, H, T, dh]. The new tokens sit at positions past_len ..
+    """The exported graph: inputs tokens, voices, cond [B, T(, C)], past_len [1] and the cache,
+    past_k_0..L-1 then past_v_0..L-1, each [B, H, capacity, dh] with its first past_len
+    positions in use; outputs logits [B, T, V] and the new tokens' keys and values, new_k_0..L-1
+    then new_v_0..L-1, each [B, H, T, dh]. The new tokens sit at positions past_len ..
     past_len+T-1. Nothing in it depends on the capacity, so one buffer of the context length can
     serve every step: decoding writes each new key and value after the last, rollback only
-    lowers past_len."""
+    lowers past_len. B is 1, or 2 under guidance (every sequence of a batch at the same length)."""
 
     def __init__(self, model):
         super().__init__()
@@ -166,7 +167,7 @@ class Decoder(nn.Module):
     def forward(self, tokens, voices, cond, past_len, *past):
         m = self.model
         L, d = m.layers, m.cfg["d"]
-        T = tokens.shape[1]
+        batch, T = past[0].shape[0], tokens.shape[1]
         x = (m.tok(tokens) + m.voice(voices) + m.cond(cond)).reshape(-1, d)
         qpos = past_len + torch.arange(T)
         rope = (m.cos_t[qpos], m.sin_t[qpos], m.swap)
@@ -176,10 +177,10 @@ class Decoder(nn.Module):
         bias_new = torch.clamp(tpos.unsqueeze(0) - tpos.unsqueeze(1), min=0).float() * -1e9
         ks, vs = [], []
         for i, blk in enumerate(m.blocks):
-            x, k, v = blk.decode(x, rope, bias_past, bias_new, past[i], past[L + i])
+            x, k, v = blk.decode(x, batch, rope, bias_past, bias_new, past[i], past[L + i])
             ks.append(k)
             vs.append(v)
-        return (m.head(m.ln_f(x)).reshape(1, -1, m.cfg["vocab"]), *ks, *vs)
+        return (m.head(m.ln_f(x)).reshape(batch, -1, m.cfg["vocab"]), *ks, *vs)
 
 
 def n_params(model):

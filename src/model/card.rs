@@ -180,11 +180,12 @@ impl Rotary {
     }
 }
 
-/// The ONNX names by role; the names themselves come from the card. Inputs: tokens, voices, cond,
-/// past_len, then one key and one value buffer per layer, [1, heads, capacity, head_dim], whose
-/// first past_len positions are in use. Outputs: logits, then the new tokens' keys and values per
-/// layer, [1, heads, T, head_dim], which the caller writes into its buffers: a graph that gave the
-/// whole cache back copied it twice per token.
+/// The ONNX names by role; the names themselves come from the card. Inputs: tokens, voices, cond
+/// ([B, T(, dim)]: B sequences of T tokens), past_len, then one key and one value buffer per
+/// layer, [B, heads, capacity, head_dim], whose first past_len positions are in use. Outputs:
+/// logits, then the new tokens' keys and values per layer, [B, heads, T, head_dim], which the
+/// caller writes into its buffers: a graph that gave the whole cache back copied it twice per
+/// token.
 #[derive(Clone, Debug)]
 pub struct IoNames {
     pub tokens: String,
@@ -402,9 +403,11 @@ impl Card {
                 ),
             ));
         }
+        // B: sequences per pass (1, or guidance's 2), T: tokens per pass.
+        let b = || Dim::Symbol("B".into());
         let cache = |len: &str| {
             vec![
-                Dim::Fixed(1),
+                b(),
                 Dim::Fixed(a.heads as i64),
                 Dim::Symbol(len.into()),
                 Dim::Fixed(a.head_dim as i64),
@@ -425,19 +428,19 @@ impl Card {
             (
                 &self.onnx.inputs[0],
                 "int64",
-                vec![Dim::Fixed(1), t()],
+                vec![b(), t()],
                 "onnx.inputs[0] (tokens)",
             ),
             (
                 &self.onnx.inputs[1],
                 "int64",
-                vec![Dim::Fixed(1), t()],
+                vec![b(), t()],
                 "onnx.inputs[1] (voices)",
             ),
             (
                 &self.onnx.inputs[2],
                 "float32",
-                vec![Dim::Fixed(1), t(), Dim::Fixed(c.dim as i64)],
+                vec![b(), t(), Dim::Fixed(c.dim as i64)],
                 "onnx.inputs[2] (cond)",
             ),
             (
@@ -449,7 +452,7 @@ impl Card {
             (
                 &self.onnx.outputs[0],
                 "float32",
-                vec![Dim::Fixed(1), t(), Dim::Fixed(v.size as i64)],
+                vec![b(), t(), Dim::Fixed(v.size as i64)],
                 "onnx.outputs[0] (logits)",
             ),
         ];

@@ -277,16 +277,20 @@ fn dylib_in(dir: &Path) -> Option<PathBuf> {
     libs.pop()
 }
 
-/// The key/value cache: per layer and head, room for `capacity` positions of keys and of values,
-/// packed [layers, heads, capacity, head_dim], of which the first `len` are in use. The graph
-/// reads each layer's block where it lies and gives back only the new tokens' keys and values,
-/// written here after the last: no pass copies the whole cache, and cutting it back is a
-/// smaller `len` (what lies beyond is masked by the graph, whatever it holds).
+/// The key/value cache of one sequence, or of a batch of them decoded together (guidance's
+/// conditioned and unconditional pair): per layer, sequence and head, room for `capacity`
+/// positions of keys and of values, packed [layers, streams, heads, capacity, head_dim], of
+/// which the first `len` are in use. The graph reads each layer's block where it lies and gives
+/// back only the new tokens' keys and values, written here after the last: no pass copies the
+/// whole cache, and cutting it back is a smaller `len` (what lies beyond is masked by the graph,
+/// whatever it holds).
 #[derive(Clone, Debug, Default)]
 pub struct Cache {
     k: Vec<f32>,
     v: Vec<f32>,
-    /// Layers times heads: the blocks of `capacity` positions.
+    /// Sequences decoded together.
+    streams: usize,
+    /// Layers times streams times heads: the blocks of `capacity` positions.
     blocks: usize,
     head_dim: usize,
     capacity: usize,
@@ -299,19 +303,25 @@ impl Cache {
         Cache::default()
     }
 
-    /// An empty cache with room for `positions` of `net`'s keys and values, written once so
-    /// that their pages are mapped: a step that first touches megabytes of fresh pages is the
-    /// slowest step of all.
-    pub fn with_capacity(net: &Net, positions: usize) -> Self {
+    /// An empty cache for `streams` sequences with room for `positions` of `net`'s keys and
+    /// values each, written once so that their pages are mapped: a step that first touches
+    /// megabytes of fresh pages is the slowest step of all.
+    pub fn with_capacity(net: &Net, streams: usize, positions: usize) -> Self {
         let mut c = Cache::empty();
-        net.reserve(&mut c, positions);
+        net.reserve(&mut c, streams, positions);
         c
+    }
+
+    /// Sequences it holds (0 before the first pass).
+    pub fn streams(&self) -> usize {
+        self.streams
     }
 
     /// Becomes a copy of `other`, in the buffers it already has where they are large enough.
     pub fn copy_from(&mut self, other: &Cache) {
         self.k.clone_from(&other.k);
         self.v.clone_from(&other.v);
+        self.streams = other.streams;
         self.blocks = other.blocks;
         self.head_dim = other.head_dim;
         self.capacity = other.capacity;
@@ -328,7 +338,7 @@ impl Cache {
         self.len = 0;
     }
 
-    /// The keys in use, packed [layers, 1, heads, len, head_dim].
+    /// The keys in use, packed [layers, streams, heads, len, head_dim].
     pub fn keys(&self) -> Vec<f32> {
         self.in_use(&self.k)
     }
@@ -347,6 +357,15 @@ impl Cache {
     }
 }
 
+/// `x` once per sequence of a batch of `b`: one sequence passes its slice as it is; a pair, copies
+/// side by side (a few hundred bytes).
+fn batched(x: &[i64], b: usize) -> Cow<'_, [i64]> {
+    match b {
+        1 => Cow::Borrowed(x),
+        _ => Cow::Owned(x.repeat(b)),
+    }
+}
+
 /// A graph input or output: name, element type, shape (-1 = dynamic).
 pub type Port = (String, String, Vec<i64>);
 
@@ -354,7 +373,8 @@ pub type Port = (String, String, Vec<i64>);
 pub struct Net {
     session: Session,
     names: IoNames,
-    /// One masked position per head, the cache a pass over nothing cached reads.
+    /// One masked position per head and sequence (up to two), the cache a pass over nothing
+    /// cached reads.
     nothing: Vec<f32>,
     pub layers: usize,
     pub heads: usize,
@@ -397,7 +417,7 @@ impl Net {
         Ok(Net {
             session,
             names: card.io_names(),
-            nothing: vec![0.0; a.heads * a.head_dim],
+            nothing: vec![0.0; 2 * a.heads * a.head_dim],
             layers: a.layers,
             heads: a.heads,
             head_dim: a.head_dim,
@@ -425,37 +445,34 @@ impl Net {
         )
     }
 
-    /// Makes room in `cache` for at least `positions`, keeping what it holds.
-    pub fn reserve(&self, cache: &mut Cache, positions: usize) {
-        let (blocks, d) = (self.layers * self.heads, self.head_dim);
-        if cache.blocks == blocks && cache.head_dim == d && cache.capacity >= positions {
+    /// Makes room in `cache` for `streams` sequences of at least `positions` each, keeping what
+    /// it holds (a cache of another shape starts empty).
+    pub fn reserve(&self, cache: &mut Cache, streams: usize, positions: usize) {
+        let (blocks, d) = (self.layers * streams * self.heads, self.head_dim);
+        let same = cache.blocks == blocks && cache.head_dim == d;
+        if same && cache.capacity >= positions {
             return;
         }
         let cap = positions.max(cache.capacity * 2);
+        let keep = if same { cache.len } else { 0 };
         let grow = |old: &[f32]| {
             // Written through, not calloc'd: see `Cache::with_capacity`.
             let mut buf = Vec::with_capacity(blocks * cap * d);
             buf.resize(blocks * cap * d, 0.0);
-            if cache.blocks == blocks && cache.head_dim == d {
-                for b in 0..blocks {
-                    let n = cache.len * d;
-                    let src = b * cache.capacity * d;
-                    buf[b * cap * d..b * cap * d + n].copy_from_slice(&old[src..src + n]);
-                }
+            for b in 0..blocks.min(cache.blocks) {
+                let (n, src) = (keep * d, b * cache.capacity * d);
+                buf[b * cap * d..b * cap * d + n].copy_from_slice(&old[src..src + n]);
             }
             buf
         };
-        let (k, v) = (grow(&cache.k), grow(&cache.v));
-        if cache.blocks != blocks || cache.head_dim != d {
-            cache.len = 0;
-        }
         *cache = Cache {
-            k,
-            v,
+            k: grow(&cache.k),
+            v: grow(&cache.v),
+            streams,
             blocks,
             head_dim: d,
             capacity: cap,
-            len: cache.len,
+            len: keep,
         };
     }
 
@@ -469,31 +486,64 @@ impl Net {
         cond: &[f32],
         cache: &mut Cache,
     ) -> Result<Vec<f32>, ModelError> {
-        let t = tokens.len();
+        self.forward_streams(tokens, voices, &[cond], cache)
+    }
+
+    /// As `forward`, once for each conditioning in `conds` (one or two: guidance's pair), the
+    /// same tokens at the same positions, in one pass: the weights are read once for both.
+    /// Returns the logits of each in turn ([streams * T * vocab]).
+    pub fn forward_streams(
+        &mut self,
+        tokens: &[i64],
+        voices: &[i64],
+        conds: &[&[f32]],
+        cache: &mut Cache,
+    ) -> Result<Vec<f32>, ModelError> {
+        let (t, b) = (tokens.len(), conds.len());
         debug_assert_eq!(voices.len(), t);
-        debug_assert_eq!(cond.len(), t * self.cond_dim);
-        self.reserve(cache, cache.len + t);
+        debug_assert!(conds.iter().all(|c| c.len() == t * self.cond_dim));
+        if b == 0 || b > 2 {
+            return Err(ort_err(
+                &self.path,
+                format!("{b} sequences in one pass: one or two"),
+            ));
+        }
+        if cache.len > 0 && cache.streams != b {
+            return Err(ort_err(
+                &self.path,
+                format!(
+                    "{b} sequences after a cache of {}: a cache serves one batch size",
+                    cache.streams
+                ),
+            ));
+        }
+        self.reserve(cache, b, cache.len + t);
         let (p, cap) = (cache.len, cache.capacity);
         let (heads, head_dim) = (self.heads, self.head_dim);
         let path = self.path.clone();
         let e = |e: ort::Error| ort_err(&path, e);
         let past_len = [p as i64];
+        let (tokens, voices) = (batched(tokens, b), batched(voices, b));
+        let cond: Cow<'_, [f32]> = match conds {
+            [one] => Cow::Borrowed(one),
+            _ => Cow::Owned(conds.concat()),
+        };
         let mut inputs: Vec<(Cow<'_, str>, SessionInputValue<'_>)> = vec![
             (
                 self.names.tokens.as_str().into(),
-                TensorRef::from_array_view(([1usize, t], tokens))
+                TensorRef::from_array_view(([b, t], &*tokens))
                     .map_err(e)?
                     .into(),
             ),
             (
                 self.names.voices.as_str().into(),
-                TensorRef::from_array_view(([1usize, t], voices))
+                TensorRef::from_array_view(([b, t], &*voices))
                     .map_err(e)?
                     .into(),
             ),
             (
                 self.names.cond.as_str().into(),
-                TensorRef::from_array_view(([1usize, t, self.cond_dim], cond))
+                TensorRef::from_array_view(([b, t, self.cond_dim], &*cond))
                     .map_err(e)?
                     .into(),
             ),
@@ -506,17 +556,18 @@ impl Net {
         ];
         // Each layer's block where it lies, no copy; with nothing cached, one masked position
         // rather than a whole capacity of them.
-        let block = heads * cap * head_dim;
+        let block = b * heads * cap * head_dim;
+        let nothing = &self.nothing[..b * heads * head_dim];
         for (names, buf) in [
             (&self.names.past_k, &cache.k),
             (&self.names.past_v, &cache.v),
         ] {
             for (i, name) in names.iter().enumerate() {
                 let view = if p == 0 {
-                    TensorRef::from_array_view(([1usize, heads, 1, head_dim], &self.nothing[..]))
+                    TensorRef::from_array_view(([b, heads, 1, head_dim], nothing))
                 } else {
                     let part = &buf[i * block..(i + 1) * block];
-                    TensorRef::from_array_view(([1usize, heads, cap, head_dim], part))
+                    TensorRef::from_array_view(([b, heads, cap, head_dim], part))
                 }
                 .map_err(e)?;
                 inputs.push((name.as_str().into(), view.into()));
@@ -526,17 +577,17 @@ impl Net {
         let (shape, logits) = outputs[self.names.logits.as_str()]
             .try_extract_tensor::<f32>()
             .map_err(e)?;
-        if shape.to_vec() != [1, t as i64, self.vocab as i64] {
+        if shape.to_vec() != [b as i64, t as i64, self.vocab as i64] {
             return Err(ort_err(
                 &self.path,
                 format!(
-                    "logits have shape {shape:?}, the card says [1, {t}, {}]",
+                    "logits have shape {shape:?}, the card says [{b}, {t}, {}]",
                     self.vocab
                 ),
             ));
         }
         let logits = logits.to_vec();
-        let want = [1, heads as i64, t as i64, head_dim as i64];
+        let want = [b as i64, heads as i64, t as i64, head_dim as i64];
         for (names, buf) in [
             (&self.names.new_k, &mut cache.k),
             (&self.names.new_v, &mut cache.v),
@@ -552,10 +603,10 @@ impl Net {
                         format!("{name} has shape {shape:?}, expected {want:?}"),
                     ));
                 }
-                for h in 0..heads {
-                    let dst = ((i * heads + h) * cap + p) * head_dim;
-                    buf[dst..dst + t * head_dim]
-                        .copy_from_slice(&data[h * t * head_dim..(h + 1) * t * head_dim]);
+                // [streams, heads] rows of T positions, into the layer's blocks in that order.
+                for (j, new) in data.chunks_exact(t * head_dim).enumerate() {
+                    let dst = ((i * b * heads + j) * cap + p) * head_dim;
+                    buf[dst..dst + t * head_dim].copy_from_slice(new);
                 }
             }
         }

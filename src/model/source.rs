@@ -4,8 +4,8 @@
 //!
 //! With classifier-free guidance (weight w != 1) every token also goes through the model with the
 //! all-unknown conditioning vector, which condition dropout trained as the unconditional model,
-//! on a second cache, and the logits sampled from are `uncond + w * (cond - uncond)`: the step
-//! costs two passes, and what the conditioning asks for is heard more clearly.
+//! beside it in the same pass (a batch of two, with a cache for each), and the logits sampled
+//! from are `uncond + w * (cond - uncond)`: what the conditioning asks for is heard more clearly.
 //!
 //! Decoding keeps one token "pending": the cache holds every token but the last, and the last is
 //! fed, with the conditioning of the step being composed, to get the logits of the next. A
@@ -123,71 +123,77 @@ pub fn sample(logits: &[f32], allowed: &[bool], params: &SamplingParams, rng: &m
     cand.last().map(|c| c.0).unwrap_or(0)
 }
 
-/// The caches decoding runs on: the conditioned one and, under guidance, the unconditional one
-/// beside it. Both always hold the same tokens at the same positions, so every cut, slide and
-/// snapshot applies to both.
+/// The cache decoding runs on: of the conditioned sequence alone or, under guidance, of it and
+/// the unconditional one beside it, decoded as a batch of two. Both always hold the same tokens
+/// at the same positions, so every cut, slide and snapshot applies to both.
 #[derive(Clone, Debug)]
 struct Caches {
-    cond: Cache,
-    uncond: Option<Cache>,
+    both: Cache,
+    guided: bool,
 }
 
 impl Caches {
     fn empty(guided: bool) -> Self {
         Caches {
-            cond: Cache::empty(),
-            uncond: guided.then(Cache::empty),
+            both: Cache::empty(),
+            guided,
         }
     }
 
     fn len(&self) -> usize {
-        self.cond.len
+        self.both.len
     }
 
-    /// Empty caches with room for `positions` each (see `Cache::with_capacity`).
+    fn streams(guided: bool) -> usize {
+        if guided {
+            2
+        } else {
+            1
+        }
+    }
+
+    /// An empty cache with room for `positions` (see `Cache::with_capacity`).
     fn with_capacity(guided: bool, net: &Net, positions: usize) -> Self {
         Caches {
-            cond: Cache::with_capacity(net, positions),
-            uncond: guided.then(|| Cache::with_capacity(net, positions)),
+            both: Cache::with_capacity(net, Self::streams(guided), positions),
+            guided,
         }
     }
 
     /// Becomes a copy of `other`, reusing this one's buffers.
     fn copy_from(&mut self, other: &Caches) {
-        self.cond.copy_from(&other.cond);
-        match (&mut self.uncond, &other.uncond) {
-            (Some(u), Some(o)) => u.copy_from(o),
-            (u, o) => *u = o.clone(),
-        }
+        self.both.copy_from(&other.both);
+        self.guided = other.guided;
     }
 
-    /// Runs `tokens` through the model after both caches: with `cond` on the conditioned one
-    /// and, under guidance, with `unknown` (one token's all-unknown vector) on the other. Returns
-    /// the conditioned logits and the unconditional ones.
+    /// Runs `tokens` through the model after the cache: with `cond` and, under guidance, with
+    /// `unknown` (one token's all-unknown vector) beside it in the same pass. Returns the
+    /// conditioned logits and the unconditional ones.
     fn forward(
         &mut self,
         net: &mut Net,
         (tokens, voices, cond): (&[i64], &[i64], &[f32]),
         unknown: &[f32],
     ) -> Result<(Vec<f32>, Option<Vec<f32>>), ModelError> {
-        let logits = net.forward(tokens, voices, cond, &mut self.cond)?;
-        let plain = match &mut self.uncond {
-            // One vector per token; a single token (every decoding step) needs no copy.
-            Some(u) if tokens.len() == 1 => Some(net.forward(tokens, voices, unknown, u)?),
-            Some(u) => {
-                let unknown = unknown.repeat(tokens.len());
-                Some(net.forward(tokens, voices, &unknown, u)?)
+        if !self.guided {
+            return Ok((net.forward(tokens, voices, cond, &mut self.both)?, None));
+        }
+        // One vector per token; a single token (every decoding step) needs no copy.
+        let repeated;
+        let unknown = match tokens.len() {
+            1 => unknown,
+            n => {
+                repeated = unknown.repeat(n);
+                &repeated
             }
-            None => None,
         };
-        Ok((logits, plain))
+        let mut logits = net.forward_streams(tokens, voices, &[cond, unknown], &mut self.both)?;
+        let plain = logits.split_off(logits.len() / 2);
+        Ok((logits, Some(plain)))
     }
 
     fn each(&mut self, mut f: impl FnMut(&mut Cache)) {
-        f(&mut self.cond);
-        if let Some(u) = &mut self.uncond {
-            f(u);
-        }
+        f(&mut self.both);
     }
 }
 
@@ -216,7 +222,7 @@ impl Slide {
     /// `positions` each, guided or not.
     fn reset(&mut self, guided: bool, net: &Net, positions: usize) {
         self.spare.extend(self.before.drain(..).map(|(_, c)| c));
-        self.spare.retain(|c| c.uncond.is_some() == guided);
+        self.spare.retain(|c| c.guided == guided);
         while self.spare.len() < SLIDES_KEPT {
             self.spare
                 .push(Caches::with_capacity(guided, net, positions));
@@ -604,7 +610,7 @@ impl NoteSource for ModelSource {
         self.conds.clear();
         self.base = 0;
         let guided = self.guided();
-        if self.cache.uncond.is_some() == guided && self.cache.cond.capacity() >= c.context_length {
+        if self.cache.guided == guided && self.cache.both.capacity() >= c.context_length {
             self.cache.each(Cache::clear);
         } else {
             self.cache = Caches::with_capacity(guided, &self.net, c.context_length);
