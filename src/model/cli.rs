@@ -78,8 +78,8 @@ pub enum ModelCmd {
         /// Steps timed, from an empty cache (once full it slides every 16 steps; those count too).
         #[arg(long, default_value_t = 400)]
         steps: usize,
-        /// Also time steps under classifier-free guidance at this weight (two passes a token;
-        /// the default is the chorale scene's); 1 times plain steps alone.
+        /// Also time steps under classifier-free guidance at this weight (a token's two sequences
+        /// in one pass; the default is the chorale scene's); 1 times plain steps alone.
         #[arg(long, default_value_t = 3.0)]
         guidance: f32,
         /// Time only the backend this process runs (how `bench` runs each backend).
