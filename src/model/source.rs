@@ -191,10 +191,6 @@ impl Caches {
         let plain = logits.split_off(logits.len() / 2);
         Ok((logits, Some(plain)))
     }
-
-    fn each(&mut self, mut f: impl FnMut(&mut Cache)) {
-        f(&mut self.both);
-    }
 }
 
 /// `uncond + w * (cond - uncond)`, in place in `cond`.
@@ -387,7 +383,7 @@ impl ModelSource {
     /// One fresh pass over tokens [from, to) (already fed once, so their conditioning is known).
     fn prime(&mut self, from: usize, to: usize) -> Result<(), ModelError> {
         // The caches keep their room; a failed pass leaves them empty, never half-written.
-        self.cache.each(Cache::clear);
+        self.cache.both.clear();
         self.cache_start = from;
         self.prime_end = from;
         if to > from {
@@ -397,7 +393,7 @@ impl ModelSource {
                 .cache
                 .forward(&mut self.net, (&t, &v, &c), &self.unknown)
             {
-                self.cache.each(Cache::clear);
+                self.cache.both.clear();
                 return Err(e);
             }
         }
@@ -428,7 +424,7 @@ impl ModelSource {
                     slide.before.push_back((self.cache_start, saved));
                     let drop = SLIDE_DROP.min(self.cache.len());
                     let net = &self.net;
-                    self.cache.each(|c| net.slide(c, drop, &slide.inv_freq));
+                    net.slide(&mut self.cache.both, drop, &slide.inv_freq);
                     self.cache_start += drop;
                 }
                 None => {
@@ -571,7 +567,7 @@ impl NoteSource for ModelSource {
         let net = &self.net;
         if snap.cache_start == self.cache_start && snap.prime_end == self.prime_end {
             let len = cached_to - self.cache_start;
-            self.cache.each(|c| net.truncate(c, len));
+            net.truncate(&mut self.cache.both, len);
         } else if let Some(cache) = before_slide {
             // Slid since: the cache from just before that slide, cut back to the step.
             let replaced = std::mem::replace(&mut self.cache, cache);
@@ -580,7 +576,7 @@ impl NoteSource for ModelSource {
             }
             self.cache_start = snap.cache_start;
             let len = cached_to - self.cache_start;
-            self.cache.each(|c| net.truncate(c, len));
+            net.truncate(&mut self.cache.both, len);
         } else if self.slide.is_some() {
             // Slid further back than the kept caches reach: a fresh pass over the same tokens
             // hears the same window, if not with exactly the keys it had.
@@ -611,7 +607,7 @@ impl NoteSource for ModelSource {
         self.base = 0;
         let guided = self.guided();
         if self.cache.guided == guided && self.cache.both.capacity() >= c.context_length {
-            self.cache.each(Cache::clear);
+            self.cache.both.clear();
         } else {
             self.cache = Caches::with_capacity(guided, &self.net, c.context_length);
         }
