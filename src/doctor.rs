@@ -139,7 +139,7 @@ fn check_model(r: &mut Report, path: &Path) {
             format!(
                 "{} verified against its card {}",
                 path.display(),
-                m.path.display()
+                m.card.path.display()
             ),
         ),
         Err(e) => r.problem(
