@@ -3,8 +3,9 @@ on a machine that never held the run's (git-ignored) checkpoints.
 
     .venv/bin/python models/train/recover.py models/roomscore-satb.onnx --run roomscore-satb-2
 
-torch exports each Linear's weight transposed under a generated name (onnx::MatMul_N) and keeps
-every other parameter's own name; a MatMul weight is named here by the bias its output is added to.
+Parameters keep their own names, under the export wrapper's "model." prefix since session 9. In the
+earlier graphs torch exported each Linear's weight transposed under a generated name
+(onnx::MatMul_N); such a weight is named here by the bias its output is added to.
 The rebuilt model is checked against the ONNX file before anything is written.
 """
 import argparse
@@ -25,6 +26,11 @@ from model import Composer  # noqa: E402
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
+def own(name):
+    """A parameter's name in the model, from its name in the graph."""
+    return name[len("model."):] if name.startswith("model.") else name
+
+
 def state_dict_from_onnx(path, model):
     graph = onnx.load(path).graph
     inits = {i.name: numpy_helper.to_array(i) for i in graph.initializer}
@@ -40,11 +46,12 @@ def state_dict_from_onnx(path, model):
                   for i in u.input if i in inits and i.endswith(".bias")]
         if len(biases) != 1:
             raise SystemExit(f"{path}: cannot tell which layer {n.input[1]} belongs to (biases {biases})")
-        found[biases[0][: -len(".bias")] + ".weight"] = inits[n.input[1]].T
+        found[own(biases[0][: -len(".bias")] + ".weight")] = inits[n.input[1]].T
     want = model.state_dict()
     for name in want:
-        if name in inits:
-            found.setdefault(name, inits[name])
+        for stored in (name, "model." + name):
+            if stored in inits:
+                found.setdefault(name, inits[stored])
     missing = [k for k in want if k not in found]
     if missing:
         raise SystemExit(f"{path}: no weights found for {missing}")
