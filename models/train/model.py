@@ -33,6 +33,17 @@ class Block(nn.Module):
         # Training and the PyTorch reference; the ONNX graph runs `decode`, the same arithmetic
         # on one sequence. x [B*T, d], the sequences one after another; rope = (cos, signed sin,
         # swap) for the T new positions; bias [T, P+T]; past_k/v [B,H,P,dh].
+        q, k, v = self.attention_inputs(x, batch, rope)
+        k_all = torch.cat([past_k, k], dim=2)
+        v_all = torch.cat([past_v, v], dim=2)
+        att = torch.matmul(q, k_all.transpose(-1, -2)) * (1.0 / math.sqrt(self.dh)) + bias
+        att = torch.softmax(att, dim=-1)
+        att = self.drop(att)
+        o = torch.matmul(att, v_all).transpose(1, 2).reshape(-1, self.d)
+        return self.mlp(x + self.drop(self.proj(o))), k_all, v_all
+
+    def attention_inputs(self, x, batch, rope):
+        """q, k, v [B,H,T,dh] of rows x [B*T, d], q and k rotated to their positions."""
         cos, sin, swap = rope
         y = self.ln1(x)
         qkv = self.qkv(y).reshape(batch, -1, 3, self.h, self.dh).permute(2, 0, 3, 1, 4)  # [3,B,H,T,dh]
@@ -40,19 +51,13 @@ class Block(nn.Module):
         # dims i and i + dh/2 by the position's angle, in four nodes for both.
         qk = qkv[:2]
         qk = qk * cos + torch.matmul(qk, swap) * sin
-        q, k, v = qk[0], qk[1], qkv[2]  # [B,H,T,dh]
-        k_all = torch.cat([past_k, k], dim=2)
-        v_all = torch.cat([past_v, v], dim=2)
-        att = torch.matmul(q, k_all.transpose(-1, -2)) * (1.0 / math.sqrt(self.dh)) + bias
-        att = torch.softmax(att, dim=-1)
-        att = self.drop(att)
-        o = torch.matmul(att, v_all).transpose(1, 2).reshape(-1, self.d)
-        x = x + self.drop(self.proj(o))
-        y = self.ln2(x)
-        y = self.fc1(y)
+        return qk[0], qk[1], qkv[2]
+
+    def mlp(self, x):
+        """The residual MLP half of the block (dropout is off in the exported graph)."""
+        y = self.fc1(self.ln2(x))
         y = 0.5 * y * (1.0 + torch.tanh(0.7978845608028654 * (y + 0.044715 * y * y * y)))  # GELU (tanh)
-        x = x + self.drop(self.fc2(y))
-        return x, k_all, v_all
+        return x + self.drop(self.fc2(y))
 
     def decode(self, x, batch, rope, bias_past, bias_new, past_k, past_v):
         """The exported graph's block: x [B*T, d], the sequences one after another; past_k/v
@@ -64,22 +69,14 @@ class Block(nn.Module):
         (conditioned and unconditional, same tokens and positions), one pass for both."""
         # Rows stay 2-D so each Linear exports as one Gemm, and reshapes take -1 rather than
         # sizes read from the input (five nodes more each): much of a step is per-node overhead.
-        cos, sin, swap = rope
-        y = self.ln1(x)
-        qkv = self.qkv(y).reshape(batch, -1, 3, self.h, self.dh).permute(2, 0, 3, 1, 4)  # [3,B,H,T,dh]
-        qk = qkv[:2]
-        qk = qk * cos + torch.matmul(qk, swap) * sin
-        q, k, v = qk[0], qk[1], qkv[2]  # [B,H,T,dh]
+        q, k, v = self.attention_inputs(x, batch, rope)
         q = q * (1.0 / math.sqrt(self.dh))
         att = torch.cat([torch.matmul(q, past_k.transpose(-1, -2)) + bias_past,
                          torch.matmul(q, k.transpose(-1, -2)) + bias_new], -1)
         att = torch.softmax(att, dim=-1)
         cap = past_k.shape[2]
         o = torch.matmul(att[..., :cap], past_v) + torch.matmul(att[..., cap:], v)
-        x = x + self.proj(o.transpose(1, 2).reshape(-1, self.d))
-        y = self.fc1(self.ln2(x))
-        y = 0.5 * y * (1.0 + torch.tanh(0.7978845608028654 * (y + 0.044715 * y * y * y)))  # GELU (tanh)
-        return x + self.fc2(y), k, v
+        return self.mlp(x + self.proj(o.transpose(1, 2).reshape(-1, self.d))), k, v
 
 
 class Composer(nn.Module):
