@@ -47,6 +47,12 @@ fn ints(v: &serde_json::Value) -> Vec<i64> {
         .collect()
 }
 
+/// The tokens and voices of the fixture's first piece.
+fn first_piece(fx: &serde_json::Value) -> (Vec<i64>, Vec<i64>) {
+    let piece = &fx["pieces"][0];
+    (ints(&piece["tokens"]), ints(&piece["voices"]))
+}
+
 fn floats(v: &serde_json::Value) -> Vec<f32> {
     v.as_array()
         .unwrap()
@@ -122,11 +128,9 @@ fn a_guided_pair_in_one_pass_gives_the_logits_of_two_passes() {
     // come out as it would alone, over a prefix and then token by token on the caches.
     let mut m = open();
     let card = m.card.clone();
-    let fx = fixture();
-    let piece = &fx["pieces"][0];
     let n = 40;
-    let tokens = &ints(&piece["tokens"])[..n];
-    let voices = &ints(&piece["voices"])[..n];
+    let (tokens, voices) = first_piece(&fixture());
+    let (tokens, voices) = (&tokens[..n], &voices[..n]);
     let asked = roomscore::model::source::cond_vector(&card, &cond(5.0, 66.0, 0.0)).repeat(n);
     let unknown = vec![0.0f32; card.conditioning.dim * n];
     let (dim, vocab, split) = (card.conditioning.dim, card.vocabulary.size, 32);
@@ -158,10 +162,9 @@ fn incremental_decoding_gives_the_logits_of_a_full_pass_and_of_python() {
     let mut m = open();
     let card = m.card.clone();
     let fx = fixture();
-    let piece = &fx["pieces"][0];
     let n = 72;
-    let tokens = &ints(&piece["tokens"])[..n];
-    let voices = &ints(&piece["voices"])[..n];
+    let (tokens, voices) = first_piece(&fx);
+    let (tokens, voices) = (&tokens[..n], &voices[..n]);
     let cvec = floats(&fx["cond"]);
     let cond = cvec.repeat(n);
     let vocab = card.vocabulary.size;
@@ -474,9 +477,7 @@ fn a_slid_cache_holds_the_keys_a_fresh_pass_gives() {
     let card = &m.card;
     let rotary = card.rotary.as_ref().expect("the card says how keys rotate");
     let inv = rotary.inv_freq(card.architecture.head_dim);
-    let piece = &fx["pieces"][0];
-    let tokens = ints(&piece["tokens"]);
-    let voices = ints(&piece["voices"]);
+    let (tokens, voices) = first_piece(&fx);
     let dim = card.conditioning.dim;
     let cond: Vec<f32> = (0..tokens.len())
         .flat_map(|i| {
