@@ -112,7 +112,7 @@ def verify(model, sess, tok, voi, cond):
     return dict(onnx_vs_torch_logits_max_abs=d_torch, onnx_vs_torch_cache_max_abs=d_torch_kv,
                 incremental_vs_full_logits_max_abs=d_inc, incremental_vs_full_cache_max_abs=d_inc_kv,
                 truncated_cache_vs_full_logits_max_abs=d_roll,
-                noise_beyond_past_len_vs_full_logits_max_abs=d_masked, n_tokens=N, empty_cache_P0_accepted=True)
+                noise_beyond_past_len_vs_full_logits_max_abs=d_masked, n_tokens=N)
 
 
 def verify_batch(sess, L, H, Dh, tok, voi, cond_a, cond_b):
