@@ -124,8 +124,9 @@ fn card_and_vocabulary_agree_with_the_graph() {
 
 #[test]
 fn a_guided_pair_in_one_pass_gives_the_logits_of_two_passes() {
-    // Guidance sends the conditioned and the unconditional sequence as a batch of two; each must
-    // come out as it would alone, over a prefix and then token by token on the caches.
+    // Guidance sends the conditioned and the unconditional sequence together (a batch of two
+    // under ONNX Runtime, two passes over halves of one cache under tract); each must come out
+    // as it would alone, over a prefix and then token by token on the caches.
     let mut m = open();
     let card = m.card.clone();
     let n = 40;

@@ -352,7 +352,7 @@ def main():
                            "with the 12 rotations of each profile (profile[(pc - tonic) % 12]); major if the best major "
                            "correlation >= the best minor one; unknown if nothing sounds",
                 ks_major=C.KS_MAJOR.tolist(), ks_minor=C.KS_MINOR.tolist(), window_steps=2 * C.MODE_HALF),
-            style=dict(indices=[6, 7, 8, 9], order=C.STYLES, note="weights (one-hot in training; may be interpolated)"),
+            style=dict(indices=[C.COND_NAMES.index(f"style_{s}") for s in C.STYLES], order=C.STYLES, note="weights (one-hot in training; may be interpolated)"),
             tonic=dict(
                 indices=list(range(C.TONIC_INDEX, C.TONIC_INDEX + 12)), known_flag_index=C.TONIC_INDEX + 12,
                 order=C.PITCH_CLASSES, unit="pitch class of the key's tonic, one-hot (0 = C)",

@@ -89,7 +89,7 @@ class Corpus:
             if style_only_share > 0 and rng.random() < style_only_share:
                 # The benchmark's conditioning (style known, all else unknown), which the
                 # per-group dropout below reaches in under 1 % of windows.
-                style = cond[:, STYLE_COLS].copy()
+                style = cond[:, STYLE_COLS]  # a copy: fancy indexing
                 cond[:] = 0
                 cond[:, STYLE_COLS] = style
             elif rng.random() < 0.1:

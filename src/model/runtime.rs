@@ -378,9 +378,9 @@ pub struct Net {
     /// cached reads.
     nothing: Vec<f32>,
     /// Whether a guided pair runs as one batch. tract runs a batch of two slower than two
-    /// passes of one (measured: guided step p50 18.6-20.4 ms against 16.4-18.8), so there
-    /// each sequence gets its own pass over its own half of the cache.
-    batches: bool,
+    /// passes of one (guided step p50 20.6-22.9 ms against 18.7-20.3, models/README.md), so
+    /// there each sequence gets its own pass over its own half of the cache.
+    batch_pairs: bool,
     pub layers: usize,
     pub heads: usize,
     pub head_dim: usize,
@@ -423,7 +423,7 @@ impl Net {
             session,
             names: card.io_names(),
             nothing: vec![0.0; 2 * a.heads * a.head_dim],
-            batches: rt.backend.kind == BackendKind::OnnxRuntime,
+            batch_pairs: rt.backend.kind == BackendKind::OnnxRuntime,
             layers: a.layers,
             heads: a.heads,
             head_dim: a.head_dim,
@@ -497,7 +497,7 @@ impl Net {
 
     /// As `forward`, once for each conditioning in `conds` (one or two: guidance's pair), the
     /// same tokens at the same positions: under ONNX Runtime in one pass, so the weights are read
-    /// once for both; under tract in one pass each (see `batches`).
+    /// once for both; under tract in one pass each (see `batch_pairs`).
     /// Returns the logits of each in turn ([streams * T * vocab]).
     pub fn forward_streams(
         &mut self,
@@ -525,26 +525,26 @@ impl Net {
             ));
         }
         self.reserve(cache, b, cache.len + t);
-        let logits = if b > 1 && !self.batches {
-            let mut out = Vec::with_capacity(b * t * self.vocab);
+        let mut logits = Vec::with_capacity(b * t * self.vocab);
+        if b > 1 && !self.batch_pairs {
             for (s, cond) in conds.iter().enumerate() {
-                out.extend(self.pass(tokens, voices, cond, s..s + 1, cache)?);
+                self.pass(tokens, voices, cond, s..s + 1, cache, &mut logits)?;
             }
-            out
         } else {
             let cond: Cow<'_, [f32]> = match conds {
                 [one] => Cow::Borrowed(one),
                 _ => Cow::Owned(conds.concat()),
             };
-            self.pass(tokens, voices, &cond, 0..b, cache)?
-        };
+            self.pass(tokens, voices, &cond, 0..b, cache, &mut logits)?;
+        }
         cache.len += t;
         Ok(logits)
     }
 
     /// One run of the graph over `streams` of the sequences `cache` holds (a contiguous run of
-    /// them: each layer keeps its streams side by side), with `cond` for each in turn. Writes
-    /// the new keys and values after `cache.len`, which it leaves to the caller.
+    /// them: each layer keeps its streams side by side), with `cond` for each in turn. Appends
+    /// their logits to `logits` and writes their new keys and values after `cache.len`, which it
+    /// leaves to the caller.
     fn pass(
         &mut self,
         tokens: &[i64],
@@ -552,9 +552,12 @@ impl Net {
         cond: &[f32],
         streams: Range<usize>,
         cache: &mut Cache,
-    ) -> Result<Vec<f32>, ModelError> {
+        logits: &mut Vec<f32>,
+    ) -> Result<(), ModelError> {
         let (t, b) = (tokens.len(), streams.len());
         let (p, cap, all) = (cache.len, cache.capacity, cache.streams);
+        debug_assert!(streams.end <= all);
+        debug_assert_eq!(cond.len(), b * t * self.cond_dim);
         let (heads, head_dim) = (self.heads, self.head_dim);
         let e = |e: ort::Error| ort_err(&self.path, e);
         let past_len = [p as i64];
@@ -606,7 +609,7 @@ impl Net {
             }
         }
         let outputs = self.session.run(inputs).map_err(e)?;
-        let (shape, logits) = outputs[self.names.logits.as_str()]
+        let (shape, out) = outputs[self.names.logits.as_str()]
             .try_extract_tensor::<f32>()
             .map_err(e)?;
         if shape.to_vec() != [b as i64, t as i64, self.vocab as i64] {
@@ -618,7 +621,7 @@ impl Net {
                 ),
             ));
         }
-        let logits = logits.to_vec();
+        logits.extend_from_slice(out);
         let want = [b as i64, heads as i64, t as i64, head_dim as i64];
         for (names, buf) in [
             (&self.names.new_k, &mut cache.k),
@@ -643,7 +646,7 @@ impl Net {
                 }
             }
         }
-        Ok(logits)
+        Ok(())
     }
 
     /// Drops the first `drop` positions and moves every kept key back by `drop` positions (a

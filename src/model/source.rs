@@ -4,7 +4,8 @@
 //!
 //! With classifier-free guidance (weight w != 1) every token also goes through the model with the
 //! all-unknown conditioning vector, which condition dropout trained as the unconditional model,
-//! beside it in the same pass (a batch of two, with a cache for each), and the logits sampled
+//! beside it (one buffer caches both; ONNX Runtime runs them as one batch of two, tract as two
+//! passes), and the logits sampled
 //! from are `uncond + w * (cond - uncond)`: what the conditioning asks for is heard more clearly.
 //!
 //! Decoding keeps one token "pending": the cache holds every token but the last, and the last is
@@ -124,7 +125,8 @@ pub fn sample(logits: &[f32], allowed: &[bool], params: &SamplingParams, rng: &m
 }
 
 /// The cache decoding runs on: of the conditioned sequence alone or, under guidance, of it and
-/// the unconditional one beside it, decoded as a batch of two. Both always hold the same tokens
+/// the unconditional one beside it, decoded together (see `Net::forward_streams`). Both always
+/// hold the same tokens
 /// at the same positions, so every cut, slide and snapshot applies to both.
 #[derive(Clone, Debug)]
 struct Caches {
@@ -167,7 +169,7 @@ impl Caches {
     }
 
     /// Runs `tokens` through the model after the cache: with `cond` and, under guidance, with
-    /// `unknown` (one token's all-unknown vector) beside it in the same pass. Returns the
+    /// `unknown` (one token's all-unknown vector) beside it. Returns the
     /// conditioned logits and the unconditional ones.
     fn forward(
         &mut self,
