@@ -74,10 +74,23 @@ fn main() -> ExitCode {
     match run(cli) {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("roomscore: {e:#}");
+            eprintln!("roomscore: {}", report(&e));
             ExitCode::FAILURE
         }
     }
+}
+
+/// The error and its causes, each cause once: the library's errors already name their cause in
+/// their own message ("x.toml: cannot read scene file: No such file"), which `{:#}` would repeat.
+fn report(e: &anyhow::Error) -> String {
+    let mut msg = e.to_string();
+    for cause in e.chain().skip(1) {
+        let cause = cause.to_string();
+        if !msg.contains(&cause) {
+            msg = format!("{msg}: {cause}");
+        }
+    }
+    msg
 }
 
 fn run(cli: Cli) -> anyhow::Result<ExitCode> {
@@ -164,5 +177,26 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Cmd::Bench(args) => roomscore::bench::run(args).map(|_| ExitCode::SUCCESS),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::report;
+
+    fn gone() -> anyhow::Error {
+        std::io::Error::new(std::io::ErrorKind::NotFound, "no such file").into()
+    }
+
+    #[test]
+    fn a_cause_the_message_already_names_is_said_once() {
+        let e = gone().context("x.toml: cannot read scene file: no such file");
+        assert_eq!(report(&e), "x.toml: cannot read scene file: no such file");
+    }
+
+    #[test]
+    fn a_cause_the_message_leaves_out_is_added() {
+        let e = gone().context("reading x.toml");
+        assert_eq!(report(&e), "reading x.toml: no such file");
     }
 }

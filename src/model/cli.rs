@@ -33,7 +33,7 @@ pub enum ModelCmd {
     },
     /// Mean NLL per token on the JSB Chorales, teacher-forced, by the card's protocol.
     Eval {
-        /// Jsb16thSeparated.json
+        /// Jsb16thSeparated.json, or the folder that holds it
         #[arg(long)]
         jsb: PathBuf,
         #[arg(long, default_value = "test")]
@@ -266,6 +266,9 @@ fn info(path: &Path, json: bool) -> anyhow::Result<()> {
 
 fn eval_cmd(model: &Path, jsb: &Path, split: &str, limit: Option<usize>) -> anyhow::Result<()> {
     let mut m = Model::open(model)?;
+    // Given the benchmark's folder, the file in it.
+    let file = jsb.join("Jsb16thSeparated.json");
+    let jsb = if jsb.is_dir() { &file } else { jsb };
     let mut pieces = eval::load_jsb(jsb, split, &m.card)?;
     if let Some(n) = limit {
         pieces.truncate(n);
