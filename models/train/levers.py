@@ -8,6 +8,9 @@ spending a training stage on them:
         # a logit temperature fitted on valid (1.0 = the model as exported)
     .venv/bin/python models/train/levers.py CKPT OTHER.pt [...] --average
         # the weights of several checkpoints averaged (stochastic weight averaging)
+    .venv/bin/python models/train/levers.py CKPT --no-style
+        # the protocol's conditioning (style chorale, all else unknown) against all unknown, style
+        # too: how well the model has learned the benchmark's own conditioning
 
 Never pick a lever by the test split: these read valid only.
 """
@@ -37,11 +40,12 @@ def load(paths):
 
 
 @torch.no_grad()
-def valid_logits(model, ctx):
-    """Each scored valid target's logits, windowed as the eval protocol does."""
+def valid_logits(model, ctx, cvec=None):
+    """Each scored valid target's logits, windowed as the eval protocol does, under `cvec` (default:
+    the protocol's conditioning)."""
     z = np.load(VALID)
     off = z["offsets"]
-    cvec = torch.from_numpy(C.eval_cond())
+    cvec = torch.from_numpy(C.eval_cond() if cvec is None else cvec)
     logits, targets = [], []
     for i in range(len(off) - 1):
         tok, voi, _ = C.piece_sequence(z["tokens"][off[i] : off[i + 1]])
@@ -61,6 +65,8 @@ def main():
     ap.add_argument("--ctx", default=None, help="comma-separated context lengths (default: trained)")
     ap.add_argument("--temperature", default=None, help="comma-separated logit temperatures")
     ap.add_argument("--average", action="store_true", help="average the checkpoints' weights")
+    ap.add_argument("--no-style", action="store_true",
+                    help="score with the protocol's conditioning and with everything unknown, style too")
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -68,6 +74,11 @@ def main():
         ap.error("several checkpoints are only read together with --average")
     model, trained_ctx = load(args.checkpoints)
     print(f"{len(args.checkpoints)} checkpoint(s), trained context {trained_ctx}")
+    if args.no_style:
+        for name, cvec in [("style chorale (the protocol)", None), ("all unknown", np.zeros(C.COND_DIM, np.float32))]:
+            logits, y = valid_logits(model, trained_ctx, cvec)
+            print(f"{name}: valid {float(F.cross_entropy(logits, y)):.5f} ({len(y)} tokens)", flush=True)
+        return
     if args.temperature:
         logits, y = valid_logits(model, trained_ctx)
         for t in (float(x) for x in args.temperature.split(",")):
