@@ -79,7 +79,7 @@ pub enum ModelCmd {
         #[arg(long, default_value_t = 400)]
         steps: usize,
         /// Also time steps under classifier-free guidance at this weight (a token's two sequences
-        /// in one pass; the default is the chorale scene's); 1 times plain steps alone.
+        /// decoded together; the default is the chorale scene's); 1 times plain steps alone.
         #[arg(long, default_value_t = 3.0)]
         guidance: f32,
         /// Time only the backend this process runs (how `bench` runs each backend).

@@ -5,8 +5,8 @@
 //! With classifier-free guidance (weight w != 1) every token also goes through the model with the
 //! all-unknown conditioning vector, which condition dropout trained as the unconditional model,
 //! beside it (one buffer caches both; ONNX Runtime runs them as one batch of two, tract as two
-//! passes), and the logits sampled
-//! from are `uncond + w * (cond - uncond)`: what the conditioning asks for is heard more clearly.
+//! passes), and the logits sampled from are `uncond + w * (cond - uncond)`: what the conditioning
+//! asks for is heard more clearly.
 //!
 //! Decoding keeps one token "pending": the cache holds every token but the last, and the last is
 //! fed, with the conditioning of the step being composed, to get the logits of the next. A
@@ -126,24 +126,26 @@ pub fn sample(logits: &[f32], allowed: &[bool], params: &SamplingParams, rng: &m
 
 /// The cache decoding runs on: of the conditioned sequence alone or, under guidance, of it and
 /// the unconditional one beside it, decoded together (see `Net::forward_streams`). Both always
-/// hold the same tokens
-/// at the same positions, so every cut, slide and snapshot applies to both.
+/// hold the same tokens at the same positions, so every cut, slide and snapshot applies to both.
 #[derive(Clone, Debug)]
 struct Caches {
     both: Cache,
-    guided: bool,
 }
 
 impl Caches {
-    fn empty(guided: bool) -> Self {
+    fn empty() -> Self {
         Caches {
             both: Cache::empty(),
-            guided,
         }
     }
 
     fn len(&self) -> usize {
         self.both.len
+    }
+
+    /// Whether it holds guidance's pair (its number of sequences, set when it was given room).
+    fn guided(&self) -> bool {
+        self.both.streams() == Self::streams(true)
     }
 
     fn streams(guided: bool) -> usize {
@@ -158,26 +160,31 @@ impl Caches {
     fn with_capacity(guided: bool, net: &Net, positions: usize) -> Self {
         Caches {
             both: Cache::with_capacity(net, Self::streams(guided), positions),
-            guided,
         }
+    }
+
+    /// Empties it for decoding guided or not, with room for `positions`, keeping its buffers
+    /// where they fit (see `Net::reserve`).
+    fn reset(&mut self, guided: bool, net: &Net, positions: usize) {
+        self.both.clear();
+        net.reserve(&mut self.both, Self::streams(guided), positions);
     }
 
     /// Becomes a copy of `other`, reusing this one's buffers.
     fn copy_from(&mut self, other: &Caches) {
         self.both.copy_from(&other.both);
-        self.guided = other.guided;
     }
 
     /// Runs `tokens` through the model after the cache: with `cond` and, under guidance, with
-    /// `unknown` (one token's all-unknown vector) beside it. Returns the
-    /// conditioned logits and the unconditional ones.
+    /// `unknown` (one token's all-unknown vector) beside it. Returns the conditioned logits and
+    /// the unconditional ones.
     fn forward(
         &mut self,
         net: &mut Net,
         (tokens, voices, cond): (&[i64], &[i64], &[f32]),
         unknown: &[f32],
     ) -> Result<(Vec<f32>, Option<Vec<f32>>), ModelError> {
-        if !self.guided {
+        if !self.guided() {
             return Ok((net.forward(tokens, voices, cond, &mut self.both)?, None));
         }
         // One vector per token; a single token (every decoding step) needs no copy.
@@ -220,7 +227,7 @@ impl Slide {
     /// `positions` each, guided or not.
     fn reset(&mut self, guided: bool, net: &Net, positions: usize) {
         self.spare.extend(self.before.drain(..).map(|(_, c)| c));
-        self.spare.retain(|c| c.guided == guided);
+        self.spare.retain(|c| c.guided() == guided);
         while self.spare.len() < SLIDES_KEPT {
             self.spare
                 .push(Caches::with_capacity(guided, net, positions));
@@ -304,7 +311,7 @@ impl ModelSource {
             voices: Vec::new(),
             conds: Vec::new(),
             base: 0,
-            cache: Caches::empty(false),
+            cache: Caches::empty(),
             cache_start: 0,
             prime_end: 0,
             start_step: 0,
@@ -384,20 +391,16 @@ impl ModelSource {
 
     /// One fresh pass over tokens [from, to) (already fed once, so their conditioning is known).
     fn prime(&mut self, from: usize, to: usize) -> Result<(), ModelError> {
-        // The caches keep their room; a failed pass leaves them empty, never half-written.
+        // The caches keep their room. A failed pass leaves them empty, never half-written: a
+        // pass counts its tokens in only once all of it has run.
         self.cache.both.clear();
         self.cache_start = from;
         self.prime_end = from;
         if to > from {
             let (t, v, c) = self.slice(from, to);
             let (t, v, c) = (t.to_vec(), v.to_vec(), c.to_vec());
-            if let Err(e) = self
-                .cache
-                .forward(&mut self.net, (&t, &v, &c), &self.unknown)
-            {
-                self.cache.both.clear();
-                return Err(e);
-            }
+            self.cache
+                .forward(&mut self.net, (&t, &v, &c), &self.unknown)?;
         }
         self.prime_end = to;
         Ok(())
@@ -608,11 +611,7 @@ impl NoteSource for ModelSource {
         self.conds.clear();
         self.base = 0;
         let guided = self.guided();
-        if self.cache.guided == guided && self.cache.both.capacity() >= c.context_length {
-            self.cache.both.clear();
-        } else {
-            self.cache = Caches::with_capacity(guided, &self.net, c.context_length);
-        }
+        self.cache.reset(guided, &self.net, c.context_length);
         self.cache_start = 0;
         self.prime_end = 0;
         if let Some(sl) = &mut self.slide {

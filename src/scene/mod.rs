@@ -72,7 +72,7 @@ pub struct GeneratorSettings {
     pub max_hold_beats: f32,
     /// Classifier-free guidance weight for the model (1 = off). Above 1 the room's asks are
     /// heard more clearly, at the cost of an unconditional sequence decoded beside the
-    /// conditioned one (the same pass, about 1.6 times the step).
+    /// conditioned one (about 1.6 times the step under ONNX Runtime, twice under tract).
     pub guidance: f32,
     pub velocity: f32,
     pub seed: u64,
