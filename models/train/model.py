@@ -3,9 +3,9 @@
 Inputs beside every token: its voice id (0..3 = S,A,T,B, 4 = start) and a float conditioning
 vector. Rotary positions; the key/value cache is an explicit input and the new tokens' keys and
 values an output (`Decoder`), so the same graph does a full pass (nothing cached) and incremental
-decoding. Only simple ops are used (MatMul/Gemm, Softmax,
-LayerNormalization, Concat, Slice, Gather, Tanh, elementwise) so it exports cleanly to ONNX opset 17
-and runs under onnxruntime and tract. sin/cos tables and the position index are constants.
+decoding. Only simple ops are used (MatMul/Gemm, Softmax, LayerNormalization, Concat, Slice,
+Gather, Tanh, elementwise) so it exports cleanly to ONNX opset 17 and runs under onnxruntime and
+tract. sin/cos tables and the position index are constants.
 """
 import math
 
@@ -123,14 +123,8 @@ class Composer(nn.Module):
     def forward(self, tokens, voices, cond, past_k, past_v):
         """tokens/voices int64 [B,T]; cond float [B,T,C]; past_k/v [L,B,H,P,dh].
         Returns logits [B,T,V], present_k/v [L,B,H,P+T,dh]. Positions run P .. P+T-1."""
-        logits, ks, vs = self.step(tokens, voices, cond, [past_k[i] for i in range(self.layers)],
-                                   [past_v[i] for i in range(self.layers)])
-        return logits, torch.stack(ks), torch.stack(vs)
-
-    def step(self, tokens, voices, cond, past_ks, past_vs):
-        """As forward, with the cache as one [B,H,P,dh] tensor per layer in and out."""
         T = tokens.shape[1]
-        P = past_ks[0].shape[2]
+        P = past_k.shape[3]
         batch = tokens.shape[0]
         d = self.cfg["d"]
         x = (self.tok(tokens) + self.voice(voices) + self.cond(cond)).reshape(-1, d)
@@ -142,10 +136,10 @@ class Composer(nn.Module):
         bias = torch.clamp(kpos.unsqueeze(0) - qpos.unsqueeze(1), min=0.0) * -1e9
         ks, vs = [], []
         for i, blk in enumerate(self.blocks):
-            x, k, v = blk(x, batch, rope, bias, past_ks[i], past_vs[i])
+            x, k, v = blk(x, batch, rope, bias, past_k[i], past_v[i])
             ks.append(k)
             vs.append(v)
-        return self.head(self.ln_f(x)).reshape(batch, -1, self.cfg["vocab"]), ks, vs
+        return self.head(self.ln_f(x)).reshape(batch, -1, self.cfg["vocab"]), torch.stack(ks), torch.stack(vs)
 
 
 class Decoder(nn.Module):
