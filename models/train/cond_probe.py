@@ -5,7 +5,9 @@ itself (style chorale, everything known), then with one part of the key changed:
     .venv/bin/python models/train/cond_probe.py models/train/runs/NAME/checkpoints/best.pt
 
 Prints the mean NLL per token for: the true conditioning; the mode flipped (tonic kept); the tonic
-moved a tritone; mode and tonic unknown. A model that reads the mode scores the flipped mode worse.
+moved a tritone; mode and tonic unknown; the tonic unknown (the mode alone), as is and flipped. A model
+that reads the mode scores the flipped mode worse; the last pair asks whether it reads the mode
+without a tonic beside it.
 """
 import argparse
 import os
@@ -41,10 +43,15 @@ def main():
             k = np.where(k >= 0, (k + 6) % 12, k)
         elif how == "mode and tonic unknown":
             m, k = np.full_like(m, -1), np.full_like(k, -1)
+        elif how == "tonic unknown":
+            k = np.full_like(k, -1)
+        elif how == "tonic unknown, mode flipped":
+            m, k = np.where(m >= 0, 1 - m, m), np.full_like(k, -1)
         # a model from before the key profile takes the first columns alone
         return C.cond_arrays(d, r, m, 0, tonic=k)[:, : ck["cfg"]["cond_dim"]]
 
-    hows = ["true", "mode flipped", "tonic moved a tritone", "mode and tonic unknown"]
+    hows = ["true", "mode flipped", "tonic moved a tritone", "mode and tonic unknown", "tonic unknown",
+            "tonic unknown, mode flipped"]
     totals = {h: [0.0, 0] for h in hows}
     for grid in E.load_jsb("valid")[: args.pieces]:
         tok, voi, step = C.piece_sequence(grid)
@@ -63,7 +70,7 @@ def main():
             totals[how][1] += n - 1
     for how in hows:
         s, n = totals[how]
-        print(f"{how:<24} {s / n:.4f} nats/token ({n} tokens)")
+        print(f"{how:<28} {s / n:.4f} nats/token ({n} tokens)")
 
 
 if __name__ == "__main__":

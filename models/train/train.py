@@ -39,6 +39,8 @@ DATA = os.path.join(HERE, "data")
 
 # ---------------------------------------------------------------- data
 STYLE_COLS = [C.COND_NAMES.index(f"style_{s}") for s in C.STYLES]
+MODE_COLS = [C.COND_NAMES.index("mode"), C.COND_NAMES.index("mode_known")]
+TONIC_COLS = list(range(C.TONIC_INDEX, C.TONIC_INDEX + 13))
 
 
 class Corpus:
@@ -60,7 +62,7 @@ class Corpus:
         n = np.array([max(1, len(p["tokens"]) - ctx) for p in self.pieces])
         self.cum = np.concatenate([[0], np.cumsum(n)])
 
-    def sample(self, rng, ctx, transpose, cond_drop, bos_share=0.0, style_only_share=0.0):
+    def sample(self, rng, ctx, transpose, cond_drop, bos_share=0.0, style_only_share=0.0, mode_only_share=0.0):
         if bos_share > 0 and rng.random() < bos_share:
             # A window from the piece's start: the engine composes from BOS, where only the
             # conditioning can say what key and texture to begin in.
@@ -95,21 +97,32 @@ class Corpus:
             elif rng.random() < 0.1:
                 cond[:] = 0
             else:
-                for cols in ([0, 1], [2, 3], [4, 5], STYLE_COLS, list(range(C.TONIC_INDEX, C.TONIC_INDEX + 13))):
-                    if rng.random() < 0.3:
+                # The mode without its tonic: what a room asks when it names a mode but no key. The
+                # per-group dropout gives it in about a fifth of windows, too few for the model to
+                # read the mode bit alone (cond_probe.py: 0.002 nats against 0.011 beside a tonic).
+                mode_only = mode_only_share > 0 and rng.random() < mode_only_share
+                for cols in ([0, 1], [2, 3], MODE_COLS, STYLE_COLS, TONIC_COLS):
+                    drop = rng.random() < 0.3
+                    if mode_only and cols is MODE_COLS:
+                        drop = False
+                    elif mode_only and cols is TONIC_COLS:
+                        drop = True
+                    if drop:
                         cond[:, cols] = 0
             C.refresh_key(cond)
         return tok, voi, cond
 
 
-def make_batch(corpora, weights, rng, B, ctx, transpose=5, cond_drop=True, bos_share=0.0, style_only_share=0.0):
+def make_batch(corpora, weights, rng, B, ctx, transpose=5, cond_drop=True, bos_share=0.0, style_only_share=0.0,
+               mode_only_share=0.0):
     X = np.zeros((B, ctx), np.int64)
     V = np.full((B, ctx), C.VOICE_START, np.int64)
     Y = np.full((B, ctx), -100, np.int64)
     Cc = np.zeros((B, ctx, C.COND_DIM), np.float32)
     ci = rng.choice(len(corpora), size=B, p=weights)
     for b in range(B):
-        tok, voi, cond = corpora[ci[b]].sample(rng, ctx, transpose, cond_drop, bos_share, style_only_share)
+        tok, voi, cond = corpora[ci[b]].sample(rng, ctx, transpose, cond_drop, bos_share, style_only_share,
+                                               mode_only_share)
         n = len(tok) - 1
         X[b, :n] = tok[:-1]
         V[b, :n] = voi[:-1]
@@ -185,6 +198,9 @@ def main():
                     help="share of training windows conditioned on their style alone, everything else unknown: "
                          "the JSB benchmark's conditioning, which the per-group dropout reaches in under 1 %% "
                          "of windows")
+    ap.add_argument("--mode-only-share", type=float, default=0.0,
+                    help="share of the windows that go through per-group dropout whose mode is kept and tonic "
+                         "dropped: the mode alone, which a room asks when it names no key")
     ap.add_argument("--start-weight", type=float, default=1.0,
                     help="loss weight of each window's first --start-tokens targets, where the model has no "
                          "context and only the conditioning can say what to play (1 = plain mean)")
@@ -325,7 +341,8 @@ def main():
     while elapsed < budget and (args.max_steps == 0 or step < args.max_steps):
         t0 = time.time()
         X, V, Cc, Y = make_batch(corpora, weights, rng, args.batch, args.ctx, args.transpose,
-                                 bos_share=args.bos_share, style_only_share=args.style_only_share)
+                                 bos_share=args.bos_share, style_only_share=args.style_only_share,
+                                 mode_only_share=args.mode_only_share)
         prog = elapsed / budget
         lr = args.lr * min(1.0, (step + 1) / args.warmup) * (
             args.min_lr_frac + (1 - args.min_lr_frac) * 0.5 * (1 + math.cos(math.pi * min(1.0, prog))))
