@@ -159,6 +159,23 @@ fn a_guided_pair_in_one_pass_gives_the_logits_of_two_passes() {
 }
 
 #[test]
+fn a_cache_given_another_shape_gets_the_room_asked_for() {
+    // Every pass reads the cache's whole room, so room beyond the context is time lost on
+    // every step: a source that turned guided once ran each step at twice the context.
+    let m = open();
+    let ctx = m.card.context_length;
+    let mut c = Cache::with_capacity(&m.net, 1, ctx);
+    assert_eq!((c.streams(), c.capacity()), (1, ctx));
+    m.net.reserve(&mut c, 2, ctx);
+    assert_eq!((c.streams(), c.capacity()), (2, ctx));
+    m.net.reserve(&mut c, 1, ctx);
+    assert_eq!((c.streams(), c.capacity()), (1, ctx));
+    // The same shape growing past its room still doubles, so token-by-token growth stays cheap.
+    m.net.reserve(&mut c, 1, ctx + 1);
+    assert_eq!(c.capacity(), 2 * ctx);
+}
+
+#[test]
 fn incremental_decoding_gives_the_logits_of_a_full_pass_and_of_python() {
     let mut m = open();
     let card = m.card.clone();

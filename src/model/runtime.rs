@@ -452,14 +452,22 @@ impl Net {
     }
 
     /// Makes room in `cache` for `streams` sequences of at least `positions` each, keeping what
-    /// it holds (a cache of another shape starts empty).
+    /// it holds (a cache of another shape starts empty, with room for `positions` exactly).
     pub fn reserve(&self, cache: &mut Cache, streams: usize, positions: usize) {
         let (blocks, d) = (self.layers * streams * self.heads, self.head_dim);
         let same = cache.blocks == blocks && cache.head_dim == d;
         if same && cache.capacity >= positions {
             return;
         }
-        let cap = positions.max(cache.capacity * 2);
+        // Doubling pays for a cache that grows token by token. A cache of another shape is
+        // not growing: its old room says nothing of what this one needs, and every pass reads
+        // the whole room (masked where unused), so a guided source built from a plain one ran
+        // at twice the context, and twice the step.
+        let cap = if same {
+            positions.max(cache.capacity * 2)
+        } else {
+            positions
+        };
         let keep = if same { cache.len } else { 0 };
         let grow = |old: &[f32]| {
             // Written through, not calloc'd: see `Cache::with_capacity`.
