@@ -8,9 +8,12 @@
 //! Run it against `play --host jack --scene scenes/latency.toml`, whose band is silent and whose
 //! performer voice is dry, so the first non-zero sample is the note's.
 
+use std::fmt::Write as _;
 use std::net::{SocketAddr, UdpSocket};
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::{
+    AtomicBool, AtomicU32, AtomicU64, Ordering::Acquire, Ordering::Relaxed, Ordering::Release,
+};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
@@ -53,11 +56,13 @@ struct Shared {
     xruns: AtomicU32,
     /// When the last xrun was reported, on CLOCK_MONOTONIC_RAW in microseconds.
     last_xrun_us: AtomicU64,
-    /// Cycles the probe ran later than `LATE` after JACK's stamp for them, and when the last
-    /// one ran (CLOCK_MONOTONIC_RAW, µs).
+    /// Cycles the probe ran a `LATE` share of a period or more after JACK's stamp for them, and
+    /// when the last one ran (CLOCK_MONOTONIC_RAW, µs).
     late_cycles: AtomicU32,
     last_late_us: AtomicU64,
-    /// The most a cycle ran behind its stamp since the sender last took it, in µs.
+    /// Cycles whose times JACK did not give: their lag is unknown, and counted as none.
+    untimed_cycles: AtomicU32,
+    /// The most a cycle ran behind its stamp while a note was awaited, in µs.
     max_lag_us: AtomicU64,
 }
 
@@ -66,8 +71,8 @@ struct Shared {
 const RELOCK: Duration = Duration::from_secs(5);
 
 /// JACK stamps each cycle's start through its DLL. After a stall the stamps trail the real
-/// wake-ups for a few hundred milliseconds (a 15 ms SIGSTOP of jackd: 12.8 ms behind, back under
-/// 0.5 ms within about 30 notes), and `frame_time`, read by the sender on the same DLL, names a
+/// wake-ups for a while (a 15 ms SIGSTOP of jackd: 12.8 ms behind, back under 0.5 ms within 8
+/// notes, about half a second), and `frame_time`, read by the sender on the same DLL, names a
 /// frame the graph has not reached: the note then measures as heard before it was sent, by up to
 /// that lag. A stall need not be reported as an xrun in time (seen in CI: -8.65 ms, with no xrun
 /// within 5 s before the note was measured); the lag shows in the cycle itself. Normally the probe
@@ -122,22 +127,31 @@ pub fn run(args: LatencyArgs) -> anyhow::Result<()> {
     let late_us = (LATE * period_us as f64) as u64;
     let process = jack::contrib::ClosureProcessHandler::new(
         move |_: &jack::Client, ps: &jack::ProcessScope| {
-            // Before the onset is published, so the note it spoils is set apart with it.
-            if let Ok(t) = ps.cycle_times() {
-                let now = raw.now_ns() / 1000;
-                let lag = now.saturating_sub(t.current_usecs);
-                cb.max_lag_us.fetch_max(lag, Relaxed);
-                if lag >= late_us {
-                    cb.late_cycles.fetch_add(1, Relaxed);
-                    cb.last_late_us.store(now, Relaxed);
+            let awaited = cb.armed.load(Relaxed) && cb.onset.load(Relaxed) == u64::MAX;
+            match ps.cycle_times() {
+                Ok(t) => {
+                    let now = raw.now_ns() / 1000;
+                    let lag = now.saturating_sub(t.current_usecs);
+                    // Before the onset is published (Release below), so the sender reads the lag
+                    // of the very cycle the note was heard in.
+                    if awaited {
+                        cb.max_lag_us.fetch_max(lag, Relaxed);
+                    }
+                    if lag >= late_us {
+                        cb.late_cycles.fetch_add(1, Relaxed);
+                        cb.last_late_us.store(now, Relaxed);
+                    }
+                }
+                Err(_) => {
+                    cb.untimed_cycles.fetch_add(1, Relaxed);
                 }
             }
             let samples = input.as_slice(ps);
             let loud = samples.iter().position(|s| s.abs() > threshold);
-            if cb.armed.load(Relaxed) && cb.onset.load(Relaxed) == u64::MAX {
+            if awaited {
                 if let Some(i) = loud {
                     cb.onset
-                        .store(ps.last_frame_time() as u64 + i as u64, Relaxed);
+                        .store(ps.last_frame_time() as u64 + i as u64, Release);
                 }
             }
             if loud.is_some() {
@@ -227,7 +241,7 @@ pub fn run(args: LatencyArgs) -> anyhow::Result<()> {
         sock.send(&packet)?;
         let deadline = Instant::now() + Duration::from_millis(500);
         let onset = loop {
-            let o = shared.onset.load(Relaxed);
+            let o = shared.onset.load(Acquire);
             if o != u64::MAX {
                 break Some(o);
             }
@@ -244,8 +258,9 @@ pub fn run(args: LatencyArgs) -> anyhow::Result<()> {
                 let xrun = shared.last_xrun_us.load(Relaxed);
                 let now = raw.now_ns() / 1000;
                 let lag_us = shared.max_lag_us.load(Relaxed);
-                // The cycle running when the note left had its callback before the arming: a late
-                // one shows as the last late cycle within two periods of it.
+                // The cycle running when the note left may have had its callback before the
+                // arming, so its lag is not in `max_lag_us`: a late one shows as a late cycle
+                // within two periods before the arming.
                 let late_before = shared.last_late_us.load(Relaxed) + 2 * period_us >= armed_us;
                 rows.push(Row {
                     note: n,
@@ -261,15 +276,21 @@ pub fn run(args: LatencyArgs) -> anyhow::Result<()> {
     }
     let xruns = shared.xruns.load(Relaxed);
     let late = shared.late_cycles.load(Relaxed);
+    let untimed = shared.untimed_cycles.load(Relaxed);
     drop(active);
 
     if let Some(path) = &args.csv {
-        let mut csv = String::from("note,frames,set_apart,lag_us\n");
+        let mut csv = String::from("note,frames,set_apart,lag_frames\n");
         for r in &rows {
-            csv.push_str(&format!(
-                "{},{},{},{}\n",
-                r.note, r.frames, r.set_apart as u8, r.lag_us
-            ));
+            // Whole frames up: the bound a test holds the note to must not be rounded tighter.
+            let lag = (r.lag_us as f64 * rate / 1e6).ceil();
+            writeln!(
+                csv,
+                "{},{},{},{lag}",
+                r.note,
+                r.frames,
+                u8::from(r.set_apart)
+            )?;
         }
         std::fs::write(path, csv).with_context(|| format!("writing {}", path.display()))?;
     }
@@ -278,13 +299,16 @@ pub fn run(args: LatencyArgs) -> anyhow::Result<()> {
     }
     let set_apart = rows.iter().filter(|r| r.set_apart).count();
     println!(
-        "{} notes measured, {misses} not heard; {xruns} xruns and {late} cycles {:.2} ms or more \
-         behind JACK's stamp in all; {set_apart} notes set apart, measured within {} s after an \
-         xrun or touched by a late cycle",
+        "{} notes measured, {misses} not heard; {xruns} xruns, {late} cycles {:.2} ms or more \
+         behind JACK's stamp; {set_apart} notes set apart (within {} s after an xrun, or touched \
+         by a late cycle)",
         rows.len(),
         late_us as f64 / 1000.0,
         RELOCK.as_secs()
     );
+    if untimed > 0 {
+        println!("JACK gave no cycle times for {untimed} cycles: their lag counts as 0");
+    }
     let all: Vec<f64> = rows.iter().map(|r| r.frames).collect();
     let clean: Vec<f64> = rows
         .iter()
@@ -328,7 +352,8 @@ struct Row {
     /// Measured within `RELOCK` after an xrun, or touched by a late cycle: JACK's clock was not to
     /// be trusted.
     set_apart: bool,
-    /// The most a cycle ran behind JACK's stamp for it, from the send to the onset.
+    /// The most a cycle ran behind JACK's stamp for it while the note was awaited (from the
+    /// arming to the onset).
     lag_us: u64,
 }
 

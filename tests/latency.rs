@@ -22,7 +22,7 @@ struct Note {
     frames: f64,
     /// Within 5 s after an xrun, or touched by a cycle running late behind JACK's stamp.
     set_apart: bool,
-    /// How far behind JACK's stamp the graph ran while the note was out, in frames at 48 kHz.
+    /// How far behind JACK's stamp the graph ran while the note was awaited, in whole frames.
     lag: f64,
 }
 
@@ -58,7 +58,7 @@ fn probe(jack: &Jack, port: u16, extra: &[&str], csv: &Path) -> (String, Vec<Not
             Note {
                 frames: f[1].parse().unwrap(),
                 set_apart: f[2] == "1",
-                lag: (f[3].parse::<f64>().unwrap() * 48e-3).ceil(),
+                lag: f[3].parse().unwrap(),
             }
         })
         .collect();
@@ -66,7 +66,8 @@ fn probe(jack: &Jack, port: u16, extra: &[&str], csv: &Path) -> (String, Vec<Not
 }
 
 /// OSC notes against JACK's frame clock, through the real client path: every immediate note is
-/// heard, after it was sent and within a few periods; time-tagged notes start on the sample
+/// heard, not before it was sent (less the lag of JACK's stamps the probe measured for it) and
+/// within a few periods; time-tagged notes start on the sample
 /// their tag asks for, also after xruns the probe provokes. Figures for the README come from
 /// `roomscore latency --notes 500` by hand; this holds the behaviour, not the speed.
 #[test]
@@ -87,8 +88,9 @@ fn osc_notes_reach_the_jack_ports_and_time_tags_land_on_their_sample() {
     assert_eq!(immediate.len(), 100, "{summary}");
     // Heard after it was sent, and within a handful of 256-frame periods (not a speed figure:
     // a note that went missing into another cycle would show here). On a shared VM the dummy
-    // server can see tens of xruns in a run; notes measured while JACK's frame clock re-locks
-    // after one are set apart by the probe, and the median holds for all of them.
+    // server can see tens of xruns in a run; the probe sets apart the notes measured while JACK's
+    // frame clock re-locks after one, or touched by a cycle late behind JACK's stamp, and the
+    // median holds for all of them.
     let mut all: Vec<f64> = immediate.iter().map(|r| r.frames).collect();
     all.sort_by(f64::total_cmp);
     let median = all[all.len() / 2];
@@ -110,11 +112,16 @@ fn osc_notes_reach_the_jack_ports_and_time_tags_land_on_their_sample() {
         early.is_empty(),
         "heard before sent (frames, lag): {early:?}\n{summary}"
     );
+    // A handful of periods at most, for the notes JACK's clock can be trusted on. A quiet run sets
+    // none apart, a run with two xruns 27; with jackd stopped for 15 ms every 1.3 s all 100 are
+    // (and the median and the bound above still hold), so no minimum is asked: the log says how
+    // many this covered.
     let settled: Vec<f64> = immediate
         .iter()
         .filter(|r| !r.set_apart)
         .map(|r| r.frames)
         .collect();
+    eprintln!("{} of 100 immediate notes settled", settled.len());
     assert!(settled.iter().all(|&d| d < 8.0 * 256.0), "{summary}");
 
     let (summary, tagged) = probe(
