@@ -71,8 +71,8 @@ struct Shared {
 const RELOCK: Duration = Duration::from_secs(5);
 
 /// JACK stamps each cycle's start through its DLL. After a stall the stamps trail the real
-/// wake-ups for a while (a 15 ms SIGSTOP of jackd: 12.8 ms behind, back under 0.5 ms within 8
-/// notes, about half a second), and `frame_time`, read by the sender on the same DLL, names a
+/// wake-ups for a while (a 15 ms SIGSTOP of jackd: 12.8 ms behind, back under 0.5 ms within about
+/// half a second), and `frame_time`, read by the sender on the same DLL, names a
 /// frame the graph has not reached: the note then measures as heard before it was sent, by up to
 /// that lag. A stall need not be reported as an xrun in time (seen in CI: -8.65 ms, with no xrun
 /// within 5 s before the note was measured); the lag shows in the cycle itself. Normally the probe
@@ -127,7 +127,8 @@ pub fn run(args: LatencyArgs) -> anyhow::Result<()> {
     let late_us = (LATE * period_us as f64) as u64;
     let process = jack::contrib::ClosureProcessHandler::new(
         move |_: &jack::Client, ps: &jack::ProcessScope| {
-            let awaited = cb.armed.load(Relaxed) && cb.onset.load(Relaxed) == u64::MAX;
+            // Acquire pairs with the arming's Release: the lag reset before it is seen first.
+            let awaited = cb.armed.load(Acquire) && cb.onset.load(Relaxed) == u64::MAX;
             match ps.cycle_times() {
                 Ok(t) => {
                     let now = raw.now_ns() / 1000;
@@ -212,7 +213,7 @@ pub fn run(args: LatencyArgs) -> anyhow::Result<()> {
         std::thread::sleep(Duration::from_micros(1000 + rng.next_u64() % 20_000));
         shared.onset.store(u64::MAX, Relaxed);
         shared.max_lag_us.store(0, Relaxed);
-        shared.armed.store(true, Relaxed);
+        shared.armed.store(true, Release);
         let armed_us = raw.now_ns() / 1000;
         let note = OscMessage {
             addr: "/roomscore/note".into(),

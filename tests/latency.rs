@@ -86,7 +86,7 @@ fn osc_notes_reach_the_jack_ports_and_time_tags_land_on_their_sample() {
 
     let (summary, immediate) = probe(&jack, port, &[], &dir.path().join("now.csv"));
     assert_eq!(immediate.len(), 100, "{summary}");
-    // Heard after it was sent, and within a handful of 256-frame periods (not a speed figure:
+    // Heard within a handful of 256-frame periods of its send (not a speed figure:
     // a note that went missing into another cycle would show here). On a shared VM the dummy
     // server can see tens of xruns in a run; the probe sets apart the notes measured while JACK's
     // frame clock re-locks after one, or touched by a cycle late behind JACK's stamp, and the
