@@ -80,12 +80,17 @@ const RELOCK: Duration = Duration::from_secs(5);
 /// a period or more behind is late, and so is any note it touches.
 const LATE: f64 = 0.25;
 
+/// Now on JACK2's clock (CLOCK_MONOTONIC_RAW), in the microseconds JACK stamps its cycles in.
+fn jack_now_us() -> u64 {
+    crate::clock::Timebase::MonotonicRaw.now_ns() / 1000
+}
+
 struct XrunCounter(Arc<Shared>);
 
 impl jack::NotificationHandler for XrunCounter {
     fn xrun(&mut self, _: &jack::Client) -> jack::Control {
         self.0.xruns.fetch_add(1, Relaxed);
-        let now = crate::clock::Timebase::MonotonicRaw.now_ns() / 1000;
+        let now = jack_now_us();
         self.0.last_xrun_us.store(now, Relaxed);
         jack::Control::Continue
     }
@@ -97,7 +102,7 @@ pub fn run(args: LatencyArgs) -> anyhow::Result<()> {
     let rate = client.sample_rate() as f64;
     // JACK2 stamps its cycles on CLOCK_MONOTONIC_RAW; wall-clock tags are placed on it.
     let raw = crate::clock::Timebase::MonotonicRaw;
-    let skew = client.time() as i64 - (raw.now_ns() / 1000) as i64;
+    let skew = client.time() as i64 - jack_now_us() as i64;
     if skew.abs() > 1000 {
         bail!("JACK's clock is {skew} µs from CLOCK_MONOTONIC_RAW; tagged times cannot be placed");
     }
@@ -131,7 +136,7 @@ pub fn run(args: LatencyArgs) -> anyhow::Result<()> {
             let awaited = cb.armed.load(Acquire) && cb.onset.load(Relaxed) == u64::MAX;
             match ps.cycle_times() {
                 Ok(t) => {
-                    let now = raw.now_ns() / 1000;
+                    let now = jack_now_us();
                     let lag = now.saturating_sub(t.current_usecs);
                     // Before the onset is published (Release below), so the sender reads the lag
                     // of the very cycle the note was heard in.
@@ -180,7 +185,7 @@ pub fn run(args: LatencyArgs) -> anyhow::Result<()> {
     std::thread::sleep(Duration::from_millis(200));
     loop {
         let last = shared.last_xrun_us.load(Relaxed);
-        let since = Duration::from_micros((raw.now_ns() / 1000).saturating_sub(last));
+        let since = Duration::from_micros(jack_now_us().saturating_sub(last));
         if last == 0 || since >= RELOCK {
             break;
         }
@@ -214,7 +219,7 @@ pub fn run(args: LatencyArgs) -> anyhow::Result<()> {
         shared.onset.store(u64::MAX, Relaxed);
         shared.max_lag_us.store(0, Relaxed);
         shared.armed.store(true, Release);
-        let armed_us = raw.now_ns() / 1000;
+        let armed_us = jack_now_us();
         let note = OscMessage {
             addr: "/roomscore/note".into(),
             args: vec![OscType::Int(72), OscType::Int(100)],
@@ -257,7 +262,7 @@ pub fn run(args: LatencyArgs) -> anyhow::Result<()> {
             Some(o) => {
                 let frames = (o as u32).wrapping_sub(expected as u32) as i32 as f64;
                 let xrun = shared.last_xrun_us.load(Relaxed);
-                let now = raw.now_ns() / 1000;
+                let now = jack_now_us();
                 let lag_us = shared.max_lag_us.load(Relaxed);
                 // The cycle running when the note left may have had its callback before the
                 // arming, so its lag is not in `max_lag_us`: a late one shows as a late cycle

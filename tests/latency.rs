@@ -67,8 +67,8 @@ fn probe(jack: &Jack, port: u16, extra: &[&str], csv: &Path) -> (String, Vec<Not
 
 /// OSC notes against JACK's frame clock, through the real client path: every immediate note is
 /// heard, not before it was sent (less the lag of JACK's stamps the probe measured for it) and
-/// within a few periods; time-tagged notes start on the sample
-/// their tag asks for, also after xruns the probe provokes. Figures for the README come from
+/// within a few periods; time-tagged notes start on the sample their tag asks for, also after
+/// xruns the probe provokes. Figures for the README come from
 /// `roomscore latency --notes 500` by hand; this holds the behaviour, not the speed.
 #[test]
 fn osc_notes_reach_the_jack_ports_and_time_tags_land_on_their_sample() {
