@@ -117,7 +117,7 @@ class Composer(nn.Module):
             nn.init.zeros_(m.bias)
 
     def empty_cache(self, batch=1):
-        z = torch.zeros(self.layers, batch, self.heads, 0, self.dh)
+        z = torch.zeros(self.layers, batch, self.heads, 0, self.dh, device=self.cos_t.device)
         return z, z.clone()
 
     def forward(self, tokens, voices, cond, past_k, past_v):

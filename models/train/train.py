@@ -137,6 +137,7 @@ def score_split(model, path, ctx, batch=16, desc="valid"):
     """Mean NLL per token (nats) on a JSB split by the eval protocol (common.eval_windows),
     conditioning unknown, style chorale. Returns (nll, n_tokens)."""
     model.eval()
+    dev = model.cos_t.device
     z = np.load(path)
     off = z["offsets"]
     cvec = torch.from_numpy(C.eval_cond())
@@ -159,7 +160,8 @@ def score_split(model, path, ctx, batch=16, desc="valid"):
             V[b, :n] = torch.from_numpy(v)
             # logits at window pos i predict window pos i+1; score window targets f..n-1
             Y[b, f - 1 : n - 1] = torch.from_numpy(t[f:n])
-        cond = cvec.expand(len(grp), T, C.COND_DIM)
+        X, V, Y = X.to(dev), V.to(dev), Y.to(dev)
+        cond = cvec.to(dev).expand(len(grp), T, C.COND_DIM)
         pk, pv = model.empty_cache(len(grp))
         logits, _, _ = model(X, V, cond, pk, pv)
         loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), Y.reshape(-1), ignore_index=-100, reduction="sum")
@@ -212,12 +214,19 @@ def main():
                     help="learning-rate multiple for the blocks grow.py added to the --init-from run (they start "
                          "as the identity and have everything to learn; the parent's blocks keep --lr)")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--device", default="cpu", help="cpu, or cuda where a GPU is lent (sweep.py)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--max-steps", type=int, default=0, help="stop after this many steps (smoke tests)")
     ap.add_argument("--no-final-eval", action="store_true", help="smoke tests: skip the final valid pass")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
+    dev = torch.device(args.device)
+    if dev.type == "cuda":
+        # TF32 matmuls: about 3e-4 relative error per product, far under the run-to-run noise of
+        # a training run, and several times faster than full float32 on the matrix units.
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
 
     run = os.path.join(HERE, "runs", args.name)
     ck = os.path.join(run, "checkpoints")
@@ -248,7 +257,7 @@ def main():
 
     state = None
     if args.resume and os.path.exists(os.path.join(ck, "last.pt")):
-        state = torch.load(os.path.join(ck, "last.pt"))
+        state = torch.load(os.path.join(ck, "last.pt"), map_location="cpu", weights_only=False)
         cfg = state["cfg"]
         args.budget_min = state["args"]["budget_min"] if "budget_min" in state["args"] else args.budget_min
     else:
@@ -256,7 +265,8 @@ def main():
                    heads=args.heads, ff=args.ff, max_pos=1024, dropout=args.dropout)
     parent = None
     if state is None and args.init_from:
-        pst = torch.load(os.path.join(HERE, "runs", args.init_from, "checkpoints", "best.pt"))
+        pst = torch.load(os.path.join(HERE, "runs", args.init_from, "checkpoints", "best.pt"), map_location="cpu",
+                         weights_only=False)
         cfg = dict(pst["cfg"], dropout=args.dropout, cond_dim=C.COND_DIM)
         psum = os.path.join(HERE, "runs", args.init_from, "summary.json")
         # A parent stopped before its end has no summary; its checkpoint carries the same record.
@@ -265,7 +275,7 @@ def main():
             train_minutes=round(pst.get("elapsed", 0.0) / 60, 2), args=pst.get("args"), parent=pst.get("parent"),
             stopped_early=True)
         parent["name"] = args.init_from
-    model = Composer(**cfg)
+    model = Composer(**cfg).to(dev)
     if parent is not None:
         state_dict = pst["model"]
         old = state_dict["cond.weight"]
@@ -348,6 +358,7 @@ def main():
             args.min_lr_frac + (1 - args.min_lr_frac) * 0.5 * (1 + math.cos(math.pi * min(1.0, prog))))
         for g in opt.param_groups:
             g["lr"] = lr * g.get("lr_mult", 1.0)
+        X, V, Cc, Y = (t.to(dev, non_blocking=True) for t in (X, V, Cc, Y))
         pk, pv = model.empty_cache(args.batch)
         logits, _, _ = model(X, V, Cc, pk, pv)
         # mean over the scored targets, a window's first --start-tokens weighted --start-weight
