@@ -432,8 +432,10 @@ def main():
             best_valid_nll_torch=summary.get("best_valid_nll"), history=summary.get("history"),
             initialised_from=summary.get("parent"),
             hyperparameters=tr_args,
-            machine=f"{platform.machine()} CPU ({os.cpu_count()} cores, shared with concurrent Rust builds), no GPU; "
-                    f"torch {torch.__version__} (Debian python3-torch) with torch.set_num_threads(2)",
+            # Runs before train.py recorded its machine all trained here, on the CPU.
+            machine=summary.get("machine") or (
+                f"{platform.machine()} CPU ({os.cpu_count()} cores, shared with concurrent Rust builds), no GPU; "
+                f"torch {torch.__version__} (Debian python3-torch) with torch.set_num_threads(2)"),
             wall_minutes_including_evals=train_wall_minutes(run),
             epochs_jsb_equivalent=(round(summary["tokens"] * chorale_share(tr_args) / 221141, 2)
                                    if summary.get("tokens") else None),

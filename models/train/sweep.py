@@ -54,12 +54,23 @@ SWEEP = {
     "roomscore-satb-g6": ["--d", "192", "--layers", "6", "--heads", "4", "--ff", "768", "--lr", "8e-4", "--warmup",
                           "200", "--batch", "48", "--dropout", "0.3", "--seed", "106"],
 }
+# The second call of the same session: g1 (valid 0.3344) went on at lower rates.
+SWEEP2 = {
+    "roomscore-satb-g7": ["--init-from", "roomscore-satb-g1", "--lr", "2e-4", "--warmup", "50", "--batch", "32",
+                          "--dropout", "0.1", "--seed", "107"],
+    "roomscore-satb-g8": ["--init-from", "roomscore-satb-g1", "--lr", "1e-4", "--warmup", "50", "--batch", "32",
+                          "--dropout", "0.1", "--seed", "108"],
+    "roomscore-satb-g9": ["--init-from", "roomscore-satb-g1", "--lr", "2e-4", "--warmup", "50", "--batch", "64",
+                          "--dropout", "0.1", "--seed", "109"],
+    "roomscore-satb-g10": ["--init-from", "roomscore-satb-g1", "--lr", "2e-4", "--warmup", "50", "--batch", "32",
+                           "--dropout", "0.05", "--seed", "110"],
+}
 
 
 def run(args):
     os.makedirs(args.out, exist_ok=True)
     procs = {}
-    for name, extra in SWEEP.items():
+    for name, extra in (SWEEP2 if args.second else SWEEP).items():
         os.makedirs(os.path.join(RUNS, name), exist_ok=True)
         cmd = [sys.executable, os.path.join(HERE, "train.py"), "--name", name, "--device", args.device,
                "--threads", "2", "--budget-min", str(args.budget_min), "--eval-every-min",
@@ -79,10 +90,10 @@ def run(args):
         time.sleep(5)
     for name, p in procs.items():
         print(f"{name}: exit {p.poll()}", flush=True)
-        pack(name, args.out)
+        pack(name, args.out, [n for n in procs if n != name])
 
 
-def pack(name, out):
+def pack(name, out, shared_with):
     import torch
 
     run_dir = os.path.join(RUNS, name)
@@ -92,6 +103,8 @@ def pack(name, out):
         return
     ck = torch.load(best, map_location="cpu", weights_only=False)
     meta = {k: ck.get(k) for k in ("cfg", "args", "step", "tokens", "best", "elapsed", "history", "parent")}
+    # Its tokens/s were measured with these runs on the same GPU.
+    meta["shared_gpu_with"] = shared_with
     for fname in ("summary.json", "train.log", "stdout.txt"):
         p = os.path.join(run_dir, fname)
         meta[fname] = open(p, errors="replace").read()[-200_000:] if os.path.exists(p) else None
@@ -115,6 +128,10 @@ def restore(args):
         ck = {k: meta[k] for k in ("cfg", "args", "step", "tokens", "best", "elapsed", "history", "parent")}
         ck["model"] = model
         torch.save(ck, os.path.join(run_dir, "checkpoints", "best.pt"))
+        if meta.get("summary.json") is not None:
+            summary = json.loads(meta["summary.json"])
+            summary.setdefault("machine", {})["shared_gpu_with"] = meta.get("shared_gpu_with")
+            meta["summary.json"] = json.dumps(summary, indent=1)
         for fname in ("summary.json", "train.log", "stdout.txt"):
             if meta.get(fname) is not None:
                 open(os.path.join(run_dir, fname), "w").write(meta[fname])
@@ -130,6 +147,7 @@ def main():
     r.add_argument("--eval-every-min", type=float, default=0.75)
     r.add_argument("--deadline-s", type=float, default=500)
     r.add_argument("--device", default="cuda")
+    r.add_argument("--second", action="store_true", help="SWEEP2: on from g1's best weights")
     s = sub.add_parser("restore")
     s.add_argument("dir")
     args = ap.parse_args()

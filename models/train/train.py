@@ -16,6 +16,7 @@ import argparse
 import json
 import math
 import os
+import platform
 import sys
 import time
 
@@ -396,7 +397,18 @@ def main():
     log(f"done: steps {step}, tokens {tokens_seen}, trained {elapsed/60:.1f} min, best valid {best:.4f}")
     json.dump(dict(history=history, steps=step, tokens=tokens_seen, train_minutes=round(elapsed / 60, 2),
                    best_valid_nll=best, final_train_loss_running=run_loss, tokens_per_s=tokens_seen / max(elapsed, 1e-9),
-                   cfg=cfg, args=vars(args), parent=parent), open(os.path.join(run, "summary.json"), "w"), indent=1)
+                   cfg=cfg, args=vars(args), parent=parent, machine=machine(dev, args.threads)),
+              open(os.path.join(run, "summary.json"), "w"), indent=1)
+
+
+def machine(dev, threads):
+    """What the run's figures (tokens/s, minutes) were measured on, for the model card."""
+    m = dict(device=dev.type, torch=torch.__version__, cpu=f"{platform.machine()}, {os.cpu_count()} cores",
+             torch_threads=threads)
+    if dev.type == "cuda":
+        m["gpu"] = torch.cuda.get_device_name(dev)
+        m["matmul"] = "TF32"
+    return m
 
 
 if __name__ == "__main__":
