@@ -31,7 +31,7 @@ def main():
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    ck = torch.load(args.checkpoint)
+    ck = torch.load(args.checkpoint, map_location="cpu")
     model = Composer(**ck["cfg"])
     model.load_state_dict(ck["model"])
     model.eval()

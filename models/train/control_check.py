@@ -85,7 +85,7 @@ def main():
         from export import export
         from model import Composer
 
-        ck = torch.load(args.onnx)
+        ck = torch.load(args.onnx, map_location="cpu")
         model = Composer(**ck["cfg"])
         model.load_state_dict(ck["model"])
         path = os.path.join(tempfile.mkdtemp(), "check.onnx")

@@ -202,7 +202,7 @@ def main():
         cfg = dict(vocab=C.VOCAB_SIZE, n_voice=C.N_VOICE_IDS, cond_dim=C.COND_DIM, d=192, layers=4, heads=4, ff=768,
                    max_pos=1024, dropout=0.1)
     else:
-        ck = torch.load(args.checkpoint or os.path.join(run, "checkpoints", "best.pt"))
+        ck = torch.load(args.checkpoint or os.path.join(run, "checkpoints", "best.pt"), map_location="cpu")
         cfg = ck["cfg"]
     model = Composer(**cfg)
     if ck is not None:
@@ -434,8 +434,9 @@ def main():
             hyperparameters=tr_args,
             # Runs before train.py recorded its machine all trained here, on the CPU.
             machine=summary.get("machine") or (
-                f"{platform.machine()} CPU ({os.cpu_count()} cores, shared with concurrent Rust builds), no GPU; "
-                f"torch {torch.__version__} (Debian python3-torch) with torch.set_num_threads(2)"),
+                "a GPU (train.py --device cuda); the machine was not recorded" if tr_args.get("device") == "cuda"
+                else f"{platform.machine()} CPU ({os.cpu_count()} cores, shared with concurrent Rust builds), no GPU; "
+                     f"torch {torch.__version__} (Debian python3-torch) with torch.set_num_threads(2)"),
             wall_minutes_including_evals=train_wall_minutes(run),
             epochs_jsb_equivalent=(round(summary["tokens"] * chorale_share(tr_args) / 221141, 2)
                                    if summary.get("tokens") else None),

@@ -44,7 +44,7 @@ def main():
     torch.manual_seed(args.seed)
 
     pdir = os.path.join(HERE, "runs", args.parent)
-    pst = torch.load(os.path.join(pdir, "checkpoints", "best.pt"))
+    pst = torch.load(os.path.join(pdir, "checkpoints", "best.pt"), map_location="cpu")
     pcfg = pst["cfg"]
     after = sorted({int(i) for i in args.after.split(",") if i.strip()})
     if after and (after[0] < 0 or after[-1] >= pcfg["layers"]):

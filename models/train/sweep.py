@@ -4,21 +4,24 @@ A GPU is lent to some sessions only, for minutes (models/README, "Training on a 
 such a machine, from the repository root, with models/train/data and the parents' best.pt
 carried:
 
-    python3 models/train/sweep.py run --out "$OUT" --budget-min 6.5 --deadline-s 500
+    python3 models/train/sweep.py run --overwrite --out "$OUT" --budget-min 6.5 --deadline-s 470
 
 Each configuration in SWEEP is a train.py run (runs/<name>/) on the one GPU, all at once. At the
-end, or at the deadline (a stopped run keeps its best evaluation), each run's best weights, its
-record and its log go to OUT/<name>.npz: model weights only, so that a file stays under the
-device's 16 MB limit, and numpy, so that this machine's older PyTorch reads what a newer one
-wrote. Back here:
+end, or at the deadline (SIGTERM: a run evaluates once more and writes its summary), each run's
+best weights, its record and its logs go to OUT/<name>.npz: model weights only, so that a file
+stays under the device's 16 MB limit, and numpy, so that this machine's older PyTorch reads what
+a newer one wrote. --overwrite clears the runs' committed records first (on the device, copies).
+Back here:
 
     .venv/bin/python models/train/sweep.py restore DIR
 
-rebuilds runs/<name>/ (checkpoints/best.pt, summary.json, train.log) for export.py.
+rebuilds runs/<name>/ (checkpoints/best.pt, summary.json, train.log, and the git-ignored
+stdout.txt with the progress bars) for export.py.
 """
 import argparse
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -29,8 +32,8 @@ import numpy as np
 HERE = os.path.dirname(os.path.abspath(__file__))
 RUNS = os.path.join(HERE, "runs")
 
-# Stage 13's recipe (runs/roomscore-satb-13/summary.json) with a GPU's batch; the name says what
-# each run tries.
+# Stage 13's recipe (runs/roomscore-satb-13/summary.json) with a GPU's batch; the comment above
+# each run says what it tries.
 RECIPE = ["--ctx", "512", "--weights", "chorale=0.75,quartet=0.1,palestrina=0.08,folk=0.07", "--bos-share", "0.3",
           "--style-only-share", "0.25", "--mode-only-share", "0.25", "--start-weight", "4", "--cond-lr-mult", "4",
           "--wd", "0.05", "--min-lr-frac", "0.05"]
@@ -41,13 +44,13 @@ SWEEP = {
     # the same with stronger dropout: train 0.292 against valid 0.337 says it overfits JSB
     "roomscore-satb-g2": ["--init-from", "roomscore-satb-13", "--lr", "3e-4", "--warmup", "100", "--batch", "32",
                           "--dropout", "0.2", "--seed", "102"],
-    # today's size from scratch, in one long schedule instead of thirteen restarts
+    # today's size from scratch, in one schedule instead of stage 13's nine warm restarts
     "roomscore-satb-g3": ["--d", "192", "--layers", "4", "--heads", "4", "--ff", "768", "--lr", "1e-3", "--warmup",
                           "200", "--batch", "48", "--dropout", "0.15", "--seed", "103"],
-    # deeper: 6 layers, 2.7M parameters (about 1.5x today's step)
+    # deeper: 6 layers, 2.7M parameters (stage 8's 6 layers stepped about 1.5x as long)
     "roomscore-satb-g4": ["--d", "192", "--layers", "6", "--heads", "4", "--ff", "768", "--lr", "8e-4", "--warmup",
                           "200", "--batch", "48", "--dropout", "0.2", "--seed", "104"],
-    # wider: d 256, 3.2M parameters (about 1.8x today's step)
+    # wider: d 256, 3.2M parameters (about 1.8x the multiply-adds a token: an estimate, not timed)
     "roomscore-satb-g5": ["--d", "256", "--layers", "4", "--heads", "4", "--ff", "1024", "--lr", "8e-4", "--warmup",
                           "200", "--batch", "48", "--dropout", "0.2", "--seed", "105"],
     # deeper with more dropout
@@ -69,8 +72,18 @@ SWEEP2 = {
 
 def run(args):
     os.makedirs(args.out, exist_ok=True)
+    sweep = SWEEP2 if args.second else SWEEP
+    for name in sweep:
+        # train.py appends to its log, and a stopped run would pack an old summary as its own.
+        old = [f for f in ("train.log", "summary.json", "checkpoints") if os.path.exists(os.path.join(RUNS, name, f))]
+        if old and not args.overwrite:
+            sys.exit(f"runs/{name} already holds {', '.join(old)}: pass --overwrite to clear them (on a lent GPU "
+                     f"they are copies of the committed records)")
+        for f in old:
+            p = os.path.join(RUNS, name, f)
+            shutil.rmtree(p) if os.path.isdir(p) else os.remove(p)
     procs = {}
-    for name, extra in (SWEEP2 if args.second else SWEEP).items():
+    for name, extra in sweep.items():
         os.makedirs(os.path.join(RUNS, name), exist_ok=True)
         cmd = [sys.executable, os.path.join(HERE, "train.py"), "--name", name, "--device", args.device,
                "--threads", "2", "--budget-min", str(args.budget_min), "--eval-every-min",
@@ -85,7 +98,13 @@ def run(args):
                 if p.poll() is None:
                     print(f"deadline: stopping {name}", flush=True)
                     p.send_signal(signal.SIGTERM)
-            time.sleep(5)
+            for name, p in procs.items():
+                try:
+                    p.wait(timeout=args.grace_s)
+                except subprocess.TimeoutExpired:
+                    print(f"{name}: no end within {args.grace_s:.0f} s of SIGTERM, killed", flush=True)
+                    p.kill()
+                    p.wait()
             break
         time.sleep(5)
     for name, p in procs.items():
@@ -107,9 +126,13 @@ def pack(name, out, shared_with):
     meta["shared_gpu_with"] = shared_with
     for fname in ("summary.json", "train.log", "stdout.txt"):
         p = os.path.join(run_dir, fname)
-        meta[fname] = open(p, errors="replace").read()[-200_000:] if os.path.exists(p) else None
+        text = open(p, errors="replace").read() if os.path.exists(p) else None
+        # The logs' ends: stdout.txt is mostly progress bars. The summary must stay whole JSON.
+        meta[fname] = text[-200_000:] if text is not None and fname != "summary.json" else text
     arrays = {f"w/{k}": v.detach().cpu().float().numpy() for k, v in ck["model"].items()}
-    np.savez(os.path.join(out, f"{name}.npz"), meta=np.array(json.dumps(meta)), **arrays)
+    # UTF-8 bytes: numpy's own strings take 4 bytes a character, against the 16 MB a file may have.
+    meta_bytes = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)
+    np.savez(os.path.join(out, f"{name}.npz"), meta=meta_bytes, **arrays)
     print(f"{name}: packed, best valid {ck.get('best'):.4f} at step {ck.get('step')}", flush=True)
 
 
@@ -121,7 +144,7 @@ def restore(args):
             continue
         name = f[: -len(".npz")]
         z = np.load(os.path.join(args.dir, f))
-        meta = json.loads(str(z["meta"]))
+        meta = json.loads(z["meta"].tobytes().decode())
         model = {k[2:]: torch.from_numpy(z[k].copy()) for k in z.files if k.startswith("w/")}
         run_dir = os.path.join(RUNS, name)
         os.makedirs(os.path.join(run_dir, "checkpoints"), exist_ok=True)
@@ -145,7 +168,9 @@ def main():
     r.add_argument("--out", required=True)
     r.add_argument("--budget-min", type=float, default=6.5)
     r.add_argument("--eval-every-min", type=float, default=0.75)
-    r.add_argument("--deadline-s", type=float, default=500)
+    r.add_argument("--deadline-s", type=float, default=470)
+    r.add_argument("--grace-s", type=float, default=45, help="after SIGTERM, how long a run may take to end")
+    r.add_argument("--overwrite", action="store_true", help="clear the runs' existing records first")
     r.add_argument("--device", default="cuda")
     r.add_argument("--second", action="store_true", help="SWEEP2: on from g1's best weights")
     s = sub.add_parser("restore")

@@ -17,6 +17,7 @@ import json
 import math
 import os
 import platform
+import signal
 import sys
 import time
 
@@ -220,14 +221,17 @@ def main():
     ap.add_argument("--max-steps", type=int, default=0, help="stop after this many steps (smoke tests)")
     ap.add_argument("--no-final-eval", action="store_true", help="smoke tests: skip the final valid pass")
     args = ap.parse_args()
+    # SIGTERM (sweep.py's deadline) ends the run as the budget does, with a last evaluation and the
+    # summary, so a stopped run keeps its record and the weights it reached.
+    stop = []
+    signal.signal(signal.SIGTERM, lambda *_: stop.append(True))
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     dev = torch.device(args.device)
     if dev.type == "cuda":
-        # TF32 matmuls: about 3e-4 relative error per product, far under the run-to-run noise of
-        # a training run, and several times faster than full float32 on the matrix units.
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
+        # TF32 matrix products (inputs rounded to a 10-bit mantissa): the matrix units run them
+        # several times faster than full float32, and training does not need the lost digits.
+        torch.set_float32_matmul_precision("high")
 
     run = os.path.join(HERE, "runs", args.name)
     ck = os.path.join(run, "checkpoints")
@@ -306,6 +310,8 @@ def main():
         opt.load_state_dict(state["opt"])
         rng.bit_generator.state = state["rng"]
         torch.set_rng_state(state["torch_rng"])
+        if dev.type == "cuda" and state.get("cuda_rng") is not None:
+            torch.cuda.set_rng_state(state["cuda_rng"], dev)
         step, elapsed, tokens_seen, best = state["step"], state["elapsed"], state["tokens"], state["best"]
         history = state["history"]
         parent = state.get("parent")
@@ -322,7 +328,9 @@ def main():
 
     def save(name, extra=None):
         st = dict(model=model.state_dict(), opt=opt.state_dict(), rng=rng.bit_generator.state,
-                  torch_rng=torch.get_rng_state(), step=step, elapsed=elapsed, tokens=tokens_seen, best=best,
+                  torch_rng=torch.get_rng_state(),
+                  cuda_rng=torch.cuda.get_rng_state(dev) if dev.type == "cuda" else None,
+                  step=step, elapsed=elapsed, tokens=tokens_seen, best=best,
                   cfg=cfg, args=vars(args), history=history, parent=parent, new_blocks=new_blocks)
         if extra:
             st.update(extra)
@@ -349,7 +357,7 @@ def main():
     pbar = tqdm(total=int(budget), initial=int(elapsed), unit="s", desc="train", smoothing=0.1)
     t_log = time.time()
     tok_since, t_since = 0, time.time()
-    while elapsed < budget and (args.max_steps == 0 or step < args.max_steps):
+    while elapsed < budget and (args.max_steps == 0 or step < args.max_steps) and not stop:
         t0 = time.time()
         X, V, Cc, Y = make_batch(corpora, weights, rng, args.batch, args.ctx, args.transpose,
                                  bos_share=args.bos_share, style_only_share=args.style_only_share,
@@ -359,7 +367,7 @@ def main():
             args.min_lr_frac + (1 - args.min_lr_frac) * 0.5 * (1 + math.cos(math.pi * min(1.0, prog))))
         for g in opt.param_groups:
             g["lr"] = lr * g.get("lr_mult", 1.0)
-        X, V, Cc, Y = (t.to(dev, non_blocking=True) for t in (X, V, Cc, Y))
+        X, V, Cc, Y = (t.to(dev) for t in (X, V, Cc, Y))
         pk, pv = model.empty_cache(args.batch)
         logits, _, _ = model(X, V, Cc, pk, pv)
         # mean over the scored targets, a window's first --start-tokens weighted --start-weight
@@ -390,6 +398,8 @@ def main():
             evaluate()
             last_eval = elapsed
     pbar.close()
+    if stop:
+        log(f"stopped by SIGTERM at {elapsed/60:.1f} of {args.budget_min:.1f} min")
     if args.no_final_eval:
         save("last.pt")
     else:
