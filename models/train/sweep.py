@@ -153,7 +153,8 @@ def restore(args):
         torch.save(ck, os.path.join(run_dir, "checkpoints", "best.pt"))
         if meta.get("summary.json") is not None:
             summary = json.loads(meta["summary.json"])
-            summary.setdefault("machine", {})["shared_gpu_with"] = meta.get("shared_gpu_with")
+            if isinstance(summary.get("machine"), dict):
+                summary["machine"]["shared_gpu_with"] = meta.get("shared_gpu_with")
             meta["summary.json"] = json.dumps(summary, indent=1)
         for fname in ("summary.json", "train.log", "stdout.txt"):
             if meta.get(fname) is not None:
