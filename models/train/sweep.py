@@ -68,11 +68,25 @@ SWEEP2 = {
     "roomscore-satb-g10": ["--init-from", "roomscore-satb-g1", "--lr", "2e-4", "--warmup", "50", "--batch", "32",
                            "--dropout", "0.05", "--seed", "110"],
 }
+# Prepared in session 13 for the next lent GPU, not yet run: g7 grown (grow.py, which checks that
+# each grown model scores g7's valid NLL exactly), trained on beside g7 itself, so that a gain can
+# be told from more tokens. The step each would cost is in models/README ("Not done").
+SWEEP3 = {
+    # every block's MLP 768 -> 1024 units: the cheapest growth measured (ort plain p99 3.0-4.0 ms)
+    "roomscore-satb-g11": ["--init-from", "roomscore-satb-g7-wide", "--lr", "2e-4", "--warmup", "50", "--batch", "32",
+                           "--dropout", "0.1", "--seed", "111"],
+    # a fifth block after block 1, at 3x the rate (it starts as the identity)
+    "roomscore-satb-g12": ["--init-from", "roomscore-satb-g7-grown5", "--lr", "2e-4", "--new-lr-mult", "3",
+                           "--warmup", "50", "--batch", "32", "--dropout", "0.1", "--seed", "112"],
+    # g7 on, the same tokens: the control
+    "roomscore-satb-g13": ["--init-from", "roomscore-satb-g7", "--lr", "2e-4", "--warmup", "50", "--batch", "32",
+                           "--dropout", "0.1", "--seed", "113"],
+}
 
 
 def run(args):
     os.makedirs(args.out, exist_ok=True)
-    sweep = SWEEP2 if args.second else SWEEP
+    sweep = {1: SWEEP, 2: SWEEP2, 3: SWEEP3}[args.set]
     for name in sweep:
         # train.py appends to its log, and a stopped run would pack an old summary as its own.
         old = [f for f in ("train.log", "summary.json", "checkpoints") if os.path.exists(os.path.join(RUNS, name, f))]
@@ -173,7 +187,8 @@ def main():
     r.add_argument("--grace-s", type=float, default=45, help="after SIGTERM, how long a run may take to end")
     r.add_argument("--overwrite", action="store_true", help="clear the runs' existing records first")
     r.add_argument("--device", default="cuda")
-    r.add_argument("--second", action="store_true", help="SWEEP2: on from g1's best weights")
+    r.add_argument("--set", type=int, choices=(1, 2, 3), default=1,
+                   help="SWEEP (1), SWEEP2 (2: on from g1's best weights), SWEEP3 (3: g7 grown, prepared)")
     s = sub.add_parser("restore")
     s.add_argument("dir")
     args = ap.parse_args()
