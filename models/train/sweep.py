@@ -31,6 +31,10 @@ import numpy as np
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 RUNS = os.path.join(HERE, "runs")
+# What a checkpoint carries beside its weights, packed and restored alike. new_blocks (read by
+# train.py --init-from, for --new-lr-mult) and recovered_from (export.py) come from grow.py and
+# recover.py parents.
+RECORD = ("cfg", "args", "step", "tokens", "best", "elapsed", "history", "parent", "new_blocks", "recovered_from")
 
 # Stage 13's recipe (runs/roomscore-satb-13/summary.json) with a GPU's batch; the comment above
 # each run says what it tries.
@@ -135,7 +139,7 @@ def pack(name, out, shared_with):
         print(f"{name}: no best.pt", flush=True)
         return
     ck = torch.load(best, map_location="cpu", weights_only=False)
-    meta = {k: ck.get(k) for k in ("cfg", "args", "step", "tokens", "best", "elapsed", "history", "parent")}
+    meta = {k: ck.get(k) for k in RECORD}
     # Its tokens/s were measured with these runs on the same GPU.
     meta["shared_gpu_with"] = shared_with
     for fname in ("summary.json", "train.log", "stdout.txt"):
@@ -162,7 +166,7 @@ def restore(args):
         model = {k[2:]: torch.from_numpy(z[k].copy()) for k in z.files if k.startswith("w/")}
         run_dir = os.path.join(RUNS, name)
         os.makedirs(os.path.join(run_dir, "checkpoints"), exist_ok=True)
-        ck = {k: meta[k] for k in ("cfg", "args", "step", "tokens", "best", "elapsed", "history", "parent")}
+        ck = {k: meta.get(k) for k in RECORD}
         ck["model"] = model
         torch.save(ck, os.path.join(run_dir, "checkpoints", "best.pt"))
         if meta.get("summary.json") is not None:
