@@ -108,7 +108,7 @@ fn card_and_vocabulary_agree_with_the_graph() {
     assert_eq!(cache.len, 3);
     assert_eq!(
         cache.keys().len(),
-        card.architecture.layers * card.architecture.heads * 3 * card.architecture.head_dim
+        card.architecture.layers * card.cache_heads() * 3 * card.architecture.head_dim
     );
     // Every pitch token maps back to its pitch; specials are not pitches.
     for p in card.vocabulary.pitch_min..=card.vocabulary.pitch_max {
@@ -522,7 +522,7 @@ fn a_slid_cache_holds_the_keys_a_fresh_pass_gives() {
             &mut fresh,
         )
         .unwrap();
-    let per_layer = card.architecture.heads * (n - drop) * card.architecture.head_dim;
+    let per_layer = card.cache_heads() * (n - drop) * card.architecture.head_dim;
     let err = max_diff(&slid.keys()[..per_layer], &fresh.keys()[..per_layer]);
     assert!(err < 1e-4, "layer 0 keys differ by {err}");
     assert_eq!(slid.values()[..per_layer], fresh.values()[..per_layer]);

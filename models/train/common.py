@@ -261,3 +261,39 @@ def eval_windows(L, ctx):
     last = L - ctx
     out.append((last, L, scored))
     return out
+
+
+# ---------------------------------------------------------------- transposition mixture
+def transpose_mix_tables(shifts):
+    """The constants of model.TransposeMix for these shifts (semitones), as numpy arrays:
+    tok_map [K, V] (a pitch token moved by k, clamped to the vocabulary; silence and BOS stay),
+    back [K, V, V] and back_mask [K, 1, V] (original token j reads the moved distribution at j+k;
+    where j+k leaves the vocabulary, j gets -1e9), cond_mats [K, C, C] (row vector @ matrix moves
+    the conditioning: register up by k semitones where known, tonic and key profile rotated by k)
+    and cond_lo/cond_hi [C] (the register clipped to [0, 1] again, as cond_vector clips it)."""
+    K, V = len(shifts), VOCAB_SIZE
+    tok_map = np.tile(np.arange(V, dtype=np.int64), (K, 1))
+    back = np.zeros((K, V, V), np.float32)
+    back_mask = np.zeros((K, 1, V), np.float32)
+    cond_mats = np.zeros((K, COND_DIM, COND_DIM), np.float32)
+    for i, k in enumerate(shifts):
+        for j in range(V):
+            if j < PITCH_OFFSET:
+                back[i, j, j] = 1.0
+                continue
+            tok_map[i, j] = min(V - 1, max(PITCH_OFFSET, j + k))
+            if PITCH_OFFSET <= j + k < V:
+                back[i, j + k, j] = 1.0
+            else:
+                back_mask[i, 0, j] = -1e9
+        m = np.eye(COND_DIM, dtype=np.float32)
+        m[3, 2] = k / (REGISTER_RANGE[1] - REGISTER_RANGE[0])  # register += k/32 where register_known
+        for base in (TONIC_INDEX, KEY_INDEX):
+            m[base : base + 12, base : base + 12] = 0.0
+            for pc in range(12):
+                m[base + pc, base + (pc + k) % 12] = 1.0
+        cond_mats[i] = m
+    cond_lo = np.full(COND_DIM, -1e9, np.float32)  # finite: no infinities in the graph
+    cond_hi = np.full(COND_DIM, 1e9, np.float32)
+    cond_lo[2], cond_hi[2] = 0.0, 1.0
+    return tok_map, back, back_mask, cond_mats, cond_lo, cond_hi

@@ -1,6 +1,8 @@
 """Export, verify, evaluate and document a trained roomscore composer.
 
     .venv/bin/python models/train/export.py --name roomscore-satb --run roomscore-satb-2
+    .venv/bin/python models/train/export.py --name roomscore-satb-mix --run roomscore-satb-g7 \
+        --calibrate --shifts=-1,0,1    # the same network as a mixture over three transpositions
 
 1. loads models/train/runs/<run>/checkpoints/best.pt (best JSB valid NLL),
 2. exports models/<name>.onnx (opset 17) with the key/value cache as explicit inputs/outputs,
@@ -8,7 +10,8 @@
    pass, and that an empty cache (P = 0) is accepted,
 4. scores JSB train/valid/test by the evaluation protocol (evaluate.py) through the ONNX file,
    and the per-voice unigram / Markov baselines,
-5. writes the Rust parity fixture models/fixtures/jsb_test_slice.json,
+5. writes the Rust parity fixture models/fixtures/jsb_test_slice.json (jsb_test_slice.<name>.json
+   for another name),
 6. writes the model card models/<name>.json (with the .onnx file's sha256).
 """
 import argparse
@@ -27,7 +30,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common as C  # noqa: E402
 import evaluate as E  # noqa: E402
 import levers as LV  # noqa: E402
-from model import ROPE_BASE, Composer, Decoder, n_params  # noqa: E402
+from model import ROPE_BASE, Composer, Decoder, MixDecoder, TransposeMix, n_params  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 MODELS = os.path.abspath(os.path.join(HERE, ".."))
@@ -56,7 +59,7 @@ def export(model, path):
     dynamic.update({n: {0: "B", 2: "capacity"} for n in cache_names("past", L)})
     dynamic.update({n: {0: "B", 2: "T"} for n in cache_names("new", L)})
     torch.onnx.export(
-        Decoder(model).eval(), args, path, opset_version=17,
+        (MixDecoder(model) if isinstance(model, TransposeMix) else Decoder(model)).eval(), args, path, opset_version=17,
         input_names=["tokens", "voices", "cond", "past_len"] + cache_names("past", L),
         output_names=["logits"] + cache_names("new", L),
         dynamic_axes=dynamic, do_constant_folding=True,
@@ -133,6 +136,12 @@ def verify_batch(sess, L, H, Dh, tok, voi, cond_a, cond_b):
     return diff
 
 
+def fixture_path(name):
+    """The Rust parity fixture of the model `name`: the shipped model's keeps its first name."""
+    tail = "" if name == "roomscore-satb" else f".{name}"
+    return os.path.join(MODELS, "fixtures", f"jsb_test_slice{tail}.json")
+
+
 def train_wall_minutes(run):
     """First 'start:' to last 'done:' line of runs/<name>/train.log (includes valid evals, resumes' gaps)."""
     path = os.path.join(run, "train.log")
@@ -162,24 +171,51 @@ def chorale_share(tr_args):
     return w.get("chorale", 0.0) / sum(w.values())
 
 
+@torch.no_grad()
+def valid_components(model, ctx):
+    """Each scored JSB valid target's logits by the eval protocol, [K, N, V] (K = 1 for a plain
+    model; a TransposeMix's K shifts, in the original token order), and the targets [N]."""
+    if not isinstance(model, TransposeMix):
+        logits, y = LV.valid_logits(model, ctx)
+        return logits[None], y
+    z = np.load(LV.VALID)
+    off = z["offsets"]
+    cvec = torch.from_numpy(C.eval_cond())
+    comps, targets = [], []
+    for i in range(len(off) - 1):
+        tok, voi, _ = C.piece_sequence(z["tokens"][off[i] : off[i + 1]])
+        for s, e, f in C.eval_windows(len(tok), ctx):
+            pk, pv = model.empty_cache(1)
+            lg, _, _ = model(torch.from_numpy(tok[s:e])[None], torch.from_numpy(voi[s:e])[None],
+                             cvec.expand(1, e - s, C.COND_DIM), pk, pv, components=True)
+            comps.append(lg[0, :, f - s - 1 : e - s - 1])
+            targets.append(torch.from_numpy(tok[f:e]))
+    return torch.cat(comps, 1), torch.cat(targets)
+
+
 def calibrate(model, ctx):
     """Temperature scaling: the one temperature that minimises JSB valid NLL (never test), folded
     into the output layer (weights and bias divided by it), so the graph, the engine and every
     figure see the calibrated logits with no extra op. A model trained long on a small split is
-    overconfident; stage 6 measured 0.3499 at 1.05 against 0.3516 at 1.0."""
-    logits, y = LV.valid_logits(model, ctx)
+    overconfident; stage 6 measured 0.3499 at 1.05 against 0.3516 at 1.0. Under a transposition
+    mixture the temperature acts on each shift before they are mixed, where the output layer
+    sits, and the mixture is less overconfident than one shift, so it is fitted on the mixture."""
+    comps, y = valid_components(model, ctx)
+    k = comps.shape[0]
 
     def nll(t):
-        return float(torch.nn.functional.cross_entropy(logits / t, y))
+        lp = torch.logsumexp(torch.log_softmax(comps / t, -1), 0) - float(np.log(k))
+        return float(-lp.gather(1, y[:, None]).mean())
 
     grid = [round(0.8 + 0.01 * i, 2) for i in range(51)]
     best = min(grid, key=nll)
+    head = model.model.head if isinstance(model, TransposeMix) else model.head
     with torch.no_grad():
-        model.head.weight /= best
-        model.head.bias /= best
+        head.weight /= best
+        head.bias /= best
     out = dict(temperature=best, valid_nll_before=round(nll(1.0), 5), valid_nll_after=round(nll(best), 5),
                method="grid 0.80..1.30 step 0.01 on JSB valid by the eval protocol (PyTorch); logits / temperature, "
-                      "folded into the output layer")
+                      "folded into the output layer" + (" (each shift's, before the mixture)" if k > 1 else ""))
     print("calibration:", json.dumps(out))
     return out
 
@@ -193,6 +229,9 @@ def main():
     ap.add_argument("--skip-train-eval", action="store_true", help="do not score the JSB train split")
     ap.add_argument("--calibrate", action="store_true",
                     help="fit one logit temperature on JSB valid and fold it into the output layer")
+    ap.add_argument("--shifts", default="0",
+                    help="comma-separated semitone shifts of a transposition mixture (model.TransposeMix), "
+                         "e.g. -1,0,1; 0 alone exports the network as it is")
     args = ap.parse_args()
     torch.set_num_threads(1)
     run = os.path.join(HERE, "runs", args.run or args.name)
@@ -209,6 +248,10 @@ def main():
         model.load_state_dict(ck["model"])
     model.eval()
     ctx = ck["args"]["ctx"] if ck is not None else 384
+    shifts = [int(x) for x in args.shifts.split(",")]
+    base = model
+    if shifts != [0]:
+        model = TransposeMix(base, shifts, *(torch.from_numpy(a) for a in C.transpose_mix_tables(shifts))).eval()
     calibration = calibrate(model, ctx) if args.calibrate else None
     L, H, Dh = model.layers, model.heads, model.dh
     onnx_path = os.path.join(MODELS, f"{args.name}.onnx")
@@ -289,8 +332,20 @@ def main():
                             np.array([-1 if md is None else md], np.float32), C.STYLES.index(case["style"]),
                             tonic=None if tn is None else np.array([tn]))[0]
         assert np.allclose(row, case["vector"], atol=1e-6), f"cond_arrays and cond_vector disagree on {case}"
+    # The mixture moves each conditioning vector inside the graph: it must move it as cond_vector
+    # builds the vector of the transposed music, or a shift hears another key than the room asked.
+    if shifts != [0]:
+        _, _, _, mats, lo, hi = C.transpose_mix_tables(shifts)
+        for case in fx["cond_cases"]:
+            for i, k in enumerate(shifts):
+                moved = np.clip(np.asarray(case["vector"], np.float32) @ mats[i], lo, hi)
+                want = C.cond_vector(
+                    density=case["density"], mode=case["mode"], style=case["style"],
+                    register=None if case["register"] is None else case["register"] + k,
+                    tonic=None if case["tonic"] is None else (case["tonic"] + k) % 12)
+                assert np.allclose(moved, want, atol=1e-6), f"shift {k} moves {case} wrongly"
     os.makedirs(os.path.join(MODELS, "fixtures"), exist_ok=True)
-    json.dump(fx, open(os.path.join(MODELS, "fixtures", "jsb_test_slice.json"), "w"))
+    json.dump(fx, open(fixture_path(args.name), "w"))
     print(f"fixture: 2 pieces, {cnt} tokens, mean NLL {fx['mean_nll']:.5f}")
 
     # ---- model card
@@ -406,8 +461,18 @@ def main():
             op_types=op_types(onnx_path),
         ),
         architecture=dict(type="decoder-only transformer, pre-LayerNorm, rotary positions, GELU (tanh) MLP",
-                          layers=L, heads=H, head_dim=Dh, d_model=cfg["d"], ff=cfg["ff"], params=n_params(model),
-                          inputs="token embedding + voice embedding + Linear(cond)"),
+                          layers=L, heads=base.heads, head_dim=Dh, d_model=cfg["d"], ff=cfg["ff"],
+                          params=n_params(base), inputs="token embedding + voice embedding + Linear(cond)"),
+        transposition_mix=None if shifts == [0] else dict(
+            shifts=shifts, cache_heads=H,
+            definition="the graph runs the network once per shift k on the input moved by k semitones (pitch tokens "
+                       "+k, clamped to the vocabulary; register +k semitones where known, clipped as the "
+                       "conditioning clips it; tonic and key profile rotated by k), moves each next-token "
+                       "distribution back by -k (a token whose move leaves the vocabulary gets none of that shift's "
+                       "mass; each shift normalised over the tokens it reaches) and outputs the log of their mean: "
+                       "the logits output holds log-probabilities",
+            cache="the K shifts' caches folded into the head axis: [B, K*heads, capacity, head_dim], shift-major",
+            cost="K sequences per pass (2K under guidance)"),
         training_data=dict(
             corpora=meta["corpora"], caps=meta["caps"], offgrid_piece_limit=meta["offgrid_piece_limit"],
             sampling_weights=tr_args.get("weights"),

@@ -135,6 +135,15 @@ pub struct Architecture {
     pub params: Option<u64>,
 }
 
+/// A graph that mixes the network's readings of its input moved by several transpositions
+/// (models/train/model.py `TransposeMix`). The engine needs only the cache's head count: the
+/// shifts' caches are folded into the head axis, and the logits output is already the mixture.
+#[derive(Clone, Debug, Deserialize)]
+pub struct TransposeMix {
+    pub shifts: Vec<i32>,
+    pub cache_heads: usize,
+}
+
 /// The card format this engine reads: 2 is the graph that takes past_len and a cache buffer of
 /// any capacity, and gives back only the new keys and values.
 pub const FORMAT_VERSION: u32 = 2;
@@ -156,6 +165,8 @@ pub struct Card {
     pub rotary: Option<Rotary>,
     pub onnx: Onnx,
     pub architecture: Architecture,
+    #[serde(default)]
+    pub transposition_mix: Option<TransposeMix>,
     /// Kept whole for `roomscore model info` and for the measured figures.
     #[serde(skip)]
     pub raw: serde_json::Value,
@@ -403,12 +414,26 @@ impl Card {
                 ),
             ));
         }
+        if let Some(m) = &self.transposition_mix {
+            if m.shifts.is_empty() || m.cache_heads != a.heads * m.shifts.len() {
+                return Err(self.bad(
+                    "transposition_mix.cache_heads",
+                    format!(
+                        "{} for {} shifts of {} heads: expected heads x shifts",
+                        m.cache_heads,
+                        m.shifts.len(),
+                        a.heads
+                    ),
+                ));
+            }
+        }
+        let heads = self.cache_heads();
         // B: sequences per pass (1, or guidance's 2), T: tokens per pass.
         let b = || Dim::Symbol("B".into());
         let cache = |len: &str| {
             vec![
                 b(),
-                Dim::Fixed(a.heads as i64),
+                Dim::Fixed(heads as i64),
                 Dim::Symbol(len.into()),
                 Dim::Fixed(a.head_dim as i64),
             ]
@@ -507,6 +532,14 @@ impl Card {
     }
 
     /// The model file the card describes (its `file`, beside the card).
+    /// Heads per sequence in the cache buffers: the network's, times the shifts of a
+    /// transposition mixture.
+    pub fn cache_heads(&self) -> usize {
+        self.transposition_mix
+            .as_ref()
+            .map_or(self.architecture.heads, |m| m.cache_heads)
+    }
+
     pub fn model_path(&self) -> PathBuf {
         self.path
             .parent()
@@ -636,6 +669,33 @@ mod tests {
         v["onnx"]["outputs"][3]["shape"][1] = json!(8);
         let err = parse(&v).unwrap_err().to_string();
         assert!(err.contains("onnx.outputs[3] (cache)"), "{err}");
+    }
+
+    #[test]
+    fn a_mixture_reads_its_cache_heads_and_a_wrong_count_is_named() {
+        let mut v = shipped();
+        let heads = v["architecture"]["heads"].as_u64().unwrap() as usize;
+        let cache = |v: &mut Value, n: usize| {
+            for side in ["inputs", "outputs"] {
+                let list = v["onnx"][side].as_array_mut().unwrap();
+                let first = if side == "inputs" { 4 } else { 1 };
+                for io in list.iter_mut().skip(first) {
+                    io["shape"][1] = json!(n);
+                }
+            }
+        };
+        cache(&mut v, 3 * heads);
+        // The graph's cache has three times the heads: without the mixture that is a mismatch.
+        let err = parse(&v).unwrap_err().to_string();
+        assert!(err.contains("(cache)"), "{err}");
+
+        v["transposition_mix"] = json!({"shifts": [-1, 0, 1], "cache_heads": 3 * heads});
+        assert_eq!(parse(&v).unwrap().cache_heads(), 3 * heads);
+
+        v["transposition_mix"]["cache_heads"] = json!(2 * heads);
+        let err = parse(&v).unwrap_err().to_string();
+        assert!(err.contains("transposition_mix.cache_heads"), "{err}");
+        assert!(err.contains("3 shifts"), "{err}");
     }
     #[test]
     fn a_key_profile_outside_the_vector_or_without_a_tonic_is_named() {

@@ -223,6 +223,17 @@ fn info(path: &Path, json: bool) -> anyhow::Result<()> {
             .map(|p| p.to_string())
             .unwrap_or_else(|| "?".into())
     );
+    if let Some(m) = &card.transposition_mix {
+        let shifts: Vec<String> = m.shifts.iter().map(|k| format!("{k:+}")).collect();
+        println!(
+            "mixture      the network reads its input moved by {} semitones and the graph gives the \
+             mean of the {} distributions, moved back ({} sequences per pass, {} under guidance)",
+            shifts.join(", "),
+            m.shifts.len(),
+            m.shifts.len(),
+            2 * m.shifts.len()
+        );
+    }
     if let Some(c) = card.raw.get("calibration").filter(|c| !c.is_null()) {
         let num = |k: &str| c.get(k).and_then(serde_json::Value::as_f64);
         if let Some(t) = num("temperature") {

@@ -419,13 +419,14 @@ impl Net {
         }
         let session = b.commit_from_memory(bytes).map_err(load)?;
         let a = &card.architecture;
+        let heads = card.cache_heads();
         Ok(Net {
             session,
             names: card.io_names(),
-            nothing: vec![0.0; 2 * a.heads * a.head_dim],
+            nothing: vec![0.0; 2 * heads * a.head_dim],
             batch_pairs: rt.backend.kind == BackendKind::OnnxRuntime,
             layers: a.layers,
-            heads: a.heads,
+            heads,
             head_dim: a.head_dim,
             vocab: card.vocabulary.size,
             cond_dim: card.conditioning.dim,
