@@ -631,4 +631,16 @@ fn model_info_prints_the_card() {
         ),
         None => assert!(!stdout.contains("calibration"), "{stdout}"),
     }
+    // A mixture says how many passes a step costs; a plain network prints no such line.
+    match &card.transposition_mix {
+        Some(m) => assert!(
+            stdout.contains(&format!(
+                "mean of the {} distributions, moved back ({} sequences per pass",
+                m.shifts.len(),
+                m.shifts.len()
+            )),
+            "{stdout}"
+        ),
+        None => assert!(!stdout.contains("mixture"), "{stdout}"),
+    }
 }

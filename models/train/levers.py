@@ -8,6 +8,8 @@ spending a training stage on them:
         # a logit temperature fitted on valid (1.0 = the model as exported)
     .venv/bin/python models/train/levers.py CKPT OTHER.pt [...] --average
         # the weights of several checkpoints averaged (stochastic weight averaging)
+    .venv/bin/python models/train/levers.py CKPT --shifts="0;-1,0,1;-2,-1,0,1,2" --temperature 1.1,1.17
+        # transposition mixtures (model.TransposeMix), each scored at each temperature
     .venv/bin/python models/train/levers.py CKPT --no-style
         # the protocol's conditioning (style chorale, all else unknown) against all unknown, style
         # too: how well the model has learned the benchmark's own conditioning
@@ -67,6 +69,9 @@ def main():
     ap.add_argument("--average", action="store_true", help="average the checkpoints' weights")
     ap.add_argument("--no-style", action="store_true",
                     help="score with the protocol's conditioning and with everything unknown, style too")
+    ap.add_argument("--shifts", default=None,
+                    help="semicolon-separated shift sets of transposition mixtures, e.g. \"0;-1,0,1\" (with "
+                         "--temperature: each shift's logits divided by it before the mixture)")
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -78,6 +83,22 @@ def main():
         for name, cvec in [("style chorale (the protocol)", None), ("all unknown", np.zeros(C.COND_DIM, np.float32))]:
             logits, y = valid_logits(model, trained_ctx, cvec)
             print(f"{name}: valid {float(F.cross_entropy(logits, y)):.5f} ({len(y)} tokens)", flush=True)
+        return
+    if args.shifts:
+        # Scored as export.py fits the mixture's temperature: every shift's logits once, then each
+        # temperature on them.
+        import export as X
+        from model import TransposeMix
+
+        temps = [float(x) for x in (args.temperature or "1.0").split(",")]
+        for spec in args.shifts.split(";"):
+            shifts = [int(x) for x in spec.split(",")]
+            mix = TransposeMix(model, shifts, *(torch.from_numpy(a) for a in C.transpose_mix_tables(shifts))).eval()
+            comps, y = X.valid_components(mix, trained_ctx)
+            for t in temps:
+                lp = torch.logsumexp(torch.log_softmax(comps / t, -1), 0) - float(np.log(len(shifts)))
+                nll = float(-lp.gather(1, y[:, None]).mean())
+                print(f"shifts {spec} temperature {t}: valid {nll:.5f} ({len(y)} tokens)", flush=True)
         return
     if args.temperature:
         logits, y = valid_logits(model, trained_ctx)

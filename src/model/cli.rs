@@ -224,7 +224,11 @@ fn info(path: &Path, json: bool) -> anyhow::Result<()> {
             .unwrap_or_else(|| "?".into())
     );
     if let Some(m) = &card.transposition_mix {
-        let shifts: Vec<String> = m.shifts.iter().map(|k| format!("{k:+}")).collect();
+        let shifts: Vec<String> = m
+            .shifts
+            .iter()
+            .map(|&k| if k == 0 { "0".into() } else { format!("{k:+}") })
+            .collect();
         println!(
             "mixture      the network reads its input moved by {} semitones and the graph gives the \
              mean of the {} distributions, moved back ({} sequences per pass, {} under guidance)",
