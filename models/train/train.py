@@ -33,7 +33,7 @@ from tqdm import tqdm  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common as C  # noqa: E402
-from model import Composer, n_params  # noqa: E402
+from model import Composer, TransposeMix, n_params  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 DATA = os.path.join(HERE, "data")
@@ -215,6 +215,16 @@ def main():
     ap.add_argument("--new-lr-mult", type=float, default=1.0,
                     help="learning-rate multiple for the blocks grow.py added to the --init-from run (they start "
                          "as the identity and have everything to learn; the parent's blocks keep --lr)")
+    ap.add_argument("--distill-from", default=None,
+                    help="a teacher: the best weights of runs/<NAME> read as a transposition mixture "
+                         "(model.TransposeMix over --distill-shifts); the loss mixes the data's targets with "
+                         "the teacher's distributions, so one network learns what the mixture knows")
+    ap.add_argument("--distill-shifts", default="-1,0,1")
+    ap.add_argument("--distill-temperature", type=float, default=1.12,
+                    help="each shift's logits divided by this before the teacher mixes them (export.py's "
+                         "calibration of the shipped mixture)")
+    ap.add_argument("--distill-weight", type=float, default=0.5,
+                    help="share of the loss that is the cross-entropy against the teacher's distribution")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--device", default="cpu", help="cpu, or cuda where a GPU is lent (sweep.py)")
     ap.add_argument("--seed", type=int, default=0)
@@ -351,6 +361,21 @@ def main():
         log(f"eval step {step} valid_nll {v:.4f} ({n} tokens, {time.time()-t:.0f}s){' *best*' if improved else ''}")
         save("last.pt")
 
+    teacher = None
+    if args.distill_from:
+        tst = torch.load(os.path.join(HERE, "runs", args.distill_from, "checkpoints", "best.pt"), map_location="cpu",
+                         weights_only=False)
+        base = Composer(**dict(tst["cfg"], dropout=0.0))
+        base.load_state_dict(tst["model"])
+        with torch.no_grad():
+            base.head.weight /= args.distill_temperature
+            base.head.bias /= args.distill_temperature
+        shifts = [int(x) for x in args.distill_shifts.split(",")]
+        teacher = TransposeMix(base, shifts, *(torch.from_numpy(a) for a in C.transpose_mix_tables(shifts)))
+        teacher = teacher.to(dev).eval()
+        log(f"teacher: {args.distill_from} as a mixture over shifts {shifts}, temperature "
+            f"{args.distill_temperature}, weight {args.distill_weight}")
+
     model.train()
     run_loss = None
     last_eval = elapsed
@@ -373,6 +398,12 @@ def main():
         # mean over the scored targets, a window's first --start-tokens weighted --start-weight
         per_tok = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), Y.reshape(-1), ignore_index=-100,
                                   reduction="none").reshape(Y.shape)
+        if teacher is not None:
+            with torch.no_grad():
+                tk, tv = teacher.empty_cache(args.batch)
+                target, _, _ = teacher(X, V, Cc, tk.to(dev), tv.to(dev))
+            soft = -(target.exp() * F.log_softmax(logits, -1)).sum(-1)
+            per_tok = (1 - args.distill_weight) * per_tok + args.distill_weight * soft
         w = (Y != -100).float()
         w[:, : args.start_tokens] *= args.start_weight
         loss = (per_tok * w).sum() / w.sum()
