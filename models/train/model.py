@@ -184,8 +184,8 @@ class TransposeMix(nn.Module):
     its next-token distribution is moved back by -k, and the mixture is the mean of the K
     distributions. Training transposed every window by up to +-5 semitones, so each shift is a
     fair reading of the same music, and their mean is better calibrated than any one (JSB valid
-    0.3268 alone, 0.3168 over -1/0/+1 on g7). The cost is K sequences per step, carried on the
-    batch axis. A pitch moved out of the vocabulary is clamped on the way in; on the way out a
+    0.3268 alone, 0.3167 over -1/0/+1 on g7, each calibrated). The cost is K sequences per step,
+    carried on the batch axis. A pitch moved out of the vocabulary is clamped on the way in; on the way out a
     token a shift cannot reach gets no mass from that shift (each shift's distribution is
     normalised over the tokens it can reach), so every mixture is a distribution.
 
