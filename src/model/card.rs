@@ -531,7 +531,6 @@ impl Card {
         }
     }
 
-    /// The model file the card describes (its `file`, beside the card).
     /// Heads per sequence in the cache buffers: the network's, times the shifts of a
     /// transposition mixture.
     pub fn cache_heads(&self) -> usize {
@@ -540,6 +539,7 @@ impl Card {
             .map_or(self.architecture.heads, |m| m.cache_heads)
     }
 
+    /// The model file the card describes (its `file`, beside the card).
     pub fn model_path(&self) -> PathBuf {
         self.path
             .parent()
@@ -697,6 +697,7 @@ mod tests {
         assert!(err.contains("transposition_mix.cache_heads"), "{err}");
         assert!(err.contains("3 shifts"), "{err}");
     }
+
     #[test]
     fn a_key_profile_outside_the_vector_or_without_a_tonic_is_named() {
         let profile = json!([1.0, 0.0, 0.3, 0.0, 0.5, 0.4, 0.1, 0.7, 0.0, 0.3, 0.0, 0.2]);
