@@ -58,8 +58,9 @@ def export(model, path):
     dynamic = {n: {0: "B", 1: "T"} for n in ("tokens", "voices", "cond", "logits")}
     dynamic.update({n: {0: "B", 2: "capacity"} for n in cache_names("past", L)})
     dynamic.update({n: {0: "B", 2: "T"} for n in cache_names("new", L)})
+    graph = MixDecoder(model) if isinstance(model, TransposeMix) else Decoder(model)
     torch.onnx.export(
-        (MixDecoder(model) if isinstance(model, TransposeMix) else Decoder(model)).eval(), args, path, opset_version=17,
+        graph.eval(), args, path, opset_version=17,
         input_names=["tokens", "voices", "cond", "past_len"] + cache_names("past", L),
         output_names=["logits"] + cache_names("new", L),
         dynamic_axes=dynamic, do_constant_folding=True,
