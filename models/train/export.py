@@ -172,26 +172,20 @@ def chorale_share(tr_args):
     return w.get("chorale", 0.0) / sum(w.values())
 
 
-@torch.no_grad()
 def valid_components(model, ctx):
     """Each scored JSB valid target's logits by the eval protocol, [K, N, V] (K = 1 for a plain
     model; a TransposeMix's K shifts, in the original token order), and the targets [N]."""
     if not isinstance(model, TransposeMix):
         logits, y = LV.valid_logits(model, ctx)
         return logits[None], y
-    z = np.load(LV.VALID)
-    off = z["offsets"]
-    cvec = torch.from_numpy(C.eval_cond())
-    comps, targets = [], []
-    for i in range(len(off) - 1):
-        tok, voi, _ = C.piece_sequence(z["tokens"][off[i] : off[i + 1]])
-        for s, e, f in C.eval_windows(len(tok), ctx):
-            pk, pv = model.empty_cache(1)
-            lg, _, _ = model(torch.from_numpy(tok[s:e])[None], torch.from_numpy(voi[s:e])[None],
-                             cvec.expand(1, e - s, C.COND_DIM), pk, pv, components=True)
-            comps.append(lg[0, :, f - s - 1 : e - s - 1])
-            targets.append(torch.from_numpy(tok[f:e]))
-    return torch.cat(comps, 1), torch.cat(targets)
+    return LV.valid_logits(model, ctx, components=True)
+
+
+def mixture_nll(comps, y, t):
+    """Mean NLL of targets y [N] under the mixture of components [K, N, V], each shift's logits
+    divided by the temperature t before mixing."""
+    lp = torch.logsumexp(torch.log_softmax(comps / t, -1), 0) - float(np.log(comps.shape[0]))
+    return float(-lp.gather(1, y[:, None]).mean())
 
 
 def calibrate(model, ctx):
@@ -205,8 +199,7 @@ def calibrate(model, ctx):
     k = comps.shape[0]
 
     def nll(t):
-        lp = torch.logsumexp(torch.log_softmax(comps / t, -1), 0) - float(np.log(k))
-        return float(-lp.gather(1, y[:, None]).mean())
+        return mixture_nll(comps, y, t)
 
     grid = [round(0.8 + 0.01 * i, 2) for i in range(51)]
     best = min(grid, key=nll)
@@ -252,7 +245,7 @@ def main():
     shifts = [int(x) for x in args.shifts.split(",")]
     base = model
     if shifts != [0]:
-        model = TransposeMix(base, shifts, *(torch.from_numpy(a) for a in C.transpose_mix_tables(shifts))).eval()
+        model = TransposeMix(base, shifts).eval()
     calibration = calibrate(model, ctx) if args.calibrate else None
     L, H, Dh = model.layers, model.heads, model.dh
     onnx_path = os.path.join(MODELS, f"{args.name}.onnx")
@@ -336,7 +329,7 @@ def main():
     # The mixture moves each conditioning vector inside the graph: it must move it as cond_vector
     # builds the vector of the transposed music, or a shift hears another key than the room asked.
     if shifts != [0]:
-        _, _, _, mats, lo, hi = C.transpose_mix_tables(shifts)
+        mats, lo, hi = (t.numpy() for t in (model.cond_mats, model.cond_lo, model.cond_hi))
         for case in fx["cond_cases"]:
             for i, k in enumerate(shifts):
                 moved = np.clip(np.asarray(case["vector"], np.float32) @ mats[i], lo, hi)

@@ -42,9 +42,10 @@ def load(paths):
 
 
 @torch.no_grad()
-def valid_logits(model, ctx, cvec=None):
+def valid_logits(model, ctx, cvec=None, **kw):
     """Each scored valid target's logits, windowed as the eval protocol does, under `cvec` (default:
-    the protocol's conditioning)."""
+    the protocol's conditioning); `kw` goes to the model (a TransposeMix's components=True gives
+    [K, N, V] rather than [N, V])."""
     z = np.load(VALID)
     off = z["offsets"]
     cvec = torch.from_numpy(C.eval_cond() if cvec is None else cvec)
@@ -55,10 +56,10 @@ def valid_logits(model, ctx, cvec=None):
             x = torch.from_numpy(tok[s:e])[None]
             v = torch.from_numpy(voi[s:e])[None]
             pk, pv = model.empty_cache(1)
-            lg, _, _ = model(x, v, cvec.expand(1, e - s, C.COND_DIM), pk, pv)
-            logits.append(lg[0, f - s - 1 : e - s - 1])
+            lg, _, _ = model(x, v, cvec.expand(1, e - s, C.COND_DIM), pk, pv, **kw)
+            logits.append(lg[0][..., f - s - 1 : e - s - 1, :])
             targets.append(torch.from_numpy(tok[f:e]))
-    return torch.cat(logits), torch.cat(targets)
+    return torch.cat(logits, -2), torch.cat(targets)
 
 
 def main():
@@ -93,11 +94,10 @@ def main():
         temps = [float(x) for x in (args.temperature or "1.0").split(",")]
         for spec in args.shifts.split(";"):
             shifts = [int(x) for x in spec.split(",")]
-            mix = TransposeMix(model, shifts, *(torch.from_numpy(a) for a in C.transpose_mix_tables(shifts))).eval()
+            mix = TransposeMix(model, shifts).eval()
             comps, y = X.valid_components(mix, trained_ctx)
             for t in temps:
-                lp = torch.logsumexp(torch.log_softmax(comps / t, -1), 0) - float(np.log(len(shifts)))
-                nll = float(-lp.gather(1, y[:, None]).mean())
+                nll = X.mixture_nll(comps, y, t)
                 print(f"shifts {spec} temperature {t}: valid {nll:.5f} ({len(y)} tokens)", flush=True)
         return
     if args.temperature:

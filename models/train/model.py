@@ -12,6 +12,8 @@ import math
 import torch
 import torch.nn as nn
 
+import common as C
+
 ROPE_BASE = 10000.0  # rotary: dims i and i + dh/2 turn by position * ROPE_BASE ** (-i / (dh/2)); in the card
 
 
@@ -192,8 +194,10 @@ class TransposeMix(nn.Module):
     The cache is the base model's, its K copies folded into the head axis ([B, K*H, P, dh]), so a
     caller sees one sequence per stream with K*H heads and needs nothing else to know."""
 
-    def __init__(self, model, shifts, tok_map, back, back_mask, cond_mats, cond_lo, cond_hi):
+    def __init__(self, model, shifts):
         super().__init__()
+        tok_map, back, back_mask, cond_mats, cond_lo, cond_hi = (
+            torch.from_numpy(a) for a in C.transpose_mix_tables(shifts))
         self.model = model
         self.shifts = list(shifts)
         self.k = len(self.shifts)

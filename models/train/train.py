@@ -371,7 +371,7 @@ def main():
             base.head.weight /= args.distill_temperature
             base.head.bias /= args.distill_temperature
         shifts = [int(x) for x in args.distill_shifts.split(",")]
-        teacher = TransposeMix(base, shifts, *(torch.from_numpy(a) for a in C.transpose_mix_tables(shifts)))
+        teacher = TransposeMix(base, shifts)
         teacher = teacher.to(dev).eval()
         log(f"teacher: {args.distill_from} as a mixture over shifts {shifts}, temperature "
             f"{args.distill_temperature}, weight {args.distill_weight}")
