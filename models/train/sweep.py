@@ -86,11 +86,38 @@ SWEEP3 = {
     "roomscore-satb-g13": ["--init-from", "roomscore-satb-g7", "--lr", "2e-4", "--warmup", "50", "--batch", "32",
                            "--dropout", "0.1", "--seed", "113"],
 }
+# Session 15: the transposition mixture (models/roomscore-satb-mix.onnx, JSB valid 0.3167 against
+# g7's 0.3268) taught to one network, so that one pass a token scores what three do. The teacher is
+# g7 read over its input moved by the shifts named, each at the temperature levers.py fitted on
+# valid for that set (+-1: 1.12, +-2: 1.10); its distributions take --distill-weight of the loss.
+TEACH1 = ["--distill-from", "roomscore-satb-g7", "--distill-shifts=-1,0,1", "--distill-temperature", "1.12"]
+TEACH2 = ["--distill-from", "roomscore-satb-g7", "--distill-shifts=-2,-1,0,1,2", "--distill-temperature", "1.10"]
+SWEEP4 = {
+    # CPU run d1's setting, with ten times its tokens
+    "roomscore-satb-d2": ["--init-from", "roomscore-satb-g7", "--lr", "1e-4", "--warmup", "50", "--batch", "32",
+                          "--dropout", "0.1", "--seed", "202", "--distill-weight", "0.7"] + TEACH1,
+    # the better teacher (five shifts: valid 0.3139), its distributions nearly all of the loss
+    "roomscore-satb-d3": ["--init-from", "roomscore-satb-g7", "--lr", "1e-4", "--warmup", "50", "--batch", "32",
+                          "--dropout", "0.1", "--seed", "203", "--distill-weight", "0.9"] + TEACH2,
+    # the same at twice the rate
+    "roomscore-satb-d4": ["--init-from", "roomscore-satb-g7", "--lr", "2e-4", "--warmup", "50", "--batch", "32",
+                          "--dropout", "0.1", "--seed", "204", "--distill-weight", "0.9"] + TEACH2,
+    # a wider student (MLP 768 -> 1024 units, grow.py): room for what the teacher knows
+    "roomscore-satb-d5": ["--init-from", "roomscore-satb-g7-wide", "--lr", "2e-4", "--warmup", "50", "--batch", "32",
+                          "--dropout", "0.1", "--seed", "205", "--distill-weight", "0.9"] + TEACH2,
+    # a deeper student (a fifth block after block 1, at 3x the rate)
+    "roomscore-satb-d6": ["--init-from", "roomscore-satb-g7-grown5", "--lr", "2e-4", "--new-lr-mult", "3",
+                          "--warmup", "50", "--batch", "32", "--dropout", "0.1", "--seed", "206",
+                          "--distill-weight", "0.9"] + TEACH2,
+    # the control: g7 on the same tokens without a teacher, so that a gain can be told from more tokens
+    "roomscore-satb-d7": ["--init-from", "roomscore-satb-g7", "--lr", "1e-4", "--warmup", "50", "--batch", "32",
+                          "--dropout", "0.1", "--seed", "207"],
+}
 
 
 def run(args):
     os.makedirs(args.out, exist_ok=True)
-    sweep = {1: SWEEP, 2: SWEEP2, 3: SWEEP3}[args.set]
+    sweep = {1: SWEEP, 2: SWEEP2, 3: SWEEP3, 4: SWEEP4}[args.set]
     for name in sweep:
         # train.py appends to its log, and a stopped run would pack an old summary as its own.
         old = [f for f in ("train.log", "summary.json", "checkpoints") if os.path.exists(os.path.join(RUNS, name, f))]
@@ -191,8 +218,9 @@ def main():
     r.add_argument("--grace-s", type=float, default=45, help="after SIGTERM, how long a run may take to end")
     r.add_argument("--overwrite", action="store_true", help="clear the runs' existing records first")
     r.add_argument("--device", default="cuda")
-    r.add_argument("--set", type=int, choices=(1, 2, 3), default=1,
-                   help="SWEEP (1), SWEEP2 (2: on from g1's best weights), SWEEP3 (3: g7 grown, prepared)")
+    r.add_argument("--set", type=int, choices=(1, 2, 3, 4), default=1,
+                   help="SWEEP (1), SWEEP2 (2: on from g1's best weights), SWEEP3 (3: g7 grown, prepared), "
+                        "SWEEP4 (4: the transposition mixture distilled)")
     s = sub.add_parser("restore")
     s.add_argument("dir")
     args = ap.parse_args()

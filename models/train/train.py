@@ -43,6 +43,8 @@ DATA = os.path.join(HERE, "data")
 STYLE_COLS = [C.COND_NAMES.index(f"style_{s}") for s in C.STYLES]
 MODE_COLS = [C.COND_NAMES.index("mode"), C.COND_NAMES.index("mode_known")]
 TONIC_COLS = list(range(C.TONIC_INDEX, C.TONIC_INDEX + 13))
+# Rows of a batch the distillation teacher reads at once (it runs under no_grad; memory, not speed).
+TEACHER_ROWS = 8
 
 
 class Corpus:
@@ -399,9 +401,14 @@ def main():
         per_tok = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), Y.reshape(-1), ignore_index=-100,
                                   reduction="none").reshape(Y.shape)
         if teacher is not None:
+            # In slices of the batch: a five-shift teacher's whole batch at once took 8.6 GB.
             with torch.no_grad():
-                tk, tv = teacher.empty_cache(args.batch)
-                target, _, _ = teacher(X, V, Cc, tk.to(dev), tv.to(dev))
+                parts = []
+                for i in range(0, args.batch, TEACHER_ROWS):
+                    sl = slice(i, i + TEACHER_ROWS)
+                    tk, tv = teacher.empty_cache(X[sl].shape[0])
+                    parts.append(teacher(X[sl], V[sl], Cc[sl], tk.to(dev), tv.to(dev))[0])
+                target = torch.cat(parts)
             soft = -(target.exp() * F.log_softmax(logits, -1)).sum(-1)
             per_tok = (1 - args.distill_weight) * per_tok + args.distill_weight * soft
         w = (Y != -100).float()
