@@ -401,7 +401,8 @@ def main():
         per_tok = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), Y.reshape(-1), ignore_index=-100,
                                   reduction="none").reshape(Y.shape)
         if teacher is not None:
-            # In slices of the batch: a five-shift teacher's whole batch at once took 8.6 GB.
+            # In slices of the batch: with a five-shift teacher, batch 32 and context 512, a step peaked
+            # at 10.9 GB read whole, 9.1 GB in slices (7.9 GB without a teacher), on the CPU.
             with torch.no_grad():
                 parts = []
                 for i in range(0, args.batch, TEACHER_ROWS):
