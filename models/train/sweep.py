@@ -93,7 +93,7 @@ SWEEP3 = {
 TEACH1 = ["--distill-from", "roomscore-satb-g7", "--distill-shifts=-1,0,1", "--distill-temperature", "1.12"]
 TEACH2 = ["--distill-from", "roomscore-satb-g7", "--distill-shifts=-2,-1,0,1,2", "--distill-temperature", "1.10"]
 SWEEP4 = {
-    # CPU run d1's setting, with ten times its tokens
+    # CPU run d1's teacher and weight at twice its rate (d1 had 5e-5), for about seven times its tokens
     "roomscore-satb-d2": ["--init-from", "roomscore-satb-g7", "--lr", "1e-4", "--warmup", "50", "--batch", "32",
                           "--dropout", "0.1", "--seed", "202", "--distill-weight", "0.7"] + TEACH1,
     # the better teacher (five shifts: valid 0.3139), its distributions nearly all of the loss
