@@ -318,17 +318,6 @@ impl Cache {
         self.streams
     }
 
-    /// Becomes a copy of `other`, in the buffers it already has where they are large enough.
-    pub fn copy_from(&mut self, other: &Cache) {
-        self.k.clone_from(&other.k);
-        self.v.clone_from(&other.v);
-        self.streams = other.streams;
-        self.blocks = other.blocks;
-        self.head_dim = other.head_dim;
-        self.capacity = other.capacity;
-        self.len = other.len;
-    }
-
     /// Positions it has room for.
     pub fn capacity(&self) -> usize {
         self.capacity
@@ -658,34 +647,46 @@ impl Net {
         Ok(())
     }
 
-    /// Drops the first `drop` positions and moves every kept key back by `drop` positions (a
-    /// rotation by `-drop * inv_freq`), so the cache reads as if its first kept token were at
-    /// position 0 and new tokens continue at `len`. Values carry no position and only move.
-    pub fn slide(&self, cache: &mut Cache, drop: usize, inv_freq: &[f64]) {
-        let drop = drop.min(cache.len);
-        let (cap, d) = (cache.capacity, cache.head_dim);
-        let (len, half) = (cache.len - drop, d / 2);
-        let turn: Vec<(f32, f32)> = inv_freq
+    /// Writes into `dst` what `src` holds with its first `drop` positions dropped and every kept
+    /// key moved back by `drop` positions (a rotation by `-drop * inv_freq`), so it reads as if
+    /// its first kept token were at position 0 and new tokens continue at its `len`. Values carry
+    /// no position and only move. `src` stays as it was (the engine keeps it for a rollback across
+    /// the slide), and `dst` takes its shape, in its own buffers where they are large enough.
+    /// Each is passed over once: a copy kept for rollback and then a turn in place moved the cache
+    /// twice, and a slide step was the slowest of all (models/README.md).
+    pub fn slide_into(&self, src: &Cache, dst: &mut Cache, drop: usize, inv_freq: &[f64]) {
+        let drop = drop.min(src.len);
+        let (len, d) = (src.len - drop, src.head_dim);
+        dst.clear();
+        self.reserve(dst, src.streams, src.capacity);
+        let (from, to, half) = (src.capacity, dst.capacity, d / 2);
+        let (cos, sin): (Vec<f32>, Vec<f32>) = inv_freq
             .iter()
             .map(|f| {
                 let a = -(drop as f64) * f;
                 (a.cos() as f32, a.sin() as f32)
             })
-            .collect();
-        for b in 0..cache.blocks {
-            for p in 0..len {
-                // dst < src, and positions go up, so nothing is read after it is written.
-                let (src, dst) = ((b * cap + p + drop) * d, (b * cap + p) * d);
-                for (i, &(c, s)) in turn.iter().enumerate() {
-                    let (x1, x2) = (cache.k[src + i], cache.k[src + half + i]);
-                    cache.k[dst + i] = x1 * c - x2 * s;
-                    cache.k[dst + half + i] = x1 * s + x2 * c;
+            .unzip();
+        for b in 0..src.blocks {
+            let (s, t) = ((b * from + drop) * d, b * to * d);
+            let keys = src.k[s..s + len * d].chunks_exact(d);
+            for (old, new) in keys.zip(dst.k[t..t + len * d].chunks_exact_mut(d)) {
+                let (x1, x2) = old.split_at(half);
+                let (y1, y2) = new.split_at_mut(half);
+                for i in 0..half {
+                    y1[i] = x1[i] * cos[i] - x2[i] * sin[i];
+                    y2[i] = x1[i] * sin[i] + x2[i] * cos[i];
                 }
             }
-            let (src, dst) = ((b * cap + drop) * d, b * cap * d);
-            cache.v.copy_within(src..src + len * d, dst);
+            dst.v[t..t + len * d].copy_from_slice(&src.v[s..s + len * d]);
         }
-        cache.len = len;
+        dst.len = len;
+    }
+
+    /// `slide_into` in place, through a copy of `cache`.
+    pub fn slide(&self, cache: &mut Cache, drop: usize, inv_freq: &[f64]) {
+        let src = cache.clone();
+        self.slide_into(&src, cache, drop, inv_freq);
     }
 
     /// Keeps the first `len` positions of `cache` (rollback: rotary positions are relative, so a

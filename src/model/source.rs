@@ -170,11 +170,6 @@ impl Caches {
         net.reserve(&mut self.both, Self::streams(guided), positions);
     }
 
-    /// Becomes a copy of `other`, reusing this one's buffers.
-    fn copy_from(&mut self, other: &Caches) {
-        self.both.copy_from(&other.both);
-    }
-
     /// Runs `tokens` through the model after the cache: with `cond` and, under guidance, with
     /// `unknown` (one token's all-unknown vector) beside it. Returns the conditioned logits and
     /// the unconditional ones.
@@ -413,23 +408,19 @@ impl ModelSource {
         if self.cache.len() + 1 > self.card.context_length {
             match &mut self.slide {
                 Some(slide) => {
-                    // The oldest kept cache's buffers, or a spare's, take the copy: a slide
-                    // step allocating megabytes was the slowest step of all.
+                    // The cache as it is stays for a rollback across the slide; the slid one is
+                    // written into the oldest kept cache's buffers, or a spare's (a slide step
+                    // allocating megabytes was the slowest step of all).
                     let reuse = match slide.before.len() {
                         SLIDES_KEPT => slide.before.pop_front().map(|(_, c)| c),
                         _ => slide.spare.pop(),
                     };
-                    let saved = match reuse {
-                        Some(mut c) => {
-                            c.copy_from(&self.cache);
-                            c
-                        }
-                        None => self.cache.clone(),
-                    };
-                    slide.before.push_back((self.cache_start, saved));
+                    let mut slid = reuse.unwrap_or_else(Caches::empty);
                     let drop = SLIDE_DROP.min(self.cache.len());
-                    let net = &self.net;
-                    net.slide(&mut self.cache.both, drop, &slide.inv_freq);
+                    self.net
+                        .slide_into(&self.cache.both, &mut slid.both, drop, &slide.inv_freq);
+                    let kept = std::mem::replace(&mut self.cache, slid);
+                    slide.before.push_back((self.cache_start, kept));
                     self.cache_start += drop;
                 }
                 None => {
