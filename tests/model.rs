@@ -4,8 +4,9 @@
 //! Rust NLL with the Python one on the committed fixture; broken or missing models must be clear
 //! errors, and `play` must fall back to the rule-based source and keep playing.
 //!
-//! The model is `models/roomscore-satb.onnx` (override with `ROOMSCORE_TEST_MODEL`), the fixture
-//! `models/fixtures/jsb_test_slice.json` (override with `ROOMSCORE_TEST_FIXTURE`).
+//! The model is the default one, `models/roomscore-satb-mix.onnx` (override with
+//! `ROOMSCORE_TEST_MODEL`), the fixture `models/fixtures/jsb_test_slice.roomscore-satb-mix.json`
+//! (override with `ROOMSCORE_TEST_FIXTURE`).
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -22,13 +23,17 @@ fn root() -> PathBuf {
 fn model_path() -> PathBuf {
     std::env::var_os("ROOMSCORE_TEST_MODEL")
         .map(PathBuf::from)
-        .unwrap_or_else(|| root().join("models/roomscore-satb.onnx"))
+        .unwrap_or_else(|| {
+            root()
+                .join("models")
+                .join(roomscore::model::DEFAULT_MODEL_FILE)
+        })
 }
 
 fn fixture() -> serde_json::Value {
     let p = std::env::var_os("ROOMSCORE_TEST_FIXTURE")
         .map(PathBuf::from)
-        .unwrap_or_else(|| root().join("models/fixtures/jsb_test_slice.json"));
+        .unwrap_or_else(|| root().join("models/fixtures/jsb_test_slice.roomscore-satb-mix.json"));
     let text = std::fs::read_to_string(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
     serde_json::from_str(&text).unwrap()
 }

@@ -2,7 +2,7 @@
 
     .venv/bin/python models/train/export.py --name roomscore-satb --run roomscore-satb-2
     .venv/bin/python models/train/export.py --name roomscore-satb-mix --run roomscore-satb-g7 \
-        --calibrate --shifts=-1,0,1    # the same network as a mixture over three transpositions
+        --calibrate --shifts=-1,0    # the same network as a mixture over two transpositions
 
 1. loads models/train/runs/<run>/checkpoints/best.pt (best JSB valid NLL),
 2. exports models/<name>.onnx (opset 17) with the key/value cache as explicit inputs/outputs,

@@ -25,7 +25,7 @@ pub struct ModelArgs {
 pub enum ModelCmd {
     /// Print the model card (and whether the file matches its hash).
     Info {
-        /// The .onnx file or its .json card [default: models/roomscore-satb.onnx]
+        /// The .onnx file or its .json card [default: models/roomscore-satb-mix.onnx]
         model: Option<PathBuf>,
         /// Print the card's JSON as it is.
         #[arg(long)]
@@ -88,9 +88,10 @@ pub enum ModelCmd {
     },
 }
 
-/// `models/roomscore-satb.onnx` under the working directory, else under the source tree.
+/// `models/roomscore-satb-mix.onnx` (`DEFAULT_MODEL_FILE`) under the working directory, else
+/// under the source tree.
 pub fn default_model() -> PathBuf {
-    let rel = Path::new("models").join("roomscore-satb.onnx");
+    let rel = Path::new("models").join(super::DEFAULT_MODEL_FILE);
     if rel.exists() {
         return rel;
     }

@@ -149,7 +149,7 @@ fn build(c: &mut Checker, raw: RawScene, path: &Path, base_dir: &Path) -> Scene 
     };
     let model = match (&g.model, source) {
         (Some(m), _) => Some(base_dir.join(m)),
-        (None, SourceKind::Model) => Some(base_dir.join("../models/roomscore-satb.onnx")),
+        (None, SourceKind::Model) => Some(base_dir.join(crate::model::DEFAULT_MODEL)),
         (None, SourceKind::Rules) => None,
     };
     let mode = match g.mode.as_deref() {
