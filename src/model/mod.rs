@@ -20,14 +20,17 @@ pub use source::ModelSource;
 use crate::gen::{steps_in, NoteSource};
 use crate::scene::Scene;
 
-/// The composer the engine and `roomscore model` read unless told otherwise: the trained network
-/// read as a mixture over two transpositions: it scores under Music Transformer's 0.335 on JSB
-/// test, at a step of about 2.2 ms, where three transpositions take 3.2 (models/README.md). The
-/// network alone, `roomscore-satb.onnx` beside it, steps faster and scores above 0.335.
+/// The composer the engine and `roomscore model` read unless told otherwise, in `models/`. It is
+/// the trained network read as a mixture over two transpositions, which scores under Music
+/// Transformer's 0.335 on JSB test at a step of about 2.2 ms (three transpositions take 3.2;
+/// models/README.md). The network alone, `roomscore-satb.onnx` beside it, steps faster and scores
+/// above 0.335.
 pub const DEFAULT_MODEL_FILE: &str = "roomscore-satb-mix.onnx";
 
-/// Where the scene's default model lives, relative to the scene file.
-pub const DEFAULT_MODEL: &str = "../models/roomscore-satb-mix.onnx";
+/// The default model for a scene in `scene_dir`: the repository's `models/` sits beside `scenes/`.
+pub fn default_model_beside(scene_dir: &Path) -> PathBuf {
+    scene_dir.join("..").join("models").join(DEFAULT_MODEL_FILE)
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum ModelError {
@@ -175,11 +178,7 @@ fn hex(bytes: &[u8]) -> String {
 /// the default beside the scene.
 pub fn scene_model_path(scene: &Scene) -> PathBuf {
     scene.generator.model.clone().unwrap_or_else(|| {
-        scene
-            .path
-            .parent()
-            .unwrap_or_else(|| Path::new("."))
-            .join(DEFAULT_MODEL)
+        default_model_beside(scene.path.parent().unwrap_or_else(|| Path::new(".")))
     })
 }
 

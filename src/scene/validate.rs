@@ -149,7 +149,7 @@ fn build(c: &mut Checker, raw: RawScene, path: &Path, base_dir: &Path) -> Scene 
     };
     let model = match (&g.model, source) {
         (Some(m), _) => Some(base_dir.join(m)),
-        (None, SourceKind::Model) => Some(base_dir.join(crate::model::DEFAULT_MODEL)),
+        (None, SourceKind::Model) => Some(crate::model::default_model_beside(base_dir)),
         (None, SourceKind::Rules) => None,
     };
     let mode = match g.mode.as_deref() {
@@ -616,6 +616,20 @@ range = [1.0, 6.0]
         assert!(p.message.contains("-1.5"), "{}", p.message);
         let text = format!("{GOOD}\n[generator]\nguidance = 2.5\n");
         assert_eq!(parse(&text).unwrap().generator.guidance, 2.5);
+    }
+
+    #[test]
+    fn a_model_scene_without_a_model_plays_the_shipped_default() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("scenes");
+        let text = format!("{GOOD}\n[generator]\nsource = \"model\"\n");
+        let s = Scene::parse(&text, &dir.join("t.toml")).unwrap();
+        let model = s.generator.model.expect("a model scene resolves a model");
+        assert!(
+            model.ends_with(crate::model::DEFAULT_MODEL_FILE),
+            "{}",
+            model.display()
+        );
+        assert!(model.is_file(), "{} is not shipped", model.display());
     }
 
     #[test]
