@@ -9,7 +9,8 @@ spending a training stage on them:
     .venv/bin/python models/train/levers.py CKPT OTHER.pt [...] --average
         # the weights of several checkpoints averaged (stochastic weight averaging)
     .venv/bin/python models/train/levers.py CKPT --shifts="0;-1,0,1;-2,-1,0,1,2" --temperature 1.1,1.17
-        # transposition mixtures (model.TransposeMix), each scored at each temperature
+        # transposition mixtures (model.TransposeMix), each scored at each temperature (and at
+        # each --ctx, if given)
     .venv/bin/python models/train/levers.py CKPT --no-style
         # the protocol's conditioning (style chorale, all else unknown) against all unknown, style
         # too: how well the model has learned the benchmark's own conditioning
@@ -92,13 +93,16 @@ def main():
         from model import TransposeMix
 
         temps = [float(x) for x in (args.temperature or "1.0").split(",")]
+        ctxs = [int(x) for x in args.ctx.split(",")] if args.ctx else [trained_ctx]
         for spec in args.shifts.split(";"):
             shifts = [int(x) for x in spec.split(",")]
             mix = TransposeMix(model, shifts).eval()
-            comps, y = X.valid_components(mix, trained_ctx)
-            for t in temps:
-                nll = X.mixture_nll(comps, y, t)
-                print(f"shifts {spec} temperature {t}: valid {nll:.5f} ({len(y)} tokens)", flush=True)
+            for ctx in ctxs:
+                comps, y = X.valid_components(mix, ctx)
+                for t in temps:
+                    nll = X.mixture_nll(comps, y, t)
+                    print(f"shifts {spec} context {ctx} temperature {t}: valid {nll:.5f} ({len(y)} tokens)",
+                          flush=True)
         return
     if args.temperature:
         logits, y = valid_logits(model, trained_ctx)
