@@ -683,12 +683,6 @@ impl Net {
         dst.len = len;
     }
 
-    /// `slide_into` in place, through a copy of `cache`.
-    pub fn slide(&self, cache: &mut Cache, drop: usize, inv_freq: &[f64]) {
-        let src = cache.clone();
-        self.slide_into(&src, cache, drop, inv_freq);
-    }
-
     /// Keeps the first `len` positions of `cache` (rollback: rotary positions are relative, so a
     /// truncated cache is exactly the cache of the shorter prefix).
     pub fn truncate(&self, cache: &mut Cache, len: usize) {
