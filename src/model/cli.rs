@@ -577,17 +577,20 @@ fn thread_cpu_ms() -> f64 {
 /// The time a hypervisor has taken from all of this machine's CPUs since boot (the `steal`
 /// column of /proc/stat), in milliseconds; None where there is no such file or column.
 fn stolen_ms() -> Option<f64> {
-    let stat = std::fs::read_to_string("/proc/stat").ok()?;
-    let ticks: f64 = stat
-        .lines()
-        .next()?
-        .split_whitespace()
-        .nth(8)?
-        .parse()
-        .ok()?;
+    let ticks = steal_ticks(&std::fs::read_to_string("/proc/stat").ok()?)?;
     // SAFETY: sysconf has no preconditions.
     let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
     (hz > 0).then(|| ticks * 1e3 / hz as f64)
+}
+
+/// The `steal` column of /proc/stat's first line (all CPUs), in clock ticks. Kernels before
+/// 2.6.11 end the line sooner.
+fn steal_ticks(stat: &str) -> Option<f64> {
+    let mut cols = stat.lines().next()?.split_whitespace();
+    if cols.next()? != "cpu" {
+        return None;
+    }
+    cols.nth(7)?.parse().ok()
 }
 
 /// Runs the benchmark once per available backend, each in its own process (`ort` holds one
@@ -617,4 +620,31 @@ fn bench_all(model: &Path, steps: usize, guidance: f32) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn steal_is_the_eighth_count_of_the_all_cpus_line() {
+        let stat =
+            "cpu  1512 0 2241 718917 584 0 26 940 0 0\ncpu0 700 0 1100 359000 300 0 13 470 0 0\n";
+        assert_eq!(steal_ticks(stat), Some(940.0));
+        // A kernel too old to count steal, and a file that is not /proc/stat.
+        assert_eq!(steal_ticks("cpu  1512 0 2241 718917 584 0 26\n"), None);
+        assert_eq!(steal_ticks("intr 1 2 3 4 5 6 7 8 9\n"), None);
+        assert_eq!(steal_ticks(""), None);
+    }
+
+    #[test]
+    fn thread_cpu_time_grows_with_work_on_this_thread() {
+        let before = thread_cpu_ms();
+        let mut x = 0u64;
+        for i in 0..20_000_000u64 {
+            x = std::hint::black_box(x.wrapping_mul(6364136223846793005).wrapping_add(i));
+        }
+        std::hint::black_box(x);
+        assert!(thread_cpu_ms() > before);
+    }
 }
