@@ -26,14 +26,20 @@ impl Timebase {
 
     /// Nanoseconds on this clock now.
     pub fn now_ns(self) -> u64 {
-        let mut ts = libc::timespec {
-            tv_sec: 0,
-            tv_nsec: 0,
-        };
-        // SAFETY: `ts` is a valid, writable timespec, and both clocks exist on every Linux.
-        unsafe { libc::clock_gettime(self.id(), &mut ts) };
-        ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+        clock_ns(self.id())
     }
+}
+
+/// Nanoseconds on kernel clock `id` now: one of the clocks every Linux has (the monotonic ones,
+/// or a thread's CPU time).
+pub fn clock_ns(id: libc::clockid_t) -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `ts` is a valid, writable timespec; callers name clocks every Linux has.
+    unsafe { libc::clock_gettime(id, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
 
 /// Seconds from the NTP epoch (1900) to the Unix epoch (1970).

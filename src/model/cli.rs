@@ -565,13 +565,7 @@ fn bench_one(model: &Path, steps: usize, guidance: f32) -> anyhow::Result<()> {
 
 /// CPU time this thread has used, in milliseconds.
 fn thread_cpu_ms() -> f64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: `ts` is a valid, writable timespec, and every Linux has this clock.
-    unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
-    ts.tv_sec as f64 * 1e3 + ts.tv_nsec as f64 * 1e-6
+    crate::clock::clock_ns(libc::CLOCK_THREAD_CPUTIME_ID) as f64 * 1e-6
 }
 
 /// The time a hypervisor has taken from all of this machine's CPUs since boot (the `steal`
