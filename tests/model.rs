@@ -13,7 +13,7 @@ use std::process::Command;
 
 use roomscore::control::Conditioning;
 use roomscore::gen::{NoteSource, SamplingParams, Step};
-use roomscore::model::{eval, Cache, Model, ModelError, ModelSource};
+use roomscore::model::{eval, Cache, Model, ModelError, ModelSource, Turn};
 use roomscore::music::Mode;
 
 fn root() -> PathBuf {
@@ -284,13 +284,17 @@ fn rollback_matches_a_fresh_decode(guidance: f32) {
     let b = cond(6.0, 68.0, 0.0);
     let source = || ModelSource::new(open(), 5, true, Mode::Major, 42).with_guidance(guidance);
     // Within one cache; back across the step where the full cache first slides (the context
-    // holds context/4 steps); and back across a slide after six, when the kept pre-slide caches
-    // are being recycled.
+    // holds context/4 steps, and it slides every 16 steps after); back across a slide after six,
+    // when the kept pre-slide caches are being recycled; and within one cache while the slid
+    // cache is being built from it, on into the next slide, which must not keep what was built
+    // from the steps taken back (two steps before that slide, and ten).
     let ctx_steps = open().card.context_length / 4;
     for (ahead, back_to, then) in [
         (20usize, 12usize, 10usize),
         (ctx_steps + 6, ctx_steps - 4, 14),
         (ctx_steps + 84, ctx_steps + 74, 12),
+        (ctx_steps + 15, ctx_steps + 14, 6),
+        (ctx_steps + 13, ctx_steps + 6, 14),
     ] {
         let mut rolled = source();
         let first = decode(&mut rolled, &a, ahead);
@@ -544,6 +548,70 @@ fn a_slid_cache_holds_the_keys_a_fresh_pass_gives() {
     m.net
         .slide_into(&full, &mut unturned, drop, &vec![0.0; inv.len()]);
     assert!(max_diff(&unturned.keys()[..per_layer], &fresh.keys()[..per_layer]) > 1e-2);
+}
+
+#[test]
+fn a_slid_cache_built_a_little_at_a_time_is_the_one_built_at_once() {
+    // The engine builds the slid cache a few positions per token while the cache it comes from
+    // grows, and cuts it back when a rollback cuts that cache: the result must be exactly the
+    // slide done in one go, bit for bit, or a composition would depend on when it slid.
+    let mut m = open();
+    let fx = fixture();
+    let card = &m.card;
+    let inv = card
+        .rotary
+        .as_ref()
+        .expect("the card says how keys rotate")
+        .inv_freq(card.architecture.head_dim);
+    let dim = card.conditioning.dim;
+    let (tokens, voices) = first_piece(&fx);
+    let cond = card.conditioning.eval_vector.repeat(tokens.len());
+    let other = {
+        let mut c = card.conditioning.eval_vector.clone();
+        c[card.conditioning.density.index] = 0.9;
+        c[card.conditioning.density.known_flag_index] = 1.0;
+        c.repeat(tokens.len())
+    };
+    let turn = Turn::back(64, &inv);
+    let mut src = Cache::empty();
+    let mut built = Cache::empty();
+    let feed = |m: &mut Model, src: &mut Cache, c: &[f32], from: usize, to: usize| {
+        m.net
+            .forward(
+                &tokens[from..to],
+                &voices[from..to],
+                &c[from * dim..to * dim],
+                src,
+            )
+            .unwrap();
+    };
+    // 100 positions, then 7 at a time while it grows token by token to 180.
+    feed(&mut m, &mut src, &cond, 0, 100);
+    for i in 100..180 {
+        m.net.slide_ahead(&src, &mut built, &turn, 7);
+        feed(&mut m, &mut src, &cond, i, i + 1);
+    }
+    assert!(built.len > 0 && built.len < 180 - 64, "built {}", built.len);
+    // Cut back to 150 and decoded on with another conditioning: what was built beyond 150 - 64
+    // came from positions that are gone.
+    m.net.truncate(&mut src, 150);
+    built.len = built.len.min(150 - 64);
+    feed(&mut m, &mut src, &other, 150, 200);
+    m.net.slide_ahead(&src, &mut built, &turn, usize::MAX);
+    let mut at_once = Cache::empty();
+    m.net.slide_into(&src, &mut at_once, 64, &inv);
+    assert_eq!(built.len, 200 - 64);
+    assert_eq!(built.keys(), at_once.keys());
+    assert_eq!(built.values(), at_once.values());
+    // Not cut back, the first conditioning's keys stay in: the cut is what made them equal.
+    let mut stale = Cache::empty();
+    let mut src2 = Cache::empty();
+    feed(&mut m, &mut src2, &cond, 0, 180);
+    m.net.slide_ahead(&src2, &mut stale, &turn, usize::MAX);
+    m.net.truncate(&mut src2, 150);
+    feed(&mut m, &mut src2, &other, 150, 200);
+    m.net.slide_ahead(&src2, &mut stale, &turn, usize::MAX);
+    assert_ne!(stale.keys(), at_once.keys());
 }
 
 #[test]

@@ -517,14 +517,19 @@ fn bench_one(model: &Path, steps: usize, guidance: f32) -> anyhow::Result<()> {
     let mut cpu = Vec::with_capacity(steps);
     let stolen_before = stolen_ms();
     let t0 = Instant::now();
-    for _ in 0..steps {
-        let (t, c) = (Instant::now(), thread_cpu_ms());
+    let mut slid = Vec::new();
+    for i in 0..steps {
+        let (t, c, start) = (Instant::now(), thread_cpu_ms(), src.cache_start());
         src.next_step(&cond, &params)?;
         times.push(t.elapsed().as_secs_f64() * 1e3);
         cpu.push(thread_cpu_ms() - c);
+        if src.cache_start() != start {
+            slid.push(i);
+        }
     }
     let total = t0.elapsed().as_secs_f64();
     let stolen = stolen_ms().zip(stolen_before).map(|(a, b)| a - b);
+    let (at_slides, above) = slide_cost(&times, &slid);
     let sorted_from = |x: &[f64], from: usize| {
         let mut v = x[from.min(x.len())..].to_vec();
         v.sort_by(f64::total_cmp);
@@ -554,6 +559,14 @@ fn bench_one(model: &Path, steps: usize, guidance: f32) -> anyhow::Result<()> {
             spread(&full_cpu),
         );
     }
+    if !above.is_empty() {
+        println!(
+            "{name:<6} {how} steps that slid the cache ({}): p50 {:.3} ms, {:+.3} ms (median) against the 4 steps before each",
+            slid.len(),
+            percentile(&at_slides, 0.5),
+            percentile(&above, 0.5),
+        );
+    }
     if let Some(ms) = stolen {
         println!(
             "{name:<6} {how} the hypervisor took {ms:.0} ms of CPU from this machine during the {:.1} s",
@@ -561,6 +574,25 @@ fn bench_one(model: &Path, steps: usize, guidance: f32) -> anyhow::Result<()> {
         );
     }
     Ok(())
+}
+
+/// The times of the steps at `slid`, and what each took beyond the steps before it (the mean of
+/// the middle two of the four before), both sorted. The steps before share the drift of the
+/// machine's speed, which over a run moves a step's time more than a slide does.
+fn slide_cost(times: &[f64], slid: &[usize]) -> (Vec<f64>, Vec<f64>) {
+    let mut at: Vec<f64> = slid.iter().map(|&i| times[i]).collect();
+    let mut above: Vec<f64> = slid
+        .iter()
+        .filter(|&&i| i >= 4)
+        .map(|&i| {
+            let mut before = times[i - 4..i].to_vec();
+            before.sort_by(f64::total_cmp);
+            times[i] - (before[1] + before[2]) / 2.0
+        })
+        .collect();
+    at.sort_by(f64::total_cmp);
+    above.sort_by(f64::total_cmp);
+    (at, above)
 }
 
 /// CPU time this thread has used, in milliseconds.
@@ -640,5 +672,15 @@ mod tests {
         }
         std::hint::black_box(x);
         assert!(thread_cpu_ms() > before);
+    }
+
+    #[test]
+    fn a_slide_is_measured_against_the_steps_before_it() {
+        // The machine slowed down at step 5 and stayed slow: the slide at 9 cost nothing, the one
+        // at 4 cost 2 ms, and one too early to have four steps before it is left out.
+        let times = [1.0, 1.0, 1.0, 1.0, 3.0, 2.0, 2.0, 2.0, 2.0, 2.0];
+        let (at, above) = slide_cost(&times, &[2, 4, 9]);
+        assert_eq!(at, [1.0, 2.0, 3.0]);
+        assert_eq!(above, [0.0, 2.0]);
     }
 }

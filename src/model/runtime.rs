@@ -347,6 +347,28 @@ impl Cache {
     }
 }
 
+/// A slide: how many positions it drops, and the rotation that moves every kept key back by as
+/// many (`cos`, `sin` of `-drop * inv_freq[i]` per pair of key dims).
+#[derive(Clone, Debug)]
+pub struct Turn {
+    pub drop: usize,
+    cos: Vec<f32>,
+    sin: Vec<f32>,
+}
+
+impl Turn {
+    pub fn back(drop: usize, inv_freq: &[f64]) -> Self {
+        let (cos, sin) = inv_freq
+            .iter()
+            .map(|f| {
+                let a = -(drop as f64) * f;
+                (a.cos() as f32, a.sin() as f32)
+            })
+            .unzip();
+        Turn { drop, cos, sin }
+    }
+}
+
 /// `x` once per sequence of a batch of `b`: one sequence passes its slice as it is; a pair, copies
 /// side by side (a few hundred bytes).
 fn batched(x: &[i64], b: usize) -> Cow<'_, [i64]> {
@@ -652,25 +674,33 @@ impl Net {
     /// its first kept token were at position 0 and new tokens continue at its `len`. Values carry
     /// no position and only move. `src` stays as it was (the engine keeps it for a rollback across
     /// the slide), and `dst` takes its shape, in its own buffers where they are large enough.
-    /// Each is passed over once: a copy kept for rollback and then a turn in place moved the cache
-    /// twice, and a slide step was the slowest of all (models/README.md).
     pub fn slide_into(&self, src: &Cache, dst: &mut Cache, drop: usize, inv_freq: &[f64]) {
-        let drop = drop.min(src.len);
-        let (len, d) = (src.len - drop, src.head_dim);
         dst.clear();
+        self.slide_ahead(src, dst, &Turn::back(drop, inv_freq), usize::MAX);
+    }
+
+    /// Brings `dst`, which holds the first `dst.len` positions of `src` slid by `turn` (see
+    /// `slide_into`), up to `most` positions further towards all of them. The engine builds
+    /// the slid cache a few positions per token while it decodes, so the step that slides only
+    /// swaps it in: done all at once, a slide moved the whole cache in one step, and those steps
+    /// were the slowest (models/README.md). A `dst` of another shape starts again from nothing.
+    pub fn slide_ahead(&self, src: &Cache, dst: &mut Cache, turn: &Turn, most: usize) {
+        let end = src.len.saturating_sub(turn.drop);
         self.reserve(dst, src.streams, src.capacity);
-        let (from, to, half) = (src.capacity, dst.capacity, d / 2);
-        let (cos, sin): (Vec<f32>, Vec<f32>) = inv_freq
-            .iter()
-            .map(|f| {
-                let a = -(drop as f64) * f;
-                (a.cos() as f32, a.sin() as f32)
-            })
-            .unzip();
+        let from = dst.len.min(end);
+        let to = end.min(from.saturating_add(most));
+        if to == from {
+            dst.len = to;
+            return;
+        }
+        let (d, half) = (src.head_dim, src.head_dim / 2);
+        let (cos, sin) = (&turn.cos[..half], &turn.sin[..half]);
+        let n = (to - from) * d;
         for b in 0..src.blocks {
-            let (s, t) = ((b * from + drop) * d, b * to * d);
-            let keys = src.k[s..s + len * d].chunks_exact(d);
-            for (old, new) in keys.zip(dst.k[t..t + len * d].chunks_exact_mut(d)) {
+            let s = (b * src.capacity + turn.drop + from) * d;
+            let t = (b * dst.capacity + from) * d;
+            let keys = src.k[s..s + n].chunks_exact(d);
+            for (old, new) in keys.zip(dst.k[t..t + n].chunks_exact_mut(d)) {
                 let (x1, x2) = old.split_at(half);
                 let (y1, y2) = new.split_at_mut(half);
                 for i in 0..half {
@@ -678,9 +708,9 @@ impl Net {
                     y2[i] = x1[i] * sin[i] + x2[i] * cos[i];
                 }
             }
-            dst.v[t..t + len * d].copy_from_slice(&src.v[s..s + len * d]);
+            dst.v[t..t + n].copy_from_slice(&src.v[s..s + n]);
         }
-        dst.len = len;
+        dst.len = to;
     }
 
     /// Keeps the first `len` positions of `cache` (rollback: rotary positions are relative, so a

@@ -22,7 +22,7 @@
 use std::collections::VecDeque;
 
 use super::card::Card;
-use super::runtime::{Cache, Net};
+use super::runtime::{Cache, Net, Turn};
 use super::{Model, ModelError};
 use crate::control::Conditioning;
 use crate::gen::history::History;
@@ -205,36 +205,96 @@ fn guide(cond: &mut [f32], uncond: &[f32], w: f32) {
 }
 
 /// How a full cache makes room: by sliding (drop the oldest positions, turn the kept keys back),
-/// which costs a fraction of a millisecond, or, for a card that does not say how its keys were
-/// rotated, by a fresh pass over the last half-context, which costs one long step.
+/// or, for a card that does not say how its keys were rotated, by a fresh pass over the last
+/// half-context, which costs one long step.
 struct Slide {
-    inv_freq: Vec<f64>,
+    turn: Turn,
+    /// Positions of the slid cache built per token decoded: enough to have all of it by the
+    /// time the cache is full again (see `Slide::pace`).
+    pace: usize,
+    /// The cache being decoded as it will be once slid, built `pace` positions per token so
+    /// that the step that slides only swaps it in. Whatever changes the cache other than by
+    /// adding to it cuts this back (`cut`) or empties it (`forget`).
+    ahead: Caches,
     /// Caches as they were just before each of the last slides, with their `cache_start`, so a
     /// rollback across a slide restores exactly what was there.
     before: VecDeque<(usize, Caches)>,
-    /// Caches with their buffers mapped, which the next slides copy into: allocating megabytes
+    /// Caches with their buffers mapped, which the next slides build into: allocating megabytes
     /// on a slide step made the first slides of a composition the slowest steps of all.
     spare: Vec<Caches>,
 }
 
 impl Slide {
-    /// Moves every kept cache to the spares and tops them up to `SLIDES_KEPT`, for caches of
-    /// `positions` each, guided or not.
+    fn new(turn: Turn, context: usize) -> Self {
+        Slide {
+            pace: Self::pace(turn.drop, context),
+            turn,
+            ahead: Caches::empty(),
+            before: VecDeque::with_capacity(SLIDES_KEPT),
+            spare: Vec::with_capacity(SLIDES_KEPT),
+        }
+    }
+
+    /// A slide leaves `context - drop` positions and the next comes `drop` tokens later, one
+    /// position more each: `pace` per token builds all of them in time.
+    fn pace(drop: usize, context: usize) -> usize {
+        context.saturating_sub(drop).div_ceil(drop.max(1)) + 1
+    }
+
+    /// Moves every kept cache to the spares, tops them up to `SLIDES_KEPT` and gives `ahead`
+    /// room, for caches of `positions` each, guided or not.
     fn reset(&mut self, guided: bool, net: &Net, positions: usize) {
         self.spare.extend(self.before.drain(..).map(|(_, c)| c));
-        self.spare.retain(|c| c.guided() == guided);
-        while self.spare.len() < SLIDES_KEPT {
+        self.spare
+            .push(std::mem::replace(&mut self.ahead, Caches::empty()));
+        self.spare
+            .retain(|c| c.both.streams() == Caches::streams(guided));
+        while self.spare.len() < SLIDES_KEPT + 1 {
             self.spare
                 .push(Caches::with_capacity(guided, net, positions));
         }
+        self.ahead = self.spare.pop().unwrap_or_else(Caches::empty);
+        self.forget();
+    }
+
+    /// Builds up to `most` more positions of `cache` slid.
+    fn build(&mut self, net: &Net, cache: &Caches, most: usize) {
+        net.slide_ahead(&cache.both, &mut self.ahead.both, &self.turn, most);
+    }
+
+    /// The cache was cut back to `len` positions: what was built from beyond them is gone.
+    fn cut(&mut self, len: usize) {
+        let built = &mut self.ahead.both.len;
+        *built = (*built).min(len.saturating_sub(self.turn.drop));
+    }
+
+    /// The cache was replaced or rebuilt: nothing built from it still holds.
+    fn forget(&mut self) {
+        self.ahead.both.clear();
+    }
+
+    /// Slides `cache` (which must be the one `ahead` was built from): finishes building it,
+    /// swaps it in, and keeps the cache as it was for a rollback across the slide; the next is
+    /// built into the oldest kept cache's buffers, or a spare's. Returns the positions dropped.
+    fn slide(&mut self, net: &Net, cache: &mut Caches, cache_start: usize) -> usize {
+        self.build(net, cache, usize::MAX);
+        let next = match self.before.len() {
+            SLIDES_KEPT => self.before.pop_front().map(|(_, c)| c),
+            _ => self.spare.pop(),
+        };
+        let slid = std::mem::replace(&mut self.ahead, next.unwrap_or_else(Caches::empty));
+        self.forget();
+        let kept = std::mem::replace(cache, slid);
+        self.before.push_back((cache_start, kept));
+        self.turn.drop
     }
 }
 
 /// Positions dropped per slide: a slide every 16 steps.
 const SLIDE_DROP: usize = 64;
 /// Slides a rollback can reach back across (each keeps a full cache, 3.1 MB for the shipped
-/// model, twice that under guidance, held from the start as spares); rollbacks reach a few beats
-/// back, and these span 64 steps.
+/// model, twice that under guidance, held from the start as spares with one more for the slid
+/// cache being built); rollbacks reach a few beats back, and these span 64 steps.
 const SLIDES_KEPT: usize = 4;
 
 pub struct ModelSource {
@@ -285,10 +345,10 @@ impl ModelSource {
                 .collect()
         });
         let cond_dim = card.conditioning.dim;
-        let slide = card.rotary.as_ref().map(|r| Slide {
-            inv_freq: r.inv_freq(card.architecture.head_dim),
-            before: VecDeque::with_capacity(SLIDES_KEPT),
-            spare: Vec::with_capacity(SLIDES_KEPT),
+        let slide = card.rotary.as_ref().map(|r| {
+            let inv_freq = r.inv_freq(card.architecture.head_dim);
+            let drop = SLIDE_DROP.min(card.context_length);
+            Slide::new(Turn::back(drop, &inv_freq), card.context_length)
         });
         let mut s = ModelSource {
             net: model.net,
@@ -353,6 +413,11 @@ impl ModelSource {
         n
     }
 
+    /// Absolute index of the first token the cache holds: it moves on when the cache slides.
+    pub fn cache_start(&self) -> usize {
+        self.cache_start
+    }
+
     pub fn card(&self) -> &Card {
         &self.card
     }
@@ -389,6 +454,9 @@ impl ModelSource {
         // The caches keep their room. A failed pass leaves them empty, never half-written: a
         // pass counts its tokens in only once all of it has run.
         self.cache.both.clear();
+        if let Some(slide) = &mut self.slide {
+            slide.forget();
+        }
         self.cache_start = from;
         self.prime_end = from;
         if to > from {
@@ -408,20 +476,7 @@ impl ModelSource {
         if self.cache.len() + 1 > self.card.context_length {
             match &mut self.slide {
                 Some(slide) => {
-                    // The cache as it is stays for a rollback across the slide; the slid one is
-                    // written into the oldest kept cache's buffers, or a spare's (a slide step
-                    // allocating megabytes was the slowest step of all).
-                    let reuse = match slide.before.len() {
-                        SLIDES_KEPT => slide.before.pop_front().map(|(_, c)| c),
-                        _ => slide.spare.pop(),
-                    };
-                    let mut slid = reuse.unwrap_or_else(Caches::empty);
-                    let drop = SLIDE_DROP.min(self.cache.len());
-                    self.net
-                        .slide_into(&self.cache.both, &mut slid.both, drop, &slide.inv_freq);
-                    let kept = std::mem::replace(&mut self.cache, slid);
-                    slide.before.push_back((self.cache_start, kept));
-                    self.cache_start += drop;
+                    self.cache_start += slide.slide(&self.net, &mut self.cache, self.cache_start);
                 }
                 None => {
                     // Keep half a context so what follows still hears the recent music.
@@ -438,6 +493,9 @@ impl ModelSource {
         let (mut logits, plain) =
             self.cache
                 .forward(&mut self.net, (&[t], &[v], cond), &self.unknown)?;
+        if let Some(slide) = &mut self.slide {
+            slide.build(&self.net, &self.cache, slide.pace);
+        }
         if let Some(plain) = plain {
             guide(&mut logits, &plain, self.guidance);
         }
@@ -564,11 +622,15 @@ impl NoteSource for ModelSource {
         if snap.cache_start == self.cache_start && snap.prime_end == self.prime_end {
             let len = cached_to - self.cache_start;
             net.truncate(&mut self.cache.both, len);
+            if let Some(sl) = &mut self.slide {
+                sl.cut(len);
+            }
         } else if let Some(cache) = before_slide {
             // Slid since: the cache from just before that slide, cut back to the step.
             let replaced = std::mem::replace(&mut self.cache, cache);
             if let Some(sl) = &mut self.slide {
                 sl.spare.push(replaced);
+                sl.forget();
             }
             self.cache_start = snap.cache_start;
             let len = cached_to - self.cache_start;
