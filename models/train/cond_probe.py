@@ -20,7 +20,7 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common as C  # noqa: E402
 import evaluate as E  # noqa: E402
-from model import Composer  # noqa: E402
+from model import load_checkpoint  # noqa: E402
 
 
 def main():
@@ -31,10 +31,7 @@ def main():
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    ck = torch.load(args.checkpoint, map_location="cpu")
-    model = Composer(**ck["cfg"])
-    model.load_state_dict(ck["model"])
-    model.eval()
+    model, ck = load_checkpoint(args.checkpoint)
 
     def variant(d, r, m, k, how):
         if how == "mode flipped":

@@ -80,14 +80,10 @@ def main():
     ap.add_argument("--max-hold-beats", type=float, default=0.0, help="as the scene setting; 0 = no limit")
     args = ap.parse_args()
     if args.onnx.endswith(".pt"):
-        import torch
-
         from export import export
-        from model import Composer
+        from model import load_checkpoint
 
-        ck = torch.load(args.onnx, map_location="cpu")
-        model = Composer(**ck["cfg"])
-        model.load_state_dict(ck["model"])
+        model, _ = load_checkpoint(args.onnx)
         path = os.path.join(tempfile.mkdtemp(), "check.onnx")
         export(model, path)
         dims = (model.layers, model.heads, model.dh)

@@ -12,7 +12,6 @@ inserted, positions from 0); a target is scored by the first window containing i
 """
 import argparse
 import json
-import math
 import os
 import sys
 

@@ -30,7 +30,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common as C  # noqa: E402
 import evaluate as E  # noqa: E402
 import levers as LV  # noqa: E402
-from model import ROPE_BASE, Composer, Decoder, MixDecoder, TransposeMix, n_params  # noqa: E402
+from model import ROPE_BASE, Composer, Decoder, MixDecoder, TransposeMix, checkpoint_path, load_checkpoint, n_params  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 MODELS = os.path.abspath(os.path.join(HERE, ".."))
@@ -255,13 +255,11 @@ def main():
         ck = None
         cfg = dict(vocab=C.VOCAB_SIZE, n_voice=C.N_VOICE_IDS, cond_dim=C.COND_DIM, d=192, layers=4, heads=4, ff=768,
                    max_pos=1024, dropout=0.1)
+        model = Composer(**cfg)
+        model.eval()
     else:
-        ck = torch.load(args.checkpoint or os.path.join(run, "checkpoints", "best.pt"), map_location="cpu")
+        model, ck = load_checkpoint(args.checkpoint or checkpoint_path(args.run or args.name))
         cfg = ck["cfg"]
-    model = Composer(**cfg)
-    if ck is not None:
-        model.load_state_dict(ck["model"])
-    model.eval()
     ctx = ck["args"]["ctx"] if ck is not None else 384
     shifts = [int(x) for x in args.shifts.split(",")]
     base = model

@@ -20,7 +20,7 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from model import Composer  # noqa: E402
+from model import Composer, checkpoint_path, load_checkpoint  # noqa: E402
 from train import score_split  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -44,7 +44,7 @@ def main():
     torch.manual_seed(args.seed)
 
     pdir = os.path.join(HERE, "runs", args.parent)
-    pst = torch.load(os.path.join(pdir, "checkpoints", "best.pt"), map_location="cpu")
+    parent, pst = load_checkpoint(checkpoint_path(args.parent))
     pcfg = pst["cfg"]
     after = sorted({int(i) for i in args.after.split(",") if i.strip()})
     if after and (after[0] < 0 or after[-1] >= pcfg["layers"]):
@@ -55,8 +55,6 @@ def main():
     if not after and ff == pcfg["ff"]:
         raise SystemExit("nothing to grow: give --after and/or --ff")
 
-    parent = Composer(**pcfg)
-    parent.load_state_dict(pst["model"])
     cfg = dict(pcfg, layers=pcfg["layers"] + len(after), ff=ff)
     grown = Composer(**cfg)
 

@@ -28,13 +28,13 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common as C  # noqa: E402
 import train as T  # noqa: E402
-from model import Composer  # noqa: E402
+from model import Composer, read_checkpoint  # noqa: E402
 
 VALID = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "jsb_valid.npz")
 
 
 def load(paths):
-    cks = [torch.load(p, map_location="cpu") for p in paths]
+    cks = [read_checkpoint(p) for p in paths]
     state = {k: sum(ck["model"][k].float() for ck in cks) / len(cks) for k in cks[0]["model"]}
     model = Composer(**dict(cks[0]["cfg"], dropout=0.0))
     model.load_state_dict(state)

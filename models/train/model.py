@@ -9,12 +9,14 @@ tract. sin/cos tables and the position index are constants.
 """
 import copy
 import math
+import os
 
 import torch
 import torch.nn as nn
 
 import common as C
 
+RUNS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "runs")
 ROPE_BASE = 10000.0  # rotary: dims i and i + dh/2 turn by position * ROPE_BASE ** (-i / (dh/2)); in the card
 
 
@@ -288,3 +290,25 @@ class MixDecoder(nn.Module):
         out = self.dec(tk, vv, cc, past_len, *moved)
         comp = m.components(out[0], B)
         return (m.mix(comp), *[n.reshape(B, m.heads, T, m.dh) for n in out[1:]])
+
+
+def checkpoint_path(run):
+    """The checkpoint a training run selected (best JSB valid NLL): runs/<run>/checkpoints/best.pt."""
+    return os.path.join(RUNS, run, "checkpoints", "best.pt")
+
+
+def read_checkpoint(path):
+    """A checkpoint as train.py saved it (cfg, model, args, step, ...), on the CPU. Not weights
+    only: it carries the run's arguments and history, which PyTorch 2.6 and later refuse to read
+    by default."""
+    return torch.load(path, map_location="cpu", weights_only=False)
+
+
+def load_checkpoint(path, **cfg):
+    """The Composer a checkpoint holds, in eval mode, with the checkpoint itself: (model, ck).
+    `cfg` overrides the saved configuration (dropout=0.0 for a teacher)."""
+    ck = read_checkpoint(path)
+    model = Composer(**dict(ck["cfg"], **cfg))
+    model.load_state_dict(ck["model"])
+    model.eval()
+    return model, ck

@@ -173,14 +173,14 @@ def run(args):
 
 
 def pack(name, out, shared_with):
-    import torch
+    from model import read_checkpoint
 
     run_dir = os.path.join(RUNS, name)
     best = os.path.join(run_dir, "checkpoints", "best.pt")
     if not os.path.exists(best):
         print(f"{name}: no best.pt", flush=True)
         return
-    ck = torch.load(best, map_location="cpu", weights_only=False)
+    ck = read_checkpoint(best)
     meta = {k: ck.get(k) for k in RECORD}
     # Its tokens/s were measured with these runs on the same GPU.
     meta["shared_gpu_with"] = shared_with

@@ -33,7 +33,7 @@ from tqdm import tqdm  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common as C  # noqa: E402
-from model import Composer, TransposeMix, n_params  # noqa: E402
+from model import Composer, TransposeMix, checkpoint_path, load_checkpoint, n_params, read_checkpoint  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 DATA = os.path.join(HERE, "data")
@@ -274,7 +274,7 @@ def main():
 
     state = None
     if args.resume and os.path.exists(os.path.join(ck, "last.pt")):
-        state = torch.load(os.path.join(ck, "last.pt"), map_location="cpu", weights_only=False)
+        state = read_checkpoint(os.path.join(ck, "last.pt"))
         cfg = state["cfg"]
         args.budget_min = state["args"]["budget_min"] if "budget_min" in state["args"] else args.budget_min
     else:
@@ -282,8 +282,7 @@ def main():
                    heads=args.heads, ff=args.ff, max_pos=1024, dropout=args.dropout)
     parent = None
     if state is None and args.init_from:
-        pst = torch.load(os.path.join(HERE, "runs", args.init_from, "checkpoints", "best.pt"), map_location="cpu",
-                         weights_only=False)
+        pst = read_checkpoint(checkpoint_path(args.init_from))
         cfg = dict(pst["cfg"], dropout=args.dropout, cond_dim=C.COND_DIM)
         psum = os.path.join(HERE, "runs", args.init_from, "summary.json")
         # A parent stopped before its end has no summary; its checkpoint carries the same record.
@@ -334,7 +333,7 @@ def main():
             log(f"init from {args.init_from}: best valid {parent.get('best_valid_nll')}, steps {parent.get('steps')}, "
                 f"tokens {parent.get('tokens')}")
         log(f"model: {json.dumps(cfg)} params={n_params(model)}")
-        log(f"corpora: " + ", ".join(f"{C.STYLES[c.style_idx]}: {len(c.pieces)} pieces {c.n_steps} steps w={w:.3f}"
+        log("corpora: " + ", ".join(f"{C.STYLES[c.style_idx]}: {len(c.pieces)} pieces {c.n_steps} steps w={w:.3f}"
                                      for c, w in zip(corpora, weights)))
     budget = args.budget_min * 60.0
 
@@ -365,10 +364,7 @@ def main():
 
     teacher = None
     if args.distill_from:
-        tst = torch.load(os.path.join(HERE, "runs", args.distill_from, "checkpoints", "best.pt"), map_location="cpu",
-                         weights_only=False)
-        base = Composer(**dict(tst["cfg"], dropout=0.0))
-        base.load_state_dict(tst["model"])
+        base, _ = load_checkpoint(checkpoint_path(args.distill_from), dropout=0.0)
         with torch.no_grad():
             base.head.weight /= args.distill_temperature
             base.head.bias /= args.distill_temperature
