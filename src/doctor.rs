@@ -1,9 +1,13 @@
 //! `roomscore doctor`: checks what a kiosk needs (audio output, ONNX Runtime, the model and its
-//! card, the OSC port, the scenes) and says, for each problem, what is wrong and how to fix it.
+//! card, whether this machine composes a model scene's steps in time, the OSC port, the scenes)
+//! and says, for each problem, what is wrong and how to fix it.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::time::Instant;
 
+use crate::control::ControlLoop;
+use crate::gen::{SamplingParams, STEPS_PER_BEAT};
 use crate::output::{self, OutputRequest};
 use crate::scene::{Scene, SourceKind};
 
@@ -103,6 +107,7 @@ pub fn run(args: DoctorArgs) -> usize {
         );
     }
     let mut models: Vec<PathBuf> = Vec::new();
+    let mut composed: Vec<Scene> = Vec::new();
     for path in &list {
         match Scene::load(path) {
             Ok(s) => {
@@ -112,6 +117,7 @@ pub fn run(args: DoctorArgs) -> usize {
                     if !models.contains(&m) {
                         models.push(m);
                     }
+                    composed.push(s);
                 }
             }
             Err(e) => r.problem(
@@ -123,6 +129,9 @@ pub fn run(args: DoctorArgs) -> usize {
     }
     for m in models {
         check_model(&mut r, &m);
+    }
+    for s in &composed {
+        check_pace(&mut r, s);
     }
     if r.problems == 0 {
         println!("no problems found");
@@ -148,5 +157,66 @@ fn check_model(r: &mut Report, path: &Path) {
             "restore models/ from the repository (the card's sha256 must match the .onnx file); \
              meanwhile the engine plays the rule-based composer",
         ),
+    }
+}
+
+/// Steps composed before the timed ones: past the point where the model's context is full and
+/// its cache starts to slide, which is the step a long-running room pays.
+const UNTIMED_STEPS: usize = 128;
+const TIMED_STEPS: usize = 64;
+/// A median step over this share of a step's time at the scene's tempo leaves too little room
+/// (the engine itself gives a source up at 0.8, see `gen::pace`).
+const PACE_WARN: f64 = 0.5;
+
+/// Times a model scene's composer on this machine, as the scene runs it (its model, guidance
+/// and sampling), against the time a step lasts at the scene's tempo.
+fn check_pace(r: &mut Report, scene: &Scene) {
+    let what = format!("composer pace ({})", scene.name);
+    let mut source = match crate::model::load_source(scene, scene.generator.seed) {
+        Ok(s) => s,
+        // The model check above has said why.
+        Err(_) => return,
+    };
+    let controls = ControlLoop::new(scene).tick(0.0);
+    let params = SamplingParams {
+        temperature: controls.temperature,
+        top_p: scene.generator.top_p,
+    };
+    let mut times = Vec::with_capacity(TIMED_STEPS);
+    for i in 0..UNTIMED_STEPS + TIMED_STEPS {
+        let t = Instant::now();
+        if let Err(e) = source.next_step(&controls.cond, &params) {
+            r.problem(
+                &what,
+                e,
+                "the engine would play the rule-based source; `roomscore model info` and \
+                 `roomscore model bench` show more",
+            );
+            return;
+        }
+        if i >= UNTIMED_STEPS {
+            times.push(t.elapsed().as_secs_f64() * 1e3);
+        }
+    }
+    times.sort_by(f64::total_cmp);
+    let median = times[times.len() / 2];
+    let slowest = times[times.len() - 1];
+    let bpm = scene.tempo;
+    let step = 60e3 / (bpm * STEPS_PER_BEAT as f64);
+    let detail = format!(
+        "a step in {median:.1} ms (median of {TIMED_STEPS} with a full context; slowest \
+         {slowest:.1} ms), against {step:.0} ms a step at the scene's {bpm:.0} BPM: {:.1}x headroom",
+        step / median
+    );
+    if median > PACE_WARN * step {
+        r.problem(
+            &what,
+            detail,
+            "set the scene's `model` to the network alone (models/roomscore-satb.onnx), lower \
+             `guidance`, or slow the scene; live, the engine replaces a model that cannot keep up \
+             with the rule-based source",
+        );
+    } else {
+        r.ok(&what, detail);
     }
 }

@@ -220,6 +220,7 @@ pub fn run(args: PlayArgs) -> anyhow::Result<()> {
             lane = engine.live_lane();
             // The first notes are queued before the first callback, so none of them starts late.
             composer.fill(0.0);
+            composer.watch_pace();
             let source = composer.source_name().to_string();
             let engine = Arc::new(Mutex::new(engine));
             let out = outputs.start(engine.clone());
@@ -447,7 +448,7 @@ fn composer_loop(
             Err(crossbeam_channel::RecvTimeoutError::Timeout) => {}
             Err(crossbeam_channel::RecvTimeoutError::Disconnected) => return,
         }
-        composer.fill(telemetry.beat());
+        composer.fill_live(telemetry.beat(), telemetry.tempo());
     }
 }
 

@@ -81,6 +81,9 @@ pub struct Composer {
     pub capture: Option<Vec<NoteEvent>>,
     /// The name of the source now composing, for `/roomscore/status`.
     pub source_name: Arc<Mutex<String>>,
+    /// Playing in real time: every generator, this scene's and the next's, is watched for
+    /// keeping up (see `Generator::watch_pace`).
+    live: bool,
 }
 
 impl Composer {
@@ -95,7 +98,25 @@ impl Composer {
             lookahead,
             capture: None,
             source_name: Arc::new(Mutex::new(name)),
+            live: false,
         }
+    }
+
+    /// Live play: a source that cannot keep up with the music is replaced by the rule-based
+    /// one, as a failing one is.
+    pub fn watch_pace(&mut self) {
+        self.live = true;
+        if let Composition::Generated(g) = &mut self.composition {
+            g.watch_pace();
+        }
+    }
+
+    /// `fill`, live, at the transport's tempo now.
+    pub fn fill_live(&mut self, playhead: f64, bpm: f64) {
+        if let Composition::Generated(g) = &mut self.composition {
+            g.set_tempo(bpm);
+        }
+        self.fill(playhead);
     }
 
     /// Publishes the source's name when it changed (a scene change, or a fallback).
@@ -140,6 +161,9 @@ impl Composer {
                 }
                 self.composition = composition;
                 self.lookahead = lookahead;
+                if self.live {
+                    self.watch_pace();
+                }
                 if let Composition::Generated(g) = &mut self.composition {
                     // Start on the next 16th after what was already committed.
                     let step = ((playhead + lookahead) * STEPS_PER_BEAT as f64).ceil() as u64;
@@ -508,5 +532,48 @@ impl Conductor {
         let params = sampling(&controls, &self.scene);
         self.last_controls = Some(controls.clone());
         Ok((ComposerMsg::Controls { controls, params }, outcomes))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::control::Conditioning;
+
+    fn generated(seed: u64) -> Composition {
+        let cond = Conditioning {
+            density: None,
+            register: None,
+            major: None,
+            styles: vec![],
+            tonic: None,
+        };
+        let params = SamplingParams {
+            temperature: 1.0,
+            top_p: 1.0,
+        };
+        let source = Box::new(RuleSource::new(0, true, seed));
+        let g = Generator::new(source, 0, true, seed, cond, params, 0.7);
+        Composition::Generated(Box::new(g))
+    }
+
+    #[test]
+    fn live_the_next_scenes_composer_is_watched_too() {
+        for live in [false, true] {
+            let (notes, _rx) = rtrb::RingBuffer::new(256);
+            let mut c = Composer::new(generated(1), notes, 0.5);
+            if live {
+                c.watch_pace();
+            }
+            assert_eq!(c.generator().unwrap().watches_pace(), live);
+            c.handle(
+                ComposerMsg::Replace {
+                    composition: generated(2),
+                    lookahead: 0.5,
+                },
+                4.0,
+            );
+            assert_eq!(c.generator().unwrap().watches_pace(), live, "live {live}");
+        }
     }
 }

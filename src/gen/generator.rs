@@ -4,7 +4,9 @@
 //! changes, so that a change is heard within one step of the lookahead.
 
 use std::collections::VecDeque;
+use std::time::Instant;
 
+use super::pace::Pace;
 use super::rules::RuleSource;
 use super::{NoteEvent, NoteSource, SamplingParams, Step, STEPS_PER_BEAT, VOICES};
 use crate::control::Conditioning;
@@ -41,6 +43,10 @@ pub struct Generator {
     backlog: VecDeque<NoteEvent>,
     stats: GeneratorStats,
     failed: Option<String>,
+    /// Live only: whether the source keeps up with `bpm` (see `pace`). Offline renders run as
+    /// fast as the machine allows, so there is no pace to keep.
+    pace: Option<Pace>,
+    bpm: f64,
 }
 
 impl Generator {
@@ -68,6 +74,8 @@ impl Generator {
             backlog: VecDeque::new(),
             stats: GeneratorStats::default(),
             failed: None,
+            pace: None,
+            bpm: 120.0,
         }
     }
 
@@ -75,6 +83,21 @@ impl Generator {
     pub fn with_decode_ahead(mut self, steps: usize) -> Self {
         self.decode_ahead = steps;
         self
+    }
+
+    /// Gives the source up for the rule-based one when it cannot keep up with the music in real
+    /// time (live play only; see `pace`).
+    pub fn watch_pace(&mut self) {
+        self.pace = Some(Pace::new());
+    }
+
+    pub fn watches_pace(&self) -> bool {
+        self.pace.is_some()
+    }
+
+    /// The tempo the transport plays at now, which sets how long a step may take.
+    pub fn set_tempo(&mut self, bpm: f64) {
+        self.bpm = bpm;
     }
 
     pub fn source_name(&self) -> &str {
@@ -129,14 +152,21 @@ impl Generator {
         rules.resume_at(self.committed, self.sounding);
         self.source = Box::new(rules);
         self.pending.clear();
+        self.pace = None;
         self.failed = Some(why);
         self.stats.fallbacks += 1;
     }
 
     fn decode_one(&mut self) -> Step {
         loop {
+            let started = self.pace.as_ref().map(|_| Instant::now());
             match self.source.next_step(&self.cond, &self.params) {
-                Ok(step) => return step,
+                Ok(step) => {
+                    if let (Some(pace), Some(t)) = (&mut self.pace, started) {
+                        pace.decoded(t.elapsed());
+                    }
+                    return step;
+                }
                 // The fallback never fails, so this loop runs at most twice.
                 Err(e) => self.fall_back(e.to_string()),
             }
@@ -155,6 +185,13 @@ impl Generator {
         if !self.flush(push) {
             return;
         }
+        if let Some(why) = self
+            .pace
+            .as_mut()
+            .and_then(|p| p.verdict(Instant::now(), self.bpm))
+        {
+            self.fall_back(why);
+        }
         while (self.committed as f64) / (STEPS_PER_BEAT as f64) < horizon_beat {
             while self.pending.len() <= self.decode_ahead {
                 let s = self.decode_one();
@@ -162,6 +199,11 @@ impl Generator {
             }
             let step = self.pending.pop_front().expect("decoded above");
             let beat = self.committed as f64 / STEPS_PER_BEAT as f64;
+            if beat < playhead_beat {
+                if let Some(pace) = &mut self.pace {
+                    pace.late();
+                }
+            }
             let late = beat < playhead_beat - 1.0;
             if late {
                 self.stats.late_steps += 1;
@@ -382,5 +424,109 @@ mod tests {
         });
         assert_eq!(got, g2_events);
         assert!(!got.is_empty());
+    }
+
+    /// The rule-based source, `sleep` longer on every step, and once for `stall` on step `at`.
+    struct Slowed {
+        inner: RuleSource,
+        sleep: std::time::Duration,
+        stall: Option<(u64, std::time::Duration)>,
+    }
+    impl NoteSource for Slowed {
+        fn name(&self) -> &str {
+            "slowed"
+        }
+        fn position(&self) -> u64 {
+            self.inner.position()
+        }
+        fn next_step(&mut self, c: &Conditioning, p: &SamplingParams) -> Result<Step, SourceError> {
+            std::thread::sleep(self.sleep);
+            if let Some((at, d)) = self.stall {
+                if self.inner.position() == at {
+                    std::thread::sleep(d);
+                }
+            }
+            self.inner.next_step(c, p)
+        }
+        fn rollback(&mut self, step: u64) -> Result<(), SourceError> {
+            self.inner.rollback(step)
+        }
+        fn start_at(&mut self, step: u64) {
+            self.inner.start_at(step)
+        }
+    }
+
+    /// Plays `g` live at `bpm` (half a beat of lookahead) for up to `seconds`: notes pushed
+    /// after it gave its source up, and when it did.
+    fn play_live(g: &mut Generator, bpm: f64, seconds: f64) -> (usize, Option<f64>) {
+        g.watch_pace();
+        g.set_tempo(bpm);
+        let start = Instant::now();
+        let (mut after, mut gave_up) = (0, None);
+        while start.elapsed().as_secs_f64() < seconds {
+            let playhead = start.elapsed().as_secs_f64() * bpm / 60.0;
+            let given = gave_up.is_some();
+            g.fill(playhead, playhead + 0.5, &mut |e| {
+                after += (given && e.on) as usize;
+                true
+            });
+            if gave_up.is_none() && g.source_name() == "rules" {
+                gave_up = Some(start.elapsed().as_secs_f64());
+            }
+            if gave_up.is_some_and(|t| start.elapsed().as_secs_f64() > t + 1.0) {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(2));
+        }
+        (after, gave_up)
+    }
+
+    #[test]
+    fn live_a_source_that_cannot_keep_up_gives_way_and_the_music_goes_on() {
+        // 480 BPM: a step every 31.25 ms, composed in 40.
+        let slow = Slowed {
+            inner: RuleSource::new(0, true, 5),
+            sleep: std::time::Duration::from_millis(40),
+            stall: None,
+        };
+        let mut g = Generator::new(Box::new(slow), 0, true, 5, cond(), P, 0.7).with_decode_ahead(4);
+        let (after, gave_up) = play_live(&mut g, 480.0, 15.0);
+        let t = gave_up.expect("the slow source was kept for 15 s");
+        // Three windows of two seconds once the first step is decoded; the scheduler may add.
+        assert!((5.9..9.0).contains(&t), "gave up after {t:.1} s");
+        let why = g.failure().unwrap();
+        assert!(
+            why.contains("cannot keep up") && why.contains("480 BPM"),
+            "{why}"
+        );
+        assert!(after > 10, "{after} notes in the second after the fallback");
+        // Offline (no pace watched) the same source is never given up.
+        let slow = Slowed {
+            inner: RuleSource::new(0, true, 5),
+            sleep: std::time::Duration::from_millis(40),
+            stall: None,
+        };
+        let mut g = Generator::new(Box::new(slow), 0, true, 5, cond(), P, 0.7);
+        g.set_tempo(480.0);
+        g.fill(0.0, 8.0, &mut |_| true);
+        assert_eq!(g.committed_step(), 32);
+        assert_eq!(g.source_name(), "slowed");
+    }
+
+    #[test]
+    fn live_a_host_stall_does_not_cost_a_source_that_keeps_up() {
+        // 240 BPM, a step composed in 2 ms, but step 20 stalls for 2.5 s, which puts the
+        // steps after it 40 steps behind.
+        let stalled = Slowed {
+            inner: RuleSource::new(0, true, 6),
+            sleep: std::time::Duration::from_millis(2),
+            stall: Some((20, std::time::Duration::from_millis(2500))),
+        };
+        let mut g =
+            Generator::new(Box::new(stalled), 0, true, 6, cond(), P, 0.7).with_decode_ahead(4);
+        let (_, gave_up) = play_live(&mut g, 240.0, 9.0);
+        assert_eq!(gave_up, None, "{:?}", g.failure());
+        assert!(g.stats().late_steps > 0, "the stall made no step late");
+        assert_eq!(g.source_name(), "slowed");
     }
 }

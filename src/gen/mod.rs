@@ -1,10 +1,11 @@
 //! The generator: a `NoteSource` composes the 4-voice grid step by step (16th notes, S A T B);
 //! the `Generator` turns steps into timed note events ahead of the playhead, rolls back what it
 //! decoded ahead when the room changes the conditioning, and falls back to the rule-based source
-//! when a model fails.
+//! when a model fails or, live, cannot keep up with the music.
 
 mod generator;
 pub mod history;
+mod pace;
 pub mod rules;
 
 pub use generator::{Generator, GeneratorStats};

@@ -115,3 +115,37 @@ fn doctor_names_each_problem_and_its_fix() {
     );
     assert!(text.contains("fix:"), "{text}");
 }
+
+#[test]
+fn doctor_times_a_model_scenes_composer_against_its_tempo() {
+    let taken = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let port = taken.local_addr().unwrap().to_string();
+    let out = roomscore(&[
+        "doctor",
+        "--osc",
+        &port,
+        "--scene",
+        scene("chorale").to_str().unwrap(),
+    ]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    // Ok or a problem, as this machine's speed has it; either way the figures are there.
+    let line = text
+        .lines()
+        .find(|l| l.contains("composer pace (chorale): a step in "))
+        .unwrap_or_else(|| panic!("no composer pace line:\n{text}"));
+    let number_after = |label: &str| -> f64 {
+        let rest = &line[line.find(label).unwrap_or_else(|| panic!("{line}")) + label.len()..];
+        let end = rest
+            .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+            .unwrap();
+        rest[..end].parse().unwrap()
+    };
+    let (median, slowest) = (number_after("a step in "), number_after("slowest "));
+    assert!(median > 0.0 && median <= slowest, "{line}");
+    // A 16th at the chorale's 66 BPM.
+    assert!(
+        line.contains("against 227 ms a step at the scene's 66 BPM"),
+        "{line}"
+    );
+    assert!(line.contains("median of 64 with a full context"), "{line}");
+}

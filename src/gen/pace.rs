@@ -1,0 +1,191 @@
+//! Whether a composer keeps up with the music. Live, a source that composes a step more slowly
+//! than the music plays one falls further behind each step; its notes come late, then not at
+//! all, and the room goes quiet while the model is still, by its own account, running. A kiosk
+//! on a slow box meets that as surely as a failing model, so it is treated as one.
+//!
+//! Two things must hold together before a source is given up: its steps come too late to sound
+//! on time, and its own median step takes most of a step's time at the tempo now playing. The
+//! median ignores a host stall (one step that took seconds); lateness alone would blame the
+//! source for a stall that made every source late. Both must last several windows, so a burst
+//! of rollbacks on a source near the line is ridden out.
+
+use std::collections::VecDeque;
+use std::time::{Duration, Instant};
+
+use super::STEPS_PER_BEAT;
+
+/// Steps whose decoding time the median is taken over.
+const DECODES_KEPT: usize = 32;
+/// How often the verdict is reached.
+const WINDOW: Duration = Duration::from_secs(2);
+/// Windows in a row that must find the source behind and slow.
+const STRIKES: u32 = 3;
+/// A median step over this share of a step's time leaves too little for rollbacks, which
+/// decode the steps ahead again, and for the host's drift.
+const LOAD_LIMIT: f64 = 0.8;
+
+/// Watches one source's decoding against the tempo.
+#[derive(Debug)]
+pub struct Pace {
+    decodes: VecDeque<Duration>,
+    window_start: Option<Instant>,
+    late_in_window: u32,
+    late_in_strikes: u32,
+    strikes: u32,
+}
+
+impl Default for Pace {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Pace {
+    pub fn new() -> Self {
+        Self {
+            decodes: VecDeque::with_capacity(DECODES_KEPT),
+            window_start: None,
+            late_in_window: 0,
+            late_in_strikes: 0,
+            strikes: 0,
+        }
+    }
+
+    /// One step's decoding took `took`.
+    pub fn decoded(&mut self, took: Duration) {
+        if self.decodes.len() == DECODES_KEPT {
+            self.decodes.pop_front();
+        }
+        self.decodes.push_back(took);
+    }
+
+    /// A step was committed after its own beat had passed.
+    pub fn late(&mut self) {
+        self.late_in_window += 1;
+    }
+
+    /// The median of the recent steps' decoding.
+    pub fn median(&self) -> Option<Duration> {
+        let mut d: Vec<Duration> = self.decodes.iter().copied().collect();
+        if d.is_empty() {
+            return None;
+        }
+        d.sort_unstable();
+        Some(d[d.len() / 2])
+    }
+
+    /// Once a window has passed: why the source cannot keep up at `bpm`, once it has been behind
+    /// and slow for `STRIKES` windows in a row; `None` otherwise.
+    pub fn verdict(&mut self, now: Instant, bpm: f64) -> Option<String> {
+        let start = *self.window_start.get_or_insert(now);
+        if now.duration_since(start) < WINDOW {
+            return None;
+        }
+        self.window_start = Some(now);
+        let late = std::mem::take(&mut self.late_in_window);
+        let step = 60.0 / (bpm.max(1.0) * STEPS_PER_BEAT as f64);
+        let median = self.median()?;
+        let load = median.as_secs_f64() / step;
+        if late == 0 || load < LOAD_LIMIT {
+            self.strikes = 0;
+            self.late_in_strikes = 0;
+            return None;
+        }
+        self.strikes += 1;
+        self.late_in_strikes += late;
+        (self.strikes >= STRIKES).then(|| {
+            format!(
+                "it cannot keep up: a step takes {:.1} ms (the median of the last {}), and at \
+                 {bpm:.0} BPM the music needs one every {:.1} ms; {} steps came after their time \
+                 in the last {} s. A lighter source (the network alone, guidance 1) or a faster \
+                 machine keeps the model",
+                median.as_secs_f64() * 1e3,
+                self.decodes.len(),
+                step * 1e3,
+                self.late_in_strikes,
+                (WINDOW * STRIKES).as_secs(),
+            )
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn at(start: Instant, s: f64) -> Instant {
+        start + Duration::from_secs_f64(s)
+    }
+
+    /// Windows of 8 steps at 120 BPM (a step is 125 ms), each step decoded in `decode_ms`, one
+    /// of them late where `late(window)`: the window that gives the source up, if one does.
+    fn run(decode_ms: u64, late: impl Fn(u32) -> bool) -> (Option<u32>, Option<String>) {
+        let start = Instant::now();
+        let mut pace = Pace::new();
+        assert_eq!(
+            pace.verdict(start, 120.0),
+            None,
+            "the first call opens a window"
+        );
+        for w in 1..=12 {
+            for _ in 0..8 {
+                pace.decoded(Duration::from_millis(decode_ms));
+            }
+            if late(w) {
+                pace.late();
+            }
+            if let Some(why) = pace.verdict(at(start, 2.0 * w as f64), 120.0) {
+                return (Some(w), Some(why));
+            }
+        }
+        (None, None)
+    }
+
+    #[test]
+    fn a_source_behind_and_slow_is_given_up_after_three_windows() {
+        let (window, why) = run(110, |_| true);
+        assert_eq!(window, Some(3));
+        let why = why.unwrap();
+        assert!(why.contains("110.0 ms"), "{why}");
+        assert!(why.contains("every 125.0 ms"), "{why}");
+        assert!(why.contains("120 BPM"), "{why}");
+        assert!(
+            why.contains("3 steps came after their time in the last 6 s"),
+            "{why}"
+        );
+    }
+
+    #[test]
+    fn lateness_from_a_stall_is_not_the_sources_fault() {
+        // Late steps in every window, but the source's median step is 5 ms of the 125.
+        assert_eq!(run(5, |_| true).0, None);
+        // A step that took seconds does not move the median.
+        let mut pace = Pace::new();
+        pace.decoded(Duration::from_secs(3));
+        for _ in 0..8 {
+            pace.decoded(Duration::from_millis(5));
+        }
+        assert_eq!(pace.median(), Some(Duration::from_millis(5)));
+    }
+
+    #[test]
+    fn a_slow_source_that_stays_on_time_is_kept() {
+        assert_eq!(run(110, |_| false).0, None);
+    }
+
+    #[test]
+    fn one_window_on_time_starts_the_count_again() {
+        assert_eq!(run(110, |w| w % 3 != 0).0, None);
+        assert_eq!(run(110, |w| w > 3).0, Some(6));
+    }
+
+    #[test]
+    fn no_verdict_before_a_step_was_decoded() {
+        let start = Instant::now();
+        let mut pace = Pace::new();
+        pace.late();
+        assert_eq!(pace.verdict(start, 120.0), None);
+        assert_eq!(pace.verdict(at(start, 2.5), 120.0), None);
+        assert_eq!(pace.median(), None);
+    }
+}
