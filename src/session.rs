@@ -180,9 +180,10 @@ impl Composer {
         let (notes, capture) = (&mut self.notes, &mut self.capture);
         match &mut self.composition {
             Composition::Generated(g) => {
-                let before = g.stats().fallbacks;
+                let changes = |g: &Generator| g.stats().fallbacks + g.stats().restores;
+                let before = changes(g);
                 g.fill(playhead, horizon, &mut |e| push_note(notes, capture, e));
-                if g.stats().fallbacks != before {
+                if changes(g) != before {
                     self.publish_source();
                 }
             }

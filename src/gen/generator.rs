@@ -4,9 +4,9 @@
 //! changes, so that a change is heard within one step of the lookahead.
 
 use std::collections::VecDeque;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
-use super::pace::Pace;
+use super::pace::{self, Behind, Pace};
 use super::rules::RuleSource;
 use super::{NoteEvent, NoteSource, SamplingParams, Step, STEPS_PER_BEAT, VOICES};
 use crate::control::Conditioning;
@@ -21,6 +21,15 @@ pub struct GeneratorStats {
     pub queue_full: u64,
     /// Steps committed too late to sound (the generator fell behind the playhead).
     pub late_steps: u64,
+    /// Sources taken back once the tempo let them keep up again.
+    pub restores: u64,
+}
+
+/// A source given up for not keeping up, kept to be taken back when the tempo lets it.
+struct Parked {
+    source: Box<dyn NoteSource>,
+    median: Duration,
+    since: Instant,
 }
 
 pub struct Generator {
@@ -47,6 +56,8 @@ pub struct Generator {
     /// fast as the machine allows, so there is no pace to keep.
     pace: Option<Pace>,
     bpm: f64,
+    parked: Option<Parked>,
+    retry_after: Duration,
 }
 
 impl Generator {
@@ -76,6 +87,8 @@ impl Generator {
             failed: None,
             pace: None,
             bpm: 120.0,
+            parked: None,
+            retry_after: pace::RETRY_AFTER,
         }
     }
 
@@ -143,18 +156,60 @@ impl Generator {
         }
     }
 
+    /// Replaces the source for good: it failed.
     fn fall_back(&mut self, why: String) {
+        self.parked = None;
+        self.replace_with_rules(why);
+    }
+
+    /// Replaces the source for as long as the tempo is too fast for it.
+    fn fall_behind(&mut self, behind: Behind) {
+        let source = self.replace_with_rules(behind.why);
+        self.parked = Some(Parked {
+            source,
+            median: behind.median,
+            since: Instant::now(),
+        });
+    }
+
+    /// Takes a parked source back once the tempo lets it keep up with room to spare; it
+    /// composes afresh from the next step, as after a scene change.
+    fn maybe_restore(&mut self) {
+        let ready = self.parked.as_ref().is_some_and(|p| {
+            p.since.elapsed() >= self.retry_after && pace::fits(p.median, self.bpm)
+        });
+        if !ready {
+            return;
+        }
+        let Parked {
+            mut source, median, ..
+        } = self.parked.take().expect("checked above");
+        source.start_at(self.committed);
+        tracing::info!(
+            source = source.name(),
+            "composing with it again: at {:.0} BPM its step ({:.1} ms) fits",
+            self.bpm,
+            median.as_secs_f64() * 1e3
+        );
+        self.source = source;
+        self.pending.clear();
+        self.pace = Some(Pace::new());
+        self.failed = None;
+        self.stats.restores += 1;
+    }
+
+    fn replace_with_rules(&mut self, why: String) -> Box<dyn NoteSource> {
         tracing::error!(
             source = self.source.name(),
             "composer failed, switching to the rule-based source: {why}"
         );
         let mut rules = RuleSource::new(self.tonic, self.scale_lock, self.seed);
         rules.resume_at(self.committed, self.sounding);
-        self.source = Box::new(rules);
         self.pending.clear();
         self.pace = None;
         self.failed = Some(why);
         self.stats.fallbacks += 1;
+        std::mem::replace(&mut self.source, Box::new(rules))
     }
 
     fn decode_one(&mut self) -> Step {
@@ -185,13 +240,14 @@ impl Generator {
         if !self.flush(push) {
             return;
         }
-        if let Some(why) = self
+        if let Some(behind) = self
             .pace
             .as_mut()
             .and_then(|p| p.verdict(Instant::now(), self.bpm))
         {
-            self.fall_back(why);
+            self.fall_behind(behind);
         }
+        self.maybe_restore();
         while (self.committed as f64) / (STEPS_PER_BEAT as f64) < horizon_beat {
             while self.pending.len() <= self.decode_ahead {
                 let s = self.decode_one();
@@ -456,57 +512,85 @@ mod tests {
         }
     }
 
-    /// Plays `g` live at `bpm` (half a beat of lookahead) for up to `seconds`: notes pushed
-    /// after it gave its source up, and when it did.
-    fn play_live(g: &mut Generator, bpm: f64, seconds: f64) -> (usize, Option<f64>) {
+    fn slowed(seed: u64, ms: u64, stall: Option<(u64, u64)>) -> Box<dyn NoteSource> {
+        Box::new(Slowed {
+            inner: RuleSource::new(0, true, seed),
+            sleep: std::time::Duration::from_millis(ms),
+            stall: stall.map(|(at, ms)| (at, std::time::Duration::from_millis(ms))),
+        })
+    }
+
+    /// What happened while `g` played live.
+    #[derive(Default)]
+    struct Heard {
+        /// When the source changed, and to which.
+        changes: Vec<(f64, String)>,
+        /// Notes started under each source in turn (the first, then one per change).
+        notes: Vec<usize>,
+    }
+
+    /// Plays `g` live (half a beat of lookahead) at `bpm(seconds since the start)`, for
+    /// `seconds`, or until a second after `changes` source changes.
+    fn play_live(
+        g: &mut Generator,
+        bpm: impl Fn(f64) -> f64,
+        seconds: f64,
+        changes: usize,
+    ) -> Heard {
         g.watch_pace();
-        g.set_tempo(bpm);
         let start = Instant::now();
-        let (mut after, mut gave_up) = (0, None);
-        while start.elapsed().as_secs_f64() < seconds {
-            let playhead = start.elapsed().as_secs_f64() * bpm / 60.0;
-            let given = gave_up.is_some();
+        let mut heard = Heard {
+            notes: vec![0],
+            ..Heard::default()
+        };
+        let (mut playhead, mut last) = (0.0, 0.0);
+        let mut name = g.source_name().to_string();
+        loop {
+            let now = start.elapsed().as_secs_f64();
+            if now > seconds
+                || heard.changes.len() >= changes && now > heard.changes[changes - 1].0 + 1.0
+            {
+                return heard;
+            }
+            let tempo = bpm(now);
+            playhead += (now - last) * tempo / 60.0;
+            last = now;
+            g.set_tempo(tempo);
+            let n = heard.notes.last_mut().unwrap();
             g.fill(playhead, playhead + 0.5, &mut |e| {
-                after += (given && e.on) as usize;
+                *n += e.on as usize;
                 true
             });
-            if gave_up.is_none() && g.source_name() == "rules" {
-                gave_up = Some(start.elapsed().as_secs_f64());
-            }
-            if gave_up.is_some_and(|t| start.elapsed().as_secs_f64() > t + 1.0) {
-                break;
+            if g.source_name() != name {
+                name = g.source_name().to_string();
+                heard.changes.push((now, name.clone()));
+                heard.notes.push(0);
             }
             std::thread::sleep(std::time::Duration::from_millis(2));
         }
-        (after, gave_up)
     }
 
     #[test]
     fn live_a_source_that_cannot_keep_up_gives_way_and_the_music_goes_on() {
         // 480 BPM: a step every 31.25 ms, composed in 40.
-        let slow = Slowed {
-            inner: RuleSource::new(0, true, 5),
-            sleep: std::time::Duration::from_millis(40),
-            stall: None,
-        };
-        let mut g = Generator::new(Box::new(slow), 0, true, 5, cond(), P, 0.7).with_decode_ahead(4);
-        let (after, gave_up) = play_live(&mut g, 480.0, 15.0);
-        let t = gave_up.expect("the slow source was kept for 15 s");
+        let mut g =
+            Generator::new(slowed(5, 40, None), 0, true, 5, cond(), P, 0.7).with_decode_ahead(4);
+        let heard = play_live(&mut g, |_| 480.0, 15.0, 1);
+        let (t, name) = heard
+            .changes
+            .first()
+            .expect("the slow source was kept for 15 s");
+        assert_eq!(name, "rules");
         // Three windows of two seconds once the first step is decoded; the scheduler may add.
-        assert!((5.9..9.0).contains(&t), "gave up after {t:.1} s");
+        assert!((5.9..9.0).contains(t), "gave up after {t:.1} s");
         let why = g.failure().unwrap();
         assert!(
             why.contains("cannot keep up") && why.contains("480 BPM"),
             "{why}"
         );
-        assert!(after > 10, "{after} notes in the second after the fallback");
+        assert!(heard.notes[1] > 10, "{:?} notes", heard.notes);
         // Offline (no pace watched) the same source is never given up.
-        let slow = Slowed {
-            inner: RuleSource::new(0, true, 5),
-            sleep: std::time::Duration::from_millis(40),
-            stall: None,
-        };
-        let mut g = Generator::new(Box::new(slow), 0, true, 5, cond(), P, 0.7);
+        let mut g = Generator::new(slowed(5, 40, None), 0, true, 5, cond(), P, 0.7);
         g.set_tempo(480.0);
         g.fill(0.0, 8.0, &mut |_| true);
         assert_eq!(g.committed_step(), 32);
@@ -514,19 +598,38 @@ mod tests {
     }
 
     #[test]
+    fn live_a_source_given_up_comes_back_when_the_tempo_comes_down() {
+        let mut g =
+            Generator::new(slowed(7, 40, None), 0, true, 7, cond(), P, 0.7).with_decode_ahead(4);
+        g.retry_after = std::time::Duration::from_secs(1);
+        // 480 BPM for 10 s (it gives way after about 6), then 120 BPM (125 ms a step: 40 ms fits).
+        let heard = play_live(&mut g, |t| if t < 10.0 { 480.0 } else { 120.0 }, 15.0, 2);
+        let names: Vec<&str> = heard.changes.iter().map(|(_, n)| n.as_str()).collect();
+        assert_eq!(names, ["rules", "slowed"], "{:?}", heard.changes);
+        let (back, _) = heard.changes[1];
+        assert!(
+            back >= 9.0,
+            "taken back at {back:.1} s, while still at 480 BPM"
+        );
+        assert_eq!(g.stats().restores, 1);
+        assert_eq!(g.failure(), None);
+        assert!(heard.notes[2] > 0, "{:?} notes", heard.notes);
+        assert!(g.watches_pace());
+    }
+
+    #[test]
     fn live_a_host_stall_does_not_cost_a_source_that_keeps_up() {
         // 240 BPM, a step composed in 2 ms, but step 20 stalls for 2.5 s, which puts the
         // steps after it 40 steps behind.
-        let stalled = Slowed {
-            inner: RuleSource::new(0, true, 6),
-            sleep: std::time::Duration::from_millis(2),
-            stall: Some((20, std::time::Duration::from_millis(2500))),
-        };
-        let mut g =
-            Generator::new(Box::new(stalled), 0, true, 6, cond(), P, 0.7).with_decode_ahead(4);
-        let (_, gave_up) = play_live(&mut g, 240.0, 9.0);
-        assert_eq!(gave_up, None, "{:?}", g.failure());
+        let mut g = Generator::new(slowed(6, 2, Some((20, 2500))), 0, true, 6, cond(), P, 0.7)
+            .with_decode_ahead(4);
+        let heard = play_live(&mut g, |_| 240.0, 9.0, 1);
+        assert!(
+            heard.changes.is_empty(),
+            "{:?}: {:?}",
+            heard.changes,
+            g.failure()
+        );
         assert!(g.stats().late_steps > 0, "the stall made no step late");
-        assert_eq!(g.source_name(), "slowed");
     }
 }

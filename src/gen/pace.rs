@@ -8,6 +8,11 @@
 //! median ignores a host stall (one step that took seconds); lateness alone would blame the
 //! source for a stall that made every source late. Both must last several windows, so a burst
 //! of rollbacks on a source near the line is ridden out.
+//!
+//! A source given up this way is kept, not dropped: a performer who pushed the tempo up brings
+//! it down again, and the model comes back once a step of its would take well under a step's
+//! time (`fits`), after `RETRY_AFTER` at least, so a tempo that hovers on the line does not
+//! switch composers back and forth.
 
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
@@ -23,6 +28,27 @@ const STRIKES: u32 = 3;
 /// A median step over this share of a step's time leaves too little for rollbacks, which
 /// decode the steps ahead again, and for the host's drift.
 const LOAD_LIMIT: f64 = 0.8;
+/// A source given up is taken back under this share of a step's time...
+const RETRY_LOAD: f64 = 0.5;
+/// ...and no sooner than this after it was given up.
+pub const RETRY_AFTER: Duration = Duration::from_secs(30);
+
+/// A step's time at `bpm`.
+fn step_time(bpm: f64) -> f64 {
+    60.0 / (bpm.max(1.0) * STEPS_PER_BEAT as f64)
+}
+
+/// Whether a source whose median step is `median` would keep up at `bpm` with room to spare.
+pub fn fits(median: Duration, bpm: f64) -> bool {
+    median.as_secs_f64() < RETRY_LOAD * step_time(bpm)
+}
+
+/// A source that could not keep up: why, and its median step then.
+#[derive(Debug)]
+pub struct Behind {
+    pub why: String,
+    pub median: Duration,
+}
 
 /// Watches one source's decoding against the tempo.
 #[derive(Debug)]
@@ -76,14 +102,14 @@ impl Pace {
 
     /// Once a window has passed: why the source cannot keep up at `bpm`, once it has been behind
     /// and slow for `STRIKES` windows in a row; `None` otherwise.
-    pub fn verdict(&mut self, now: Instant, bpm: f64) -> Option<String> {
+    pub fn verdict(&mut self, now: Instant, bpm: f64) -> Option<Behind> {
         let start = *self.window_start.get_or_insert(now);
         if now.duration_since(start) < WINDOW {
             return None;
         }
         self.window_start = Some(now);
         let late = std::mem::take(&mut self.late_in_window);
-        let step = 60.0 / (bpm.max(1.0) * STEPS_PER_BEAT as f64);
+        let step = step_time(bpm);
         let median = self.median()?;
         let load = median.as_secs_f64() / step;
         if late == 0 || load < LOAD_LIMIT {
@@ -93,18 +119,19 @@ impl Pace {
         }
         self.strikes += 1;
         self.late_in_strikes += late;
-        (self.strikes >= STRIKES).then(|| {
-            format!(
+        (self.strikes >= STRIKES).then(|| Behind {
+            median,
+            why: format!(
                 "it cannot keep up: a step takes {:.1} ms (the median of the last {}), and at \
                  {bpm:.0} BPM the music needs one every {:.1} ms; {} steps came after their time \
-                 in the last {} s. A lighter source (the network alone, guidance 1) or a faster \
-                 machine keeps the model",
+                 in the last {} s. It comes back when the tempo lets it; a lighter source (the \
+                 network alone, guidance 1) or a faster machine keeps it",
                 median.as_secs_f64() * 1e3,
                 self.decodes.len(),
                 step * 1e3,
                 self.late_in_strikes,
                 (WINDOW * STRIKES).as_secs(),
-            )
+            ),
         })
     }
 }
@@ -122,9 +149,8 @@ mod tests {
     fn run(decode_ms: u64, late: impl Fn(u32) -> bool) -> (Option<u32>, Option<String>) {
         let start = Instant::now();
         let mut pace = Pace::new();
-        assert_eq!(
-            pace.verdict(start, 120.0),
-            None,
+        assert!(
+            pace.verdict(start, 120.0).is_none(),
             "the first call opens a window"
         );
         for w in 1..=12 {
@@ -134,8 +160,9 @@ mod tests {
             if late(w) {
                 pace.late();
             }
-            if let Some(why) = pace.verdict(at(start, 2.0 * w as f64), 120.0) {
-                return (Some(w), Some(why));
+            if let Some(behind) = pace.verdict(at(start, 2.0 * w as f64), 120.0) {
+                assert_eq!(behind.median, Duration::from_millis(decode_ms));
+                return (Some(w), Some(behind.why));
             }
         }
         (None, None)
@@ -184,8 +211,18 @@ mod tests {
         let start = Instant::now();
         let mut pace = Pace::new();
         pace.late();
-        assert_eq!(pace.verdict(start, 120.0), None);
-        assert_eq!(pace.verdict(at(start, 2.5), 120.0), None);
+        assert!(pace.verdict(start, 120.0).is_none());
+        assert!(pace.verdict(at(start, 2.5), 120.0).is_none());
         assert_eq!(pace.median(), None);
+    }
+
+    #[test]
+    fn a_source_fits_under_half_a_step() {
+        // 120 BPM: 125 ms a step.
+        assert!(fits(Duration::from_millis(62), 120.0));
+        assert!(!fits(Duration::from_millis(63), 120.0));
+        // 300 BPM: 50 ms.
+        assert!(!fits(Duration::from_millis(49), 300.0));
+        assert!(fits(Duration::from_millis(24), 300.0));
     }
 }
