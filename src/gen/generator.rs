@@ -57,7 +57,10 @@ pub struct Generator {
     pace: Option<Pace>,
     bpm: f64,
     parked: Option<Parked>,
+    /// How long a source given up the first time waits before it may come back.
     retry_after: Duration,
+    /// Times a source was given up for not keeping up.
+    fell_behind: u32,
 }
 
 impl Generator {
@@ -89,6 +92,7 @@ impl Generator {
             bpm: 120.0,
             parked: None,
             retry_after: pace::RETRY_AFTER,
+            fell_behind: 0,
         }
     }
 
@@ -164,7 +168,15 @@ impl Generator {
 
     /// Replaces the source for as long as the tempo is too fast for it.
     fn fall_behind(&mut self, behind: Behind) {
-        let source = self.replace_with_rules(behind.why);
+        self.fell_behind += 1;
+        let wait = pace::retry_after(self.retry_after, self.fell_behind);
+        let why = format!(
+            "{}. It comes back when the tempo lets it, in {} s at the earliest; a lighter source \
+             (the network alone, guidance 1) or a faster machine keeps it",
+            behind.why,
+            wait.as_secs()
+        );
+        let source = self.replace_with_rules(why);
         self.parked = Some(Parked {
             source,
             median: behind.median,
@@ -176,7 +188,8 @@ impl Generator {
     /// composes afresh from the next step, as after a scene change.
     fn maybe_restore(&mut self) {
         let ready = self.parked.as_ref().is_some_and(|p| {
-            p.since.elapsed() >= self.retry_after && pace::fits(p.median, self.bpm)
+            p.since.elapsed() >= pace::retry_after(self.retry_after, self.fell_behind)
+                && pace::fits(p.median, self.bpm)
         });
         if !ready {
             return;

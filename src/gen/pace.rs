@@ -11,8 +11,9 @@
 //!
 //! A source given up this way is kept, not dropped: a performer who pushed the tempo up brings
 //! it down again, and the model comes back once a step of its would take well under a step's
-//! time (`fits`), after `RETRY_AFTER` at least, so a tempo that hovers on the line does not
-//! switch composers back and forth.
+//! time (`fits`), after `RETRY_AFTER` at least, and twice as long after each time it was given
+//! up again (`retry_after`), so a tempo or a host that hovers on the line switches composers,
+//! and logs it, at most about once an hour after a while, over months unattended.
 
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
@@ -30,8 +31,16 @@ const STRIKES: u32 = 3;
 const LOAD_LIMIT: f64 = 0.8;
 /// A source given up is taken back under this share of a step's time...
 const RETRY_LOAD: f64 = 0.5;
-/// ...and no sooner than this after it was given up.
+/// ...and no sooner than this after it was given up the first time...
 pub const RETRY_AFTER: Duration = Duration::from_secs(30);
+/// ...doubled each time after, up to this many times.
+const RETRY_DOUBLINGS: u32 = 7;
+
+/// How long a source given up for the `times`-th time (from 1) waits before it may come back,
+/// `first` the first time.
+pub fn retry_after(first: Duration, times: u32) -> Duration {
+    first * 2u32.pow(times.saturating_sub(1).min(RETRY_DOUBLINGS))
+}
 
 /// A step's time at `bpm`.
 fn step_time(bpm: f64) -> f64 {
@@ -124,8 +133,7 @@ impl Pace {
             why: format!(
                 "it cannot keep up: a step takes {:.1} ms (the median of the last {}), and at \
                  {bpm:.0} BPM the music needs one every {:.1} ms; {} steps came after their time \
-                 in the last {} s. It comes back when the tempo lets it; a lighter source (the \
-                 network alone, guidance 1) or a faster machine keeps it",
+                 in the last {} s",
                 median.as_secs_f64() * 1e3,
                 self.decodes.len(),
                 step * 1e3,
@@ -214,6 +222,14 @@ mod tests {
         assert!(pace.verdict(start, 120.0).is_none());
         assert!(pace.verdict(at(start, 2.5), 120.0).is_none());
         assert_eq!(pace.median(), None);
+    }
+
+    #[test]
+    fn each_time_a_source_is_given_up_it_waits_twice_as_long_up_to_an_hour() {
+        let waits: Vec<u64> = (1..=10)
+            .map(|n| retry_after(RETRY_AFTER, n).as_secs())
+            .collect();
+        assert_eq!(waits, [30, 60, 120, 240, 480, 960, 1920, 3840, 3840, 3840]);
     }
 
     #[test]
