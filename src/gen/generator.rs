@@ -601,6 +601,7 @@ mod tests {
             why.contains("cannot keep up") && why.contains("480 BPM"),
             "{why}"
         );
+        assert!(why.contains("in 30 s at the earliest"), "{why}");
         assert!(heard.notes[1] > 10, "{:?} notes", heard.notes);
         // Offline (no pace watched) the same source is never given up.
         let mut g = Generator::new(slowed(5, 40, None), 0, true, 5, cond(), P, 0.7);
