@@ -162,8 +162,25 @@ impl Generator {
 
     /// Replaces the source for good: it failed.
     fn fall_back(&mut self, why: String) {
+        tracing::error!(
+            source = self.source.name(),
+            "composer failed, switching to the rule-based source: {why}"
+        );
         self.parked = None;
         self.replace_with_rules(why);
+    }
+
+    /// Live: gives a source that cannot keep up way, or takes a parked one back. Checked before
+    /// every step committed, since a source far behind commits many steps in one `fill`.
+    fn judge_pace(&mut self) {
+        if let Some(behind) = self
+            .pace
+            .as_mut()
+            .and_then(|p| p.verdict(Instant::now(), self.bpm))
+        {
+            self.fall_behind(behind);
+        }
+        self.maybe_restore();
     }
 
     /// Replaces the source for as long as the tempo is too fast for it.
@@ -171,10 +188,14 @@ impl Generator {
         self.fell_behind += 1;
         let wait = pace::retry_after(self.retry_after, self.fell_behind);
         let why = format!(
-            "{}. It comes back when the tempo lets it, in {} s at the earliest; a lighter source \
-             (the network alone, guidance 1) or a faster machine keeps it",
+            "{}. It is timed again in {} s, and comes back if it then keeps up with room to spare; \
+             a lighter source (the network alone, guidance 1) or a faster machine keeps it",
             behind.why,
             wait.as_secs()
+        );
+        tracing::warn!(
+            source = self.source.name(),
+            "composer cannot keep up, switching to the rule-based source: {why}"
         );
         let source = self.replace_with_rules(why);
         self.parked = Some(Parked {
@@ -184,15 +205,29 @@ impl Generator {
         });
     }
 
-    /// Takes a parked source back once the tempo lets it keep up with room to spare; it
-    /// composes afresh from the next step, as after a scene change.
+    /// Takes a parked source back once it would keep up with room to spare: at the tempo now
+    /// playing, by its step when it was given up, or else by one step timed now (the host may
+    /// have become quieter), since it composes afresh anyway. It does so from the next step, as
+    /// after a scene change.
     fn maybe_restore(&mut self) {
-        let ready = self.parked.as_ref().is_some_and(|p| {
-            p.since.elapsed() >= pace::retry_after(self.retry_after, self.fell_behind)
-                && pace::fits(p.median, self.bpm)
-        });
-        if !ready {
+        let wait = pace::retry_after(self.retry_after, self.fell_behind);
+        let Some(p) = self.parked.as_mut().filter(|p| p.since.elapsed() >= wait) else {
             return;
+        };
+        if !pace::fits(p.median, self.bpm) {
+            let t = Instant::now();
+            if let Err(e) = p.source.next_step(&self.cond, &self.params) {
+                tracing::error!(
+                    "composer failed while set aside, keeping the rule-based source: {e}"
+                );
+                self.parked = None;
+                return;
+            }
+            p.median = t.elapsed();
+            p.since = Instant::now();
+            if !pace::fits(p.median, self.bpm) {
+                return;
+            }
         }
         let Parked {
             mut source, median, ..
@@ -212,10 +247,6 @@ impl Generator {
     }
 
     fn replace_with_rules(&mut self, why: String) -> Box<dyn NoteSource> {
-        tracing::error!(
-            source = self.source.name(),
-            "composer failed, switching to the rule-based source: {why}"
-        );
         let mut rules = RuleSource::new(self.tonic, self.scale_lock, self.seed);
         rules.resume_at(self.committed, self.sounding);
         self.pending.clear();
@@ -253,15 +284,8 @@ impl Generator {
         if !self.flush(push) {
             return;
         }
-        if let Some(behind) = self
-            .pace
-            .as_mut()
-            .and_then(|p| p.verdict(Instant::now(), self.bpm))
-        {
-            self.fall_behind(behind);
-        }
-        self.maybe_restore();
         while (self.committed as f64) / (STEPS_PER_BEAT as f64) < horizon_beat {
+            self.judge_pace();
             while self.pending.len() <= self.decode_ahead {
                 let s = self.decode_one();
                 self.pending.push_back(s);
@@ -498,7 +522,8 @@ mod tests {
     /// The rule-based source, `sleep` longer on every step, and once for `stall` on step `at`.
     struct Slowed {
         inner: RuleSource,
-        sleep: std::time::Duration,
+        /// Milliseconds a step, shared so that a test can change it while the source plays.
+        sleep: std::sync::Arc<std::sync::atomic::AtomicU64>,
         stall: Option<(u64, std::time::Duration)>,
     }
     impl NoteSource for Slowed {
@@ -509,7 +534,8 @@ mod tests {
             self.inner.position()
         }
         fn next_step(&mut self, c: &Conditioning, p: &SamplingParams) -> Result<Step, SourceError> {
-            std::thread::sleep(self.sleep);
+            let ms = self.sleep.load(std::sync::atomic::Ordering::Relaxed);
+            std::thread::sleep(std::time::Duration::from_millis(ms));
             if let Some((at, d)) = self.stall {
                 if self.inner.position() == at {
                     std::thread::sleep(d);
@@ -526,9 +552,17 @@ mod tests {
     }
 
     fn slowed(seed: u64, ms: u64, stall: Option<(u64, u64)>) -> Box<dyn NoteSource> {
+        slowed_by(seed, std::sync::Arc::new(ms.into()), stall)
+    }
+
+    fn slowed_by(
+        seed: u64,
+        ms: std::sync::Arc<std::sync::atomic::AtomicU64>,
+        stall: Option<(u64, u64)>,
+    ) -> Box<dyn NoteSource> {
         Box::new(Slowed {
             inner: RuleSource::new(0, true, seed),
-            sleep: std::time::Duration::from_millis(ms),
+            sleep: ms,
             stall: stall.map(|(at, ms)| (at, std::time::Duration::from_millis(ms))),
         })
     }
@@ -576,7 +610,9 @@ mod tests {
             });
             if g.source_name() != name {
                 name = g.source_name().to_string();
-                heard.changes.push((now, name.clone()));
+                heard
+                    .changes
+                    .push((start.elapsed().as_secs_f64(), name.clone()));
                 heard.notes.push(0);
             }
             std::thread::sleep(std::time::Duration::from_millis(2));
@@ -595,13 +631,13 @@ mod tests {
             .expect("the slow source was kept for 15 s");
         assert_eq!(name, "rules");
         // Three windows of two seconds once the first step is decoded; the scheduler may add.
-        assert!((5.9..9.0).contains(t), "gave up after {t:.1} s");
+        assert!((5.9..12.0).contains(t), "gave up after {t:.1} s");
         let why = g.failure().unwrap();
         assert!(
             why.contains("cannot keep up") && why.contains("480 BPM"),
             "{why}"
         );
-        assert!(why.contains("in 30 s at the earliest"), "{why}");
+        assert!(why.contains("timed again in 30 s"), "{why}");
         assert!(heard.notes[1] > 10, "{:?} notes", heard.notes);
         // Offline (no pace watched) the same source is never given up.
         let mut g = Generator::new(slowed(5, 40, None), 0, true, 5, cond(), P, 0.7);
@@ -616,19 +652,49 @@ mod tests {
         let mut g =
             Generator::new(slowed(7, 40, None), 0, true, 7, cond(), P, 0.7).with_decode_ahead(4);
         g.retry_after = std::time::Duration::from_secs(1);
-        // 480 BPM for 10 s (it gives way after about 6), then 120 BPM (125 ms a step: 40 ms fits).
-        let heard = play_live(&mut g, |t| if t < 10.0 { 480.0 } else { 120.0 }, 15.0, 2);
+        // 480 BPM for 15 s (it gives way after about 6), then 120 BPM (125 ms a step: 40 ms
+        // fits). At 480 it is timed again every second, and does not fit.
+        let heard = play_live(&mut g, |t| if t < 15.0 { 480.0 } else { 120.0 }, 22.0, 2);
         let names: Vec<&str> = heard.changes.iter().map(|(_, n)| n.as_str()).collect();
         assert_eq!(names, ["rules", "slowed"], "{:?}", heard.changes);
         let (back, _) = heard.changes[1];
         assert!(
-            back >= 9.0,
+            back >= 15.0,
             "taken back at {back:.1} s, while still at 480 BPM"
         );
         assert_eq!(g.stats().restores, 1);
         assert_eq!(g.failure(), None);
         assert!(heard.notes[2] > 0, "{:?} notes", heard.notes);
         assert!(g.watches_pace());
+    }
+
+    #[test]
+    fn live_a_source_given_up_comes_back_when_the_host_gets_quicker() {
+        let ms = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(40));
+        let mut g = Generator::new(slowed_by(8, ms.clone(), None), 0, true, 8, cond(), P, 0.7)
+            .with_decode_ahead(4);
+        g.retry_after = std::time::Duration::from_secs(1);
+        // 480 BPM throughout; the steps take 40 ms for 12 s, then 4 (under half of 31.25).
+        let slow_until = 12.0;
+        let heard = play_live(
+            &mut g,
+            |t| {
+                if t >= slow_until {
+                    ms.store(4, std::sync::atomic::Ordering::Relaxed);
+                }
+                480.0
+            },
+            20.0,
+            2,
+        );
+        let names: Vec<&str> = heard.changes.iter().map(|(_, n)| n.as_str()).collect();
+        assert_eq!(names, ["rules", "slowed"], "{:?}", heard.changes);
+        let (back, _) = heard.changes[1];
+        assert!(
+            back >= slow_until,
+            "taken back at {back:.1} s, while still slow"
+        );
+        assert_eq!(g.stats().restores, 1);
     }
 
     #[test]

@@ -11,9 +11,10 @@
 //!
 //! A source given up this way is kept, not dropped: a performer who pushed the tempo up brings
 //! it down again, and the model comes back once a step of its would take well under a step's
-//! time (`fits`), after `RETRY_AFTER` at least, and twice as long after each time it was given
-//! up again (`retry_after`), so a tempo or a host that hovers on the line switches composers,
-//! and logs it, at most about once an hour after a while, over months unattended.
+//! time (`fits`) at the tempo then playing, after `RETRY_AFTER` at least, and twice as long after
+//! each time it was given up again in the same scene (`retry_after`), so a tempo or a host that
+//! hovers on the line switches composers, and logs it, at most about once an hour after a while.
+//! Its step is timed again when it may come back (the host may have become quieter).
 
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
@@ -67,6 +68,8 @@ pub struct Pace {
     late_in_window: u32,
     late_in_strikes: u32,
     strikes: u32,
+    /// When the first window of the strikes now counted began.
+    strikes_since: Option<Instant>,
 }
 
 impl Default for Pace {
@@ -83,6 +86,7 @@ impl Pace {
             late_in_window: 0,
             late_in_strikes: 0,
             strikes: 0,
+            strikes_since: None,
         }
     }
 
@@ -118,12 +122,14 @@ impl Pace {
         }
         self.window_start = Some(now);
         let late = std::mem::take(&mut self.late_in_window);
+        let since = *self.strikes_since.get_or_insert(start);
         let step = step_time(bpm);
         let median = self.median()?;
         let load = median.as_secs_f64() / step;
         if late == 0 || load < LOAD_LIMIT {
             self.strikes = 0;
             self.late_in_strikes = 0;
+            self.strikes_since = None;
             return None;
         }
         self.strikes += 1;
@@ -138,7 +144,7 @@ impl Pace {
                 self.decodes.len(),
                 step * 1e3,
                 self.late_in_strikes,
-                (WINDOW * STRIKES).as_secs(),
+                now.duration_since(since).as_secs_f64().round(),
             ),
         })
     }
