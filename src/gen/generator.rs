@@ -170,7 +170,7 @@ impl Generator {
         self.replace_with_rules(why);
     }
 
-    /// Live: gives a source that cannot keep up way, or takes a parked one back. Checked before
+    /// Live: sets aside a source that cannot keep up, or takes a parked one back. Checked before
     /// every step committed, since a source far behind commits many steps in one `fill`.
     fn judge_pace(&mut self) {
         if let Some(behind) = self
@@ -634,7 +634,7 @@ mod tests {
         assert!((5.9..12.0).contains(t), "gave up after {t:.1} s");
         let why = g.failure().unwrap();
         assert!(
-            why.contains("cannot keep up") && why.contains("480 BPM"),
+            why.contains("a step takes 4") && why.contains("480 BPM"),
             "{why}"
         );
         assert!(why.contains("timed again in 30 s"), "{why}");

@@ -137,7 +137,7 @@ impl Pace {
         (self.strikes >= STRIKES).then(|| Behind {
             median,
             why: format!(
-                "it cannot keep up: a step takes {:.1} ms (the median of the last {}), and at \
+                "a step takes {:.1} ms (the median of the last {}), and at \
                  {bpm:.0} BPM the music needs one every {:.1} ms; {} steps came after their time \
                  in the last {} s",
                 median.as_secs_f64() * 1e3,
