@@ -7,7 +7,6 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use crate::control::ControlLoop;
-use crate::gen::{SamplingParams, STEPS_PER_BEAT};
 use crate::output::{self, OutputRequest};
 use crate::scene::{Scene, SourceKind};
 
@@ -164,9 +163,6 @@ fn check_model(r: &mut Report, path: &Path) {
 /// its cache starts to slide, which is the step a long-running room pays.
 const UNTIMED_STEPS: usize = 128;
 const TIMED_STEPS: usize = 64;
-/// A median step over this share of a step's time at the scene's tempo leaves too little room
-/// (the engine itself gives a source up at 0.8, see `gen::pace`).
-const PACE_WARN: f64 = 0.5;
 
 /// Times a model scene's composer on this machine, as the scene runs it (its model, guidance
 /// and sampling), against the time a step lasts at the scene's tempo.
@@ -178,10 +174,7 @@ fn check_pace(r: &mut Report, scene: &Scene) {
         Err(_) => return,
     };
     let controls = ControlLoop::new(scene).tick(0.0);
-    let params = SamplingParams {
-        temperature: controls.temperature,
-        top_p: scene.generator.top_p,
-    };
+    let params = crate::session::sampling(&controls, scene);
     let mut times = Vec::with_capacity(TIMED_STEPS);
     for i in 0..UNTIMED_STEPS + TIMED_STEPS {
         let t = Instant::now();
@@ -195,20 +188,25 @@ fn check_pace(r: &mut Report, scene: &Scene) {
             return;
         }
         if i >= UNTIMED_STEPS {
-            times.push(t.elapsed().as_secs_f64() * 1e3);
+            times.push(t.elapsed());
         }
     }
-    times.sort_by(f64::total_cmp);
-    let median = times[times.len() / 2];
-    let slowest = times[times.len() - 1];
+    times.sort_unstable();
+    let (median, slowest) = (times[times.len() / 2], times[times.len() - 1]);
     let bpm = scene.tempo;
-    let step = 60e3 / (bpm * STEPS_PER_BEAT as f64);
+    let step = crate::gen::step_time(bpm);
+    let ms = |d: std::time::Duration| d.as_secs_f64() * 1e3;
     let detail = format!(
-        "a step in {median:.1} ms (median of {TIMED_STEPS} with a full context; slowest \
-         {slowest:.1} ms), against {step:.0} ms a step at the scene's {bpm:.0} BPM: {:.1}x headroom",
-        step / median
+        "a step in {:.1} ms (median of {TIMED_STEPS} with a full context; slowest {:.1} ms), \
+         against {:.0} ms a step at the scene's {bpm:.0} BPM: {:.1}x headroom",
+        ms(median),
+        ms(slowest),
+        step * 1e3,
+        step / median.as_secs_f64()
     );
-    if median > PACE_WARN * step {
+    // The share of a step the engine takes a set-aside composer back under: the margin a room
+    // needs for rollbacks and the host's drift.
+    if !crate::gen::fits(median, bpm) {
         r.problem(
             &what,
             detail,

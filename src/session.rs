@@ -46,7 +46,8 @@ pub fn make_source(scene: &Scene, seed: u64) -> Box<dyn NoteSource> {
     }
 }
 
-fn sampling(c: &Controls, scene: &Scene) -> SamplingParams {
+/// The sampling settings a scene's composer runs with under `c`.
+pub fn sampling(c: &Controls, scene: &Scene) -> SamplingParams {
     SamplingParams {
         temperature: c.temperature,
         top_p: scene.generator.top_p,

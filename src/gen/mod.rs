@@ -9,6 +9,7 @@ mod pace;
 pub mod rules;
 
 pub use generator::{Generator, GeneratorStats};
+pub use pace::{fits, step_time};
 
 use crate::control::Conditioning;
 

@@ -43,8 +43,8 @@ pub fn retry_after(first: Duration, times: u32) -> Duration {
     first * 2u32.pow(times.saturating_sub(1).min(RETRY_DOUBLINGS))
 }
 
-/// A step's time at `bpm`.
-fn step_time(bpm: f64) -> f64 {
+/// A step's time at `bpm`, in seconds.
+pub fn step_time(bpm: f64) -> f64 {
     60.0 / (bpm.max(1.0) * STEPS_PER_BEAT as f64)
 }
 
