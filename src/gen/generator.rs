@@ -21,11 +21,11 @@ pub struct GeneratorStats {
     pub queue_full: u64,
     /// Steps committed too late to sound (the generator fell behind the playhead).
     pub late_steps: u64,
-    /// Sources taken back once the tempo let them keep up again.
+    /// Sources set aside for not keeping up and taken back once they would.
     pub restores: u64,
 }
 
-/// A source given up for not keeping up, kept to be taken back when the tempo lets it.
+/// A source given up for not keeping up, kept to be taken back when it would keep up again.
 struct Parked {
     source: Box<dyn NoteSource>,
     median: Duration,
@@ -183,7 +183,7 @@ impl Generator {
         self.maybe_restore();
     }
 
-    /// Replaces the source for as long as the tempo is too fast for it.
+    /// Replaces the source for as long as it cannot keep up (see `maybe_restore`).
     fn fall_behind(&mut self, behind: Behind) {
         self.fell_behind += 1;
         let wait = pace::retry_after(self.retry_after, self.fell_behind);
