@@ -165,7 +165,7 @@ const UNTIMED_STEPS: usize = 128;
 const TIMED_STEPS: usize = 64;
 
 /// Times a model scene's composer on this machine, as the scene runs it (its model, guidance
-/// and sampling), against the time a step lasts at the scene's tempo.
+/// and sampling), against the time a step lasts at the fastest tempo the scene's mappings reach.
 fn check_pace(r: &mut Report, scene: &Scene) {
     let what = format!("composer pace ({})", scene.name);
     let mut source = match crate::model::load_source(scene, scene.generator.seed) {
@@ -193,12 +193,30 @@ fn check_pace(r: &mut Report, scene: &Scene) {
     }
     times.sort_unstable();
     let (median, slowest) = (times[times.len() / 2], times[times.len() - 1]);
-    let bpm = scene.tempo;
+    // The room's busiest minutes set the pace the composer must hold, not the scene's base.
+    let bpm = crate::control::fastest_tempo(scene);
     let step = crate::gen::step_time(bpm);
     let ms = |d: std::time::Duration| d.as_secs_f64() * 1e3;
+    let reach = if bpm > scene.tempo {
+        format!(
+            "{bpm:.0} BPM, the fastest the scene's tempo mapping reaches from its {:.0}",
+            scene.tempo
+        )
+    } else {
+        format!("the scene's {bpm:.0} BPM")
+    };
+    let fastest = crate::gen::fastest_fitting(median);
+    let keeps_up = if fastest >= crate::control::MAX_TEMPO {
+        format!(
+            "it keeps up at any tempo the engine plays (to {:.0} BPM)",
+            crate::control::MAX_TEMPO
+        )
+    } else {
+        format!("it keeps up to {fastest:.0} BPM")
+    };
     let detail = format!(
         "a step in {:.1} ms (median of {TIMED_STEPS} with a full context; slowest {:.1} ms), \
-         against {:.0} ms a step at the scene's {bpm:.0} BPM: {:.1}x headroom",
+         against {:.0} ms a step at {reach}: {:.1}x headroom; {keeps_up}",
         ms(median),
         ms(slowest),
         step * 1e3,
@@ -211,8 +229,8 @@ fn check_pace(r: &mut Report, scene: &Scene) {
             &what,
             detail,
             "set the scene's `model` to the network alone (models/roomscore-satb.onnx), lower \
-             `guidance`, or slow the scene; live, the engine replaces a model that cannot keep up \
-             with the rule-based source",
+             `guidance`, or slow the scene or narrow its tempo mapping; live, the engine replaces \
+             a model that cannot keep up with the rule-based source",
         );
     } else {
         r.ok(&what, detail);

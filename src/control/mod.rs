@@ -58,6 +58,22 @@ impl Conditioning {
     }
 }
 
+/// The tempo range the engine plays, in BPM, whatever a scene, its mappings or an operator ask.
+pub const MIN_TEMPO: f64 = 20.0;
+pub const MAX_TEMPO: f64 = 300.0;
+
+/// The fastest tempo `scene` reaches by its own mappings, from its base tempo: a room that moves
+/// most drives the composer hardest. An operator's `/roomscore/tempo` may move the base beyond.
+pub fn fastest_tempo(scene: &Scene) -> f64 {
+    let factors = scene.mappings.iter().filter(|m| m.to == Target::Tempo);
+    // Mappings onto one target add up (see `tick`); each gives a value within its range.
+    let factor = factors
+        .map(|m| m.range.0.max(m.range.1) as f64)
+        .reduce(|a, b| a + b)
+        .unwrap_or(1.0);
+    (scene.tempo * factor).clamp(MIN_TEMPO, MAX_TEMPO)
+}
+
 /// Everything the control loop decides, once per tick.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Controls {
@@ -172,7 +188,7 @@ impl ControlLoop {
 
     pub fn set_tempo(&mut self, bpm: f64) {
         if bpm.is_finite() {
-            self.base_tempo = bpm.clamp(20.0, 300.0);
+            self.base_tempo = bpm.clamp(MIN_TEMPO, MAX_TEMPO);
         }
     }
 
@@ -208,7 +224,9 @@ impl ControlLoop {
                 TargetKey::Density => c.cond.density = Some(y.clamp(0.0, 16.0)),
                 TargetKey::Register => c.cond.register = Some(y.clamp(30.0, 96.0)),
                 TargetKey::Mode => c.cond.major = Some(y.clamp(0.0, 1.0)),
-                TargetKey::Tempo => c.tempo = (self.base_tempo * y as f64).clamp(20.0, 300.0),
+                TargetKey::Tempo => {
+                    c.tempo = (self.base_tempo * y as f64).clamp(MIN_TEMPO, MAX_TEMPO)
+                }
                 TargetKey::Volume => c.volume = (self.base_volume * y).clamp(0.0, 1.0),
                 TargetKey::Reverb => c.reverb = y.clamp(0.0, 1.0),
                 TargetKey::Velocity => c.velocity = y.clamp(0.0, 1.0),
@@ -348,5 +366,30 @@ smooth = 0.0
             last = c.tick(0.01).cond.major.unwrap();
         }
         assert!(last < 1e-4, "{last}");
+    }
+
+    #[test]
+    fn the_fastest_tempo_is_where_the_mappings_take_the_base_at_their_top() {
+        let sc = scene();
+        let fastest = fastest_tempo(&sc);
+        assert!((fastest - 150.0).abs() < 1e-9, "{fastest}");
+        // The loop, with the mapped input at its top, plays that tempo.
+        let mut c = ControlLoop::new(&sc);
+        c.set_input(InputName::Named("door".into()), 1.0);
+        assert!((c.tick(0.01).tempo - fastest).abs() < 1e-6);
+
+        // Two mappings add up, an inverted range counts by its larger end, and the engine's
+        // ceiling holds.
+        let mut two = sc.clone();
+        let mut slow_down = two.mappings.last().unwrap().clone();
+        slow_down.range = (0.5, 0.25);
+        two.mappings.push(slow_down);
+        assert!((fastest_tempo(&two) - 200.0).abs() < 1e-9);
+        two.tempo = 290.0;
+        assert_eq!(fastest_tempo(&two), MAX_TEMPO);
+
+        let mut none = sc;
+        none.mappings.retain(|m| m.to != Target::Tempo);
+        assert_eq!(fastest_tempo(&none), 100.0);
     }
 }

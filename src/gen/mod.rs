@@ -9,7 +9,7 @@ mod pace;
 pub mod rules;
 
 pub use generator::{Generator, GeneratorStats};
-pub use pace::{fits, step_time};
+pub use pace::{fastest_fitting, fits, step_time};
 
 use crate::control::Conditioning;
 

@@ -53,6 +53,11 @@ pub fn fits(median: Duration, bpm: f64) -> bool {
     median.as_secs_f64() < RETRY_LOAD * step_time(bpm)
 }
 
+/// The fastest tempo, in BPM, at which a source whose median step is `median` `fits`.
+pub fn fastest_fitting(median: Duration) -> f64 {
+    RETRY_LOAD * 60.0 / (STEPS_PER_BEAT as f64 * median.as_secs_f64().max(1e-9))
+}
+
 /// A source that could not keep up: why, and its median step then.
 #[derive(Debug)]
 pub struct Behind {
@@ -246,5 +251,17 @@ mod tests {
         // 300 BPM: 50 ms.
         assert!(!fits(Duration::from_millis(49), 300.0));
         assert!(fits(Duration::from_millis(24), 300.0));
+    }
+
+    #[test]
+    fn the_fastest_fitting_tempo_is_where_fits_turns() {
+        // Half of a 50 ms step: 300 BPM.
+        assert!((fastest_fitting(Duration::from_millis(25)) - 300.0).abs() < 1e-9);
+        for ms in [0.3, 4.0, 49.0, 230.0] {
+            let median = Duration::from_secs_f64(ms / 1e3);
+            let bpm = fastest_fitting(median);
+            assert!(fits(median, bpm * 0.99), "{ms} ms at {bpm}");
+            assert!(!fits(median, bpm * 1.01), "{ms} ms at {bpm}");
+        }
     }
 }

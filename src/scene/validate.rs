@@ -122,7 +122,12 @@ fn build(c: &mut Checker, raw: RawScene, path: &Path, base_dir: &Path) -> Scene 
             ),
         );
     }
-    let tempo = c.range(&[key("scene"), key("tempo")], meta.tempo, 20.0, 300.0);
+    let tempo = c.range(
+        &[key("scene"), key("tempo")],
+        meta.tempo,
+        crate::control::MIN_TEMPO,
+        crate::control::MAX_TEMPO,
+    );
     let tonic = parse_tonic(&meta.key).unwrap_or_else(|| {
         c.fail(
             &[key("scene"), key("key")],

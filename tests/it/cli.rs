@@ -142,10 +142,25 @@ fn doctor_times_a_model_scenes_composer_against_its_tempo() {
     };
     let (median, slowest) = (number_after("a step in "), number_after("slowest "));
     assert!(median > 0.0 && median <= slowest, "{line}");
-    // A 16th at the chorale's 66 BPM.
+    // A 16th at 79.2 BPM: the chorale's 66 BPM, which its arousal mapping takes up to 1.2x.
     assert!(
-        line.contains("against 227 ms a step at the scene's 66 BPM"),
+        line.contains(
+            "against 189 ms a step at 79 BPM, the fastest the scene's tempo mapping reaches from its 66"
+        ),
         "{line}"
     );
     assert!(line.contains("median of 64 with a full context"), "{line}");
+    // Half a step at the tempo it names is the median: 7.5 s / median.
+    if median * 1e-3 < 7.5 / 300.0 {
+        assert!(
+            line.ends_with("it keeps up at any tempo the engine plays (to 300 BPM)"),
+            "{line}"
+        );
+    } else {
+        let bpm = number_after("it keeps up to ");
+        assert!(
+            (bpm - 7.5 / (median * 1e-3)).abs() <= 0.01 * bpm + 1.0,
+            "{line}"
+        );
+    }
 }
