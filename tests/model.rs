@@ -317,6 +317,78 @@ fn rollback_matches_a_fresh_decode(guidance: f32) {
 }
 
 #[test]
+fn a_model_taken_back_carries_on_what_the_room_heard() {
+    // Sampled greedily (top-p 0 keeps the top token alone), the next steps depend on the
+    // context alone, not on the RNG: handed the steps another composition played, the source
+    // goes on as that composition itself would.
+    let greedy = SamplingParams {
+        temperature: 1.0,
+        top_p: 0.0,
+    };
+    let c = cond(4.0, 62.0, 1.0);
+    for guidance in [1.0, 2.0] {
+        let source = || ModelSource::new(open(), 5, true, Mode::Major, 42).with_guidance(guidance);
+        let mut own = source();
+        let heard = decode(&mut own, &c, 40);
+        let expected: Vec<Step> = (0..12)
+            .map(|_| own.next_step(&c, &greedy).unwrap())
+            .collect();
+
+        // Heard a few steps at a time, as the generator hands them over.
+        let mut back = source();
+        decode(&mut back, &cond(1.0, 70.0, 0.0), 7);
+        back.start_at(0);
+        for chunk in heard.chunks(4) {
+            back.hear(chunk, &c).unwrap();
+        }
+        assert_eq!(back.position(), 40);
+        let carried: Vec<Step> = (0..12)
+            .map(|_| back.next_step(&c, &greedy).unwrap())
+            .collect();
+        assert_eq!(carried, expected, "guidance {guidance}");
+
+        // Not what a fresh start would play: the context is what decides.
+        let mut fresh = source();
+        fresh.start_at(40);
+        let afresh: Vec<Step> = (0..12)
+            .map(|_| fresh.next_step(&c, &greedy).unwrap())
+            .collect();
+        assert_ne!(afresh, expected, "guidance {guidance}");
+    }
+}
+
+#[test]
+fn a_model_hears_any_music_and_more_than_its_context() {
+    let c = cond(4.0, 62.0, 0.0);
+    let mut src = ModelSource::new(open(), 0, false, Mode::Major, 3);
+    // Pitches no vocabulary holds (an octave or more in, or a rest), and more steps than the
+    // context takes, at once and a few at a time: past the context, the last half of it stays.
+    let heard: Vec<Step> = (0..300u32)
+        .map(|i| {
+            let p = (i % 128) as u8;
+            [Some(p), Some(127 - p), None, Some(p / 2)]
+        })
+        .collect();
+    let ctx_steps = open().card.context_length / 4;
+    for chunk in [300, 3] {
+        src.start_at(700);
+        for part in heard.chunks(chunk) {
+            src.hear(part, &c).unwrap();
+        }
+        assert_eq!(src.position(), 1000);
+        // Its own steps cannot be rolled back into what it heard.
+        assert!(src.rollback(999).is_err());
+        // On past the point where the cache slides, and back a few steps.
+        let first = decode(&mut src, &c, ctx_steps);
+        assert_eq!(src.position(), (1000 + ctx_steps) as u64);
+        src.rollback(1000 + ctx_steps as u64 - 6).unwrap();
+        let again = decode(&mut src, &c, 6);
+        assert_eq!(again, first[ctx_steps - 6..]);
+        assert!(first.iter().flatten().flatten().count() > 0);
+    }
+}
+
+#[test]
 fn guidance_weight_zero_is_the_unconditional_model() {
     // At w = 0 only the unconditional pass speaks, so what is asked cannot matter; at w = 1 and
     // w = 3 it must. Same seed throughout, so any difference comes from the logits.

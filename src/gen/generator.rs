@@ -6,10 +6,18 @@
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
-use super::pace::{self, Behind, Pace};
+use super::pace::{self, Backoff, Behind, Pace};
 use super::rules::RuleSource;
 use super::{NoteEvent, NoteSource, SamplingParams, Step, STEPS_PER_BEAT, VOICES};
 use crate::control::Conditioning;
+
+/// Steps kept of what the room heard, for a source taken back to carry on from: 16 beats, the
+/// half context the shipped model can take in before its cache slides.
+const HEARD_KEPT: usize = 64;
+/// Steps a source being taken back hears before each step committed: about one step's work for
+/// the shipped model (4 steps heard in one pass took 0.34-0.75 of a decoded step), and it
+/// catches up with 64 in about 22 steps.
+const HEAR_CHUNK: usize = 4;
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct GeneratorStats {
@@ -30,6 +38,12 @@ struct Parked {
     source: Box<dyn NoteSource>,
     median: Duration,
     since: Instant,
+    /// Steps timed since the wait ran out, and the fastest of them.
+    timed: u32,
+    fastest: Duration,
+    /// Once it fits again: since when, and from which step, it has been hearing the music to
+    /// catch up with it.
+    hearing: Option<(Instant, u64)>,
 }
 
 pub struct Generator {
@@ -43,6 +57,9 @@ pub struct Generator {
     pending: VecDeque<Step>,
     /// Tokens sounding after the last committed step.
     sounding: Step,
+    /// The last steps committed (at most `HEARD_KEPT`), oldest first: what a source taken back
+    /// carries on from.
+    heard: VecDeque<Step>,
     cond: Conditioning,
     params: SamplingParams,
     velocity: f32,
@@ -57,10 +74,8 @@ pub struct Generator {
     pace: Option<Pace>,
     bpm: f64,
     parked: Option<Parked>,
-    /// How long a source given up the first time waits before it may come back.
-    retry_after: Duration,
-    /// Times a source was given up for not keeping up.
-    fell_behind: u32,
+    /// How long a source given up waits before it may come back.
+    backoff: Backoff,
 }
 
 impl Generator {
@@ -81,6 +96,7 @@ impl Generator {
             committed: 0,
             pending: VecDeque::new(),
             sounding: [None; VOICES],
+            heard: VecDeque::with_capacity(HEARD_KEPT),
             cond,
             params,
             velocity,
@@ -91,12 +107,12 @@ impl Generator {
             pace: None,
             bpm: 120.0,
             parked: None,
-            retry_after: pace::RETRY_AFTER,
-            fell_behind: 0,
+            backoff: Backoff::new(pace::RETRY_AFTER, pace::FORGIVE_AFTER),
         }
     }
 
-    /// Decodes up to `steps` beyond the committed point (worth it for batched model decoding).
+    /// Keeps up to `steps` decoded beyond the committed point, so a step is ready before it is
+    /// due and a slow decode does not hold up a commit; a conditioning change rolls them back.
     pub fn with_decode_ahead(mut self, steps: usize) -> Self {
         self.decode_ahead = steps;
         self
@@ -173,20 +189,20 @@ impl Generator {
     /// Live: sets aside a source that cannot keep up, or takes a parked one back. Checked before
     /// every step committed, since a source far behind commits many steps in one `fill`.
     fn judge_pace(&mut self) {
-        if let Some(behind) = self
-            .pace
-            .as_mut()
-            .and_then(|p| p.verdict(Instant::now(), self.bpm))
-        {
-            self.fall_behind(behind);
+        let now = Instant::now();
+        let Some(pace) = &mut self.pace else {
+            self.maybe_restore();
+            return;
+        };
+        match pace.verdict(now, self.bpm) {
+            Some(behind) => self.fall_behind(behind),
+            None => self.backoff.keeping_up(now),
         }
-        self.maybe_restore();
     }
 
     /// Replaces the source for as long as it cannot keep up (see `maybe_restore`).
     fn fall_behind(&mut self, behind: Behind) {
-        self.fell_behind += 1;
-        let wait = pace::retry_after(self.retry_after, self.fell_behind);
+        let wait = self.backoff.given_up();
         let why = format!(
             "{}. It is timed again in {} s, and comes back if it then keeps up with room to spare; \
              a lighter source (the network alone, guidance 1) or a faster machine keeps it",
@@ -202,46 +218,99 @@ impl Generator {
             source,
             median: behind.median,
             since: Instant::now(),
+            timed: 0,
+            fastest: Duration::MAX,
+            hearing: None,
         });
     }
 
     /// Takes a parked source back once it would keep up with room to spare: at the tempo now
     /// playing, by its step when it was given up, or else by one step timed now (the host may
-    /// have become quieter), since it composes afresh anyway. It does so from the next step, as
-    /// after a scene change.
+    /// have become quieter), since what it composed while parked is thrown away anyway. It first
+    /// hears the steps the room last heard, `HEAR_CHUNK` of them before each step committed
+    /// (taking them all at once would cost several steps' time at once and make notes late),
+    /// and composes on from them once it has caught up.
     fn maybe_restore(&mut self) {
-        let wait = pace::retry_after(self.retry_after, self.fell_behind);
-        let Some(p) = self.parked.as_mut().filter(|p| p.since.elapsed() >= wait) else {
+        let wait = self.backoff.wait();
+        let Some(p) = self
+            .parked
+            .as_mut()
+            .filter(|p| p.hearing.is_some() || p.since.elapsed() >= wait)
+        else {
             return;
         };
-        if !pace::fits(p.median, self.bpm) {
-            let t = Instant::now();
-            if let Err(e) = p.source.next_step(&self.cond, &self.params) {
-                tracing::error!(
-                    "composer failed while set aside, keeping the rule-based source: {e}"
-                );
-                self.parked = None;
-                return;
-            }
-            p.median = t.elapsed();
-            p.since = Instant::now();
+        let first_kept = self.committed - self.heard.len() as u64;
+        if p.hearing.is_none() {
             if !pace::fits(p.median, self.bpm) {
-                return;
+                let t = Instant::now();
+                if let Err(e) = p.source.next_step(&self.cond, &self.params) {
+                    tracing::error!(
+                        "composer failed while set aside, keeping the rule-based source: {e}"
+                    );
+                    self.parked = None;
+                    return;
+                }
+                p.fastest = p.fastest.min(t.elapsed());
+                p.timed += 1;
+                if !pace::fits(p.fastest, self.bpm) {
+                    if p.timed < pace::RETIMED_STEPS {
+                        return;
+                    }
+                    tracing::info!(
+                        source = p.source.name(),
+                        "still set aside: its fastest of {} steps took {:.1} ms, and at {:.0} BPM \
+                         it must take under {:.1}; timed again in {} s",
+                        p.timed,
+                        p.fastest.as_secs_f64() * 1e3,
+                        self.bpm,
+                        pace::RETRY_LOAD * pace::step_time(self.bpm) * 1e3,
+                        wait.as_secs()
+                    );
+                    (p.since, p.timed, p.fastest) = (Instant::now(), 0, Duration::MAX);
+                    return;
+                }
+                p.median = p.fastest;
             }
+            p.hearing = Some((Instant::now(), first_kept));
+            p.source.start_at(first_kept);
+        }
+        // It hears faster than the music moves on, so what it has yet to hear is still kept.
+        if p.source.position() < first_kept {
+            p.source.start_at(first_kept);
+        }
+        let from = (p.source.position() - first_kept) as usize;
+        let to = (from + HEAR_CHUNK).min(self.heard.len());
+        let heard = self.heard.make_contiguous();
+        if let Err(e) = p.source.hear(&heard[from..to], &self.cond) {
+            tracing::error!(
+                "composer failed as it was taken back, keeping the rule-based source: {e}"
+            );
+            self.parked = None;
+            return;
+        }
+        if p.source.position() < self.committed {
+            return;
         }
         let Parked {
-            mut source, median, ..
+            source,
+            median,
+            hearing,
+            ..
         } = self.parked.take().expect("checked above");
-        source.start_at(self.committed);
+        let (began, from_step) = hearing.expect("set above");
         tracing::info!(
             source = source.name(),
-            "composing with it again: at {:.0} BPM its step ({:.1} ms) fits",
+            "composing with it again: at {:.0} BPM its step ({:.1} ms) fits; it carries on from \
+             the last {} steps heard (taken in over {:.2} s)",
             self.bpm,
-            median.as_secs_f64() * 1e3
+            median.as_secs_f64() * 1e3,
+            self.committed - from_step,
+            began.elapsed().as_secs_f64()
         );
         self.source = source;
         self.pending.clear();
         self.pace = Some(Pace::new());
+        self.backoff.taken_back(Instant::now());
         self.failed = None;
         self.stats.restores += 1;
     }
@@ -286,7 +355,7 @@ impl Generator {
         }
         while (self.committed as f64) / (STEPS_PER_BEAT as f64) < horizon_beat {
             self.judge_pace();
-            while self.pending.len() <= self.decode_ahead {
+            if self.pending.is_empty() {
                 let s = self.decode_one();
                 self.pending.push_back(s);
             }
@@ -326,11 +395,22 @@ impl Generator {
                 }
             }
             self.sounding = step;
+            if self.heard.len() == HEARD_KEPT {
+                self.heard.pop_front();
+            }
+            self.heard.push_back(step);
             self.committed += 1;
             self.stats.steps += 1;
             if !self.flush(push) {
                 return;
             }
+        }
+        // Ahead of the commits, one step a call: after a scene change, a rollback or a source
+        // taken back, the steps ahead come back over the next calls, not in one burst before a
+        // commit (five steps under tract, 250 ms, are all of the chorale's lookahead at 120 BPM).
+        if self.pending.len() < self.decode_ahead {
+            let s = self.decode_one();
+            self.pending.push_back(s);
         }
     }
 
@@ -525,7 +605,10 @@ mod tests {
         /// Milliseconds a step, shared so that a test can change it while the source plays.
         sleep: std::sync::Arc<std::sync::atomic::AtomicU64>,
         stall: Option<(u64, std::time::Duration)>,
+        heard: HeardChunks,
     }
+    /// Where each `hear` began, and the steps it was handed.
+    type HeardChunks = std::sync::Arc<std::sync::Mutex<Vec<(u64, Vec<Step>)>>>;
     impl NoteSource for Slowed {
         fn name(&self) -> &str {
             "slowed"
@@ -549,6 +632,13 @@ mod tests {
         fn start_at(&mut self, step: u64) {
             self.inner.start_at(step)
         }
+        fn hear(&mut self, heard: &[Step], _: &Conditioning) -> Result<(), SourceError> {
+            let at = self.inner.position();
+            self.heard.lock().unwrap().push((at, heard.to_vec()));
+            let last = heard.last().copied().unwrap_or_default();
+            self.inner.resume_at(at + heard.len() as u64, last);
+            Ok(())
+        }
     }
 
     fn slowed(seed: u64, ms: u64, stall: Option<(u64, u64)>) -> Box<dyn NoteSource> {
@@ -564,6 +654,7 @@ mod tests {
             inner: RuleSource::new(0, true, seed),
             sleep: ms,
             stall: stall.map(|(at, ms)| (at, std::time::Duration::from_millis(ms))),
+            heard: Default::default(),
         })
     }
 
@@ -574,6 +665,29 @@ mod tests {
         changes: Vec<(f64, String)>,
         /// Notes started under each source in turn (the first, then one per change).
         notes: Vec<usize>,
+        events: Vec<NoteEvent>,
+    }
+
+    impl Heard {
+        /// Each voice's pitch at each step, by the events heard. Notes a late step did not sound
+        /// are not there.
+        fn grid(&self) -> Vec<Step> {
+            let mut grid: Vec<Step> = Vec::new();
+            for e in &self.events {
+                let at = (e.beat * STEPS_PER_BEAT as f64).round() as usize;
+                while grid.len() <= at {
+                    let last = grid.last().copied().unwrap_or_default();
+                    grid.push(last);
+                }
+                let v = &mut grid[at][e.voice as usize];
+                if e.on {
+                    *v = Some(e.pitch);
+                } else if *v == Some(e.pitch) {
+                    *v = None;
+                }
+            }
+            grid
+        }
     }
 
     /// Plays `g` live (half a beat of lookahead) at `bpm(seconds since the start)`, for
@@ -604,8 +718,10 @@ mod tests {
             last = now;
             g.set_tempo(tempo);
             let n = heard.notes.last_mut().unwrap();
+            let events = &mut heard.events;
             g.fill(playhead, playhead + 0.5, &mut |e| {
                 *n += e.on as usize;
+                events.push(e);
                 true
             });
             if g.source_name() != name {
@@ -649,9 +765,16 @@ mod tests {
 
     #[test]
     fn live_a_source_given_up_comes_back_when_the_tempo_comes_down() {
+        let source = Slowed {
+            inner: RuleSource::new(0, true, 7),
+            sleep: std::sync::Arc::new(40.into()),
+            stall: None,
+            heard: Default::default(),
+        };
+        let chunks = source.heard.clone();
         let mut g =
-            Generator::new(slowed(7, 40, None), 0, true, 7, cond(), P, 0.7).with_decode_ahead(4);
-        g.retry_after = std::time::Duration::from_secs(1);
+            Generator::new(Box::new(source), 0, true, 7, cond(), P, 0.7).with_decode_ahead(4);
+        g.backoff = Backoff::new(Duration::from_secs(1), pace::FORGIVE_AFTER);
         // 480 BPM for 15 s (it gives way after about 6), then 120 BPM (125 ms a step: 40 ms
         // fits). At 480 it is timed again every second, and does not fit.
         let heard = play_live(&mut g, |t| if t < 15.0 { 480.0 } else { 120.0 }, 22.0, 2);
@@ -666,6 +789,27 @@ mod tests {
         assert_eq!(g.failure(), None);
         assert!(heard.notes[2] > 0, "{:?} notes", heard.notes);
         assert!(g.watches_pace());
+        // It caught up with what the room heard, the rule-based source's music, from 16 beats
+        // before it was taken back on (120 BPM from 15 s on, so none of them was late), a few
+        // steps before each step committed, and carries on from there.
+        let chunks = chunks.lock().unwrap();
+        let start = chunks[0].0 as usize;
+        let mut handed = Vec::new();
+        for (at, chunk) in chunks.iter() {
+            assert_eq!(*at as usize, start + handed.len(), "chunks in order");
+            assert!(
+                !chunk.is_empty() && chunk.len() <= HEAR_CHUNK,
+                "{}",
+                chunk.len()
+            );
+            handed.extend_from_slice(chunk);
+        }
+        // One step committed after each chunk, the last one's the model's own.
+        assert_eq!(handed.len(), HEARD_KEPT + chunks.len() - 1);
+        let grid = heard.grid();
+        assert!(grid.len() > start + handed.len(), "nothing heard after it");
+        assert_eq!(handed[..], grid[start..start + handed.len()]);
+        assert!(handed.iter().flatten().any(|t| t.is_some()));
     }
 
     #[test]
@@ -673,7 +817,7 @@ mod tests {
         let ms = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(40));
         let mut g = Generator::new(slowed_by(8, ms.clone(), None), 0, true, 8, cond(), P, 0.7)
             .with_decode_ahead(4);
-        g.retry_after = std::time::Duration::from_secs(1);
+        g.backoff = Backoff::new(Duration::from_secs(1), pace::FORGIVE_AFTER);
         // 480 BPM throughout; the steps take 40 ms for 12 s, then 4 (under half of 31.25).
         let slow_until = 12.0;
         let heard = play_live(

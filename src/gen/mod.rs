@@ -63,6 +63,17 @@ pub trait NoteSource: Send {
 
     /// Begins a fresh composition whose first step is `step` (a scene change mid-piece).
     fn start_at(&mut self, step: u64);
+
+    /// Takes `heard`, steps another source played, in as the steps from `position()` on, as if
+    /// it had composed them, and moves on past them: a source taken back after another one
+    /// played carries that music on instead of starting a piece of its own. The generator hands
+    /// them over a few at a time, so each call costs about one step. A rollback cannot reach
+    /// back across them. By default a source starts afresh after them.
+    fn hear(&mut self, heard: &[Step], cond: &Conditioning) -> Result<(), SourceError> {
+        let _ = cond;
+        self.start_at(self.position() + heard.len() as u64);
+        Ok(())
+    }
 }
 
 /// What the audio thread receives: a note starting or ending at a beat.

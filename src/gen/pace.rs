@@ -13,7 +13,8 @@
 //! it down again, and the model comes back once a step of its would take well under a step's
 //! time (`fits`) at the tempo then playing, after `RETRY_AFTER` at least, and twice as long after
 //! each time it was given up again in the same scene (`retry_after`), so a tempo or a host that
-//! hovers on the line switches composers, and logs it, at most about once an hour after a while.
+//! hovers on the line switches composers, and logs it, at most about once an hour after a while;
+//! each hour it then keeps up halves that wait again (`Backoff`).
 //! Its step is timed again when it may come back (the host may have become quieter).
 
 use std::collections::VecDeque;
@@ -31,16 +32,71 @@ const STRIKES: u32 = 3;
 /// decode the steps ahead again, and for the host's drift.
 const LOAD_LIMIT: f64 = 0.8;
 /// A source given up is taken back under this share of a step's time...
-const RETRY_LOAD: f64 = 0.5;
+pub const RETRY_LOAD: f64 = 0.5;
 /// ...and no sooner than this after it was given up the first time...
 pub const RETRY_AFTER: Duration = Duration::from_secs(30);
-/// ...doubled each time after, up to this many times.
+/// ...doubled each time after, up to this many times...
 const RETRY_DOUBLINGS: u32 = 7;
+/// ...and halved again for each span this long that a source taken back keeps up, so one bad
+/// afternoon does not leave a kiosk that runs one scene for months waiting an hour each time.
+pub const FORGIVE_AFTER: Duration = Duration::from_secs(3600);
+/// Steps of a set-aside source timed, one before each step committed, once it may come back; the
+/// fastest counts. The first step after a long rest can take twice its usual time (tract: 105 ms
+/// against 43-51), and timing several at once would hold up the commits.
+pub const RETIMED_STEPS: u32 = 3;
 
 /// How long a source given up for the `times`-th time (from 1) waits before it may come back,
 /// `first` the first time.
 pub fn retry_after(first: Duration, times: u32) -> Duration {
     first * 2u32.pow(times.saturating_sub(1).min(RETRY_DOUBLINGS))
+}
+
+/// How long a source given up waits before it may come back (see `retry_after`), counting the
+/// times it was given up and forgiving one for each `forgive_after` it keeps up once back.
+#[derive(Clone, Copy, Debug)]
+pub struct Backoff {
+    first: Duration,
+    forgive_after: Duration,
+    times: u32,
+    /// Since when the source taken back has kept up (since it came back, or was last forgiven).
+    kept_since: Option<Instant>,
+}
+
+impl Backoff {
+    pub fn new(first: Duration, forgive_after: Duration) -> Self {
+        Self {
+            first,
+            forgive_after,
+            times: 0,
+            kept_since: None,
+        }
+    }
+
+    /// The source was given up again: how long it waits now.
+    pub fn given_up(&mut self) -> Duration {
+        self.times += 1;
+        self.kept_since = None;
+        self.wait()
+    }
+
+    /// How long a source given up waits, by the times counted now.
+    pub fn wait(&self) -> Duration {
+        retry_after(self.first, self.times)
+    }
+
+    pub fn taken_back(&mut self, now: Instant) {
+        self.kept_since = Some(now);
+    }
+
+    /// The source taken back still keeps up at `now`.
+    pub fn keeping_up(&mut self, now: Instant) {
+        if let Some(since) = self.kept_since {
+            if self.times > 0 && now.duration_since(since) >= self.forgive_after {
+                self.times -= 1;
+                self.kept_since = Some(now);
+            }
+        }
+    }
 }
 
 /// A step's time at `bpm`, in seconds.
@@ -241,6 +297,43 @@ mod tests {
             .map(|n| retry_after(RETRY_AFTER, n).as_secs())
             .collect();
         assert_eq!(waits, [30, 60, 120, 240, 480, 960, 1920, 3840, 3840, 3840]);
+    }
+
+    #[test]
+    fn each_span_kept_up_forgives_one_give_up() {
+        let start = Instant::now();
+        let hour = Duration::from_secs(3600);
+        let mut b = Backoff::new(RETRY_AFTER, hour);
+        assert_eq!(b.wait(), RETRY_AFTER);
+        // Keeping up before anything was given up forgives nothing.
+        b.keeping_up(at(start, 7200.0));
+        assert_eq!(b.given_up().as_secs(), 30);
+        assert_eq!(b.given_up().as_secs(), 60);
+        assert_eq!(b.given_up().as_secs(), 120);
+        // Parked: no span kept up has begun.
+        b.keeping_up(at(start, 9000.0));
+        assert_eq!(b.wait().as_secs(), 120);
+        b.taken_back(at(start, 10_000.0));
+        b.keeping_up(at(start, 10_000.0 + 3599.0));
+        assert_eq!(b.wait().as_secs(), 120);
+        b.keeping_up(at(start, 10_000.0 + 3600.0));
+        assert_eq!(b.wait().as_secs(), 60);
+        // The next hour is counted from then, not from when it came back.
+        b.keeping_up(at(start, 10_000.0 + 7000.0));
+        assert_eq!(b.wait().as_secs(), 60);
+        b.keeping_up(at(start, 10_000.0 + 7200.0));
+        assert_eq!(b.wait().as_secs(), 30);
+        // Given up again: counted from where forgiveness left it, and the hour starts over
+        // only once it is back.
+        assert_eq!(b.given_up().as_secs(), 60);
+        b.keeping_up(at(start, 30_000.0));
+        assert_eq!(b.wait().as_secs(), 60);
+        b.taken_back(at(start, 30_000.0));
+        b.keeping_up(at(start, 40_000.0));
+        b.keeping_up(at(start, 50_000.0));
+        assert_eq!(b.wait().as_secs(), 30);
+        b.keeping_up(at(start, 60_000.0));
+        assert_eq!(b.wait().as_secs(), 30, "never below the first wait");
     }
 
     #[test]

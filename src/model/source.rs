@@ -544,6 +544,55 @@ impl ModelSource {
         Ok(step)
     }
 
+    fn hear_steps(&mut self, heard: &[Step], cond: &Conditioning) -> Result<(), ModelError> {
+        let vec = cond_vector(&self.card, cond);
+        for s in heard {
+            for (voice, &t) in s.iter().enumerate() {
+                // The token before takes its conditioning as the next is appended, as decoding
+                // leaves it: every token but the pending last one has one.
+                self.conds.extend_from_slice(&vec);
+                self.tokens.push(self.heard_token(t));
+                self.voices.push(voice as i64);
+            }
+        }
+        self.position += heard.len() as u64;
+        // Snapshots are of the decoding state alone; the steps heard were never decoded.
+        self.history.clear();
+        let (cached, to) = (self.cache_start + self.cache.len(), self.end() - 1);
+        if to - self.cache_start > self.card.context_length {
+            // More than the cache holds: the last half context of it, as a card without slides
+            // makes room.
+            let keep = self.card.context_length / 2;
+            return self.prime(to - keep, to);
+        }
+        if to > cached {
+            let (t, v, c) = self.slice(cached, to);
+            let (t, v, c) = (t.to_vec(), v.to_vec(), c.to_vec());
+            self.cache
+                .forward(&mut self.net, (&t, &v, &c), &self.unknown)?;
+        }
+        Ok(())
+    }
+
+    /// The token for a pitch another source played: a pitch outside the vocabulary is heard an
+    /// octave or more in, or as a rest if no octave of it fits.
+    fn heard_token(&self, t: crate::gen::Token) -> i64 {
+        let v = &self.card.vocabulary;
+        let folded = t.and_then(|p| {
+            let mut p = i32::from(p);
+            while p < i32::from(v.pitch_min) {
+                p += 12;
+            }
+            while p > i32::from(v.pitch_max) {
+                p -= 12;
+            }
+            u8::try_from(p).ok()
+        });
+        folded
+            .and_then(|p| self.card.pitch_token(p))
+            .unwrap_or(v.silence)
+    }
+
     /// Drops tokens no snapshot can reach any more, so a months-long run stays small.
     fn compact(&mut self) {
         let oldest = self
@@ -655,6 +704,10 @@ impl NoteSource for ModelSource {
         }
         self.position = step;
         Ok(())
+    }
+
+    fn hear(&mut self, heard: &[Step], cond: &Conditioning) -> Result<(), SourceError> {
+        self.hear_steps(heard, cond).map_err(|e| self.fail(e))
     }
 
     fn start_at(&mut self, step: u64) {
