@@ -197,7 +197,7 @@ fn check_pace(r: &mut Report, scene: &Scene) {
     let bpm = crate::control::fastest_tempo(scene);
     let step = crate::gen::step_time(bpm);
     let ms = |d: std::time::Duration| d.as_secs_f64() * 1e3;
-    let reach = if bpm > scene.tempo {
+    let reach = if (bpm - scene.tempo).abs() >= 0.5 {
         format!(
             "{bpm:.0} BPM, the fastest the scene's tempo mapping reaches from its {:.0}",
             scene.tempo

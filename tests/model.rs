@@ -358,6 +358,50 @@ fn a_model_taken_back_carries_on_what_the_room_heard() {
 }
 
 #[test]
+fn heard_steps_take_the_conditioning_they_were_heard_under() {
+    // Each step composed under its own conditioning, and heard, one step a call, under the
+    // same: the context is the one decoding built, token for token, so greedy steps after it
+    // are the same.
+    let greedy = SamplingParams {
+        temperature: 1.0,
+        top_p: 0.0,
+    };
+    let conds: Vec<Conditioning> = (0..24)
+        .map(|i| {
+            let x = i as f32 / 23.0;
+            cond(1.0 + 7.0 * x, 56.0 + 14.0 * (1.0 - x), (i % 2) as f32)
+        })
+        .collect();
+    let last = cond(5.0, 64.0, 1.0);
+    let source = || ModelSource::new(open(), 2, false, Mode::Major, 11);
+    let mut own = source();
+    let heard: Vec<Step> = conds
+        .iter()
+        .map(|c| own.next_step(c, &P).unwrap())
+        .collect();
+    let expected: Vec<Step> = (0..8)
+        .map(|_| own.next_step(&last, &greedy).unwrap())
+        .collect();
+    let mut back = source();
+    back.start_at(0);
+    for (step, c) in heard.iter().zip(&conds) {
+        back.hear(std::slice::from_ref(step), c).unwrap();
+    }
+    let carried: Vec<Step> = (0..8)
+        .map(|_| back.next_step(&last, &greedy).unwrap())
+        .collect();
+    assert_eq!(carried, expected);
+    // Heard under one conditioning throughout, the context differs, and so do the steps.
+    let mut flat = source();
+    flat.start_at(0);
+    flat.hear(&heard, &last).unwrap();
+    let other: Vec<Step> = (0..8)
+        .map(|_| flat.next_step(&last, &greedy).unwrap())
+        .collect();
+    assert_ne!(other, expected);
+}
+
+#[test]
 fn a_model_hears_any_music_and_more_than_its_context() {
     let c = cond(4.0, 62.0, 0.0);
     let mut src = ModelSource::new(open(), 0, false, Mode::Major, 3);

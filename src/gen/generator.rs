@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use super::pace::{self, Backoff, Behind, Pace};
 use super::rules::RuleSource;
-use super::{NoteEvent, NoteSource, SamplingParams, Step, STEPS_PER_BEAT, VOICES};
+use super::{NoteEvent, NoteSource, SamplingParams, SourceError, Step, STEPS_PER_BEAT, VOICES};
 use crate::control::Conditioning;
 
 /// Steps kept of what the room heard, for a source taken back to carry on from: 16 beats, the
@@ -156,6 +156,11 @@ impl Generator {
         self.committed = step;
         self.pending.clear();
         self.sounding = [None; VOICES];
+        // What was heard belongs to the old piece; a source still catching up starts over.
+        self.heard.clear();
+        if let Some(p) = &mut self.parked {
+            p.hearing = None;
+        }
     }
 
     /// New conditioning and sampling settings; steps decoded ahead under the old ones are
@@ -239,7 +244,7 @@ impl Generator {
         else {
             return;
         };
-        let first_kept = self.committed - self.heard.len() as u64;
+        let first_kept = self.committed.saturating_sub(self.heard.len() as u64);
         if p.hearing.is_none() {
             if !pace::fits(p.median, self.bpm) {
                 let t = Instant::now();
@@ -273,15 +278,31 @@ impl Generator {
             }
             p.hearing = Some((Instant::now(), first_kept));
             p.source.start_at(first_kept);
+            // The steps timed were this call's work; hearing starts at the next commit.
+            return;
         }
-        // It hears faster than the music moves on, so what it has yet to hear is still kept.
+        // It hears faster than the music moves on, so what it has yet to hear is still kept; only
+        // the step committed since it started (the ring drops one when full) is behind it.
         if p.source.position() < first_kept {
             p.source.start_at(first_kept);
+            if let Some((_, from)) = &mut p.hearing {
+                *from = first_kept;
+            }
         }
         let from = (p.source.position() - first_kept) as usize;
         let to = (from + HEAR_CHUNK).min(self.heard.len());
         let heard = self.heard.make_contiguous();
-        if let Err(e) = p.source.hear(&heard[from..to], &self.cond) {
+        let result = p.source.hear(&heard[from..to], &self.cond);
+        let moved_on = p.source.position() == first_kept + to as u64;
+        if let Err(e) = result.and_then(|()| {
+            moved_on.then_some(()).ok_or_else(|| SourceError::Failed {
+                source_name: p.source.name().into(),
+                message: format!(
+                    "it heard {} steps but did not move on by as many",
+                    to - from
+                ),
+            })
+        }) {
             tracing::error!(
                 "composer failed as it was taken back, keeping the rule-based source: {e}"
             );
@@ -597,6 +618,54 @@ mod tests {
         });
         assert_eq!(got, g2_events);
         assert!(!got.is_empty());
+    }
+
+    /// The rule-based source, counting the steps it composes.
+    struct Counted(RuleSource, std::sync::Arc<std::sync::atomic::AtomicUsize>);
+    impl NoteSource for Counted {
+        fn name(&self) -> &str {
+            "counted"
+        }
+        fn position(&self) -> u64 {
+            self.0.position()
+        }
+        fn next_step(&mut self, c: &Conditioning, p: &SamplingParams) -> Result<Step, SourceError> {
+            self.1.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            self.0.next_step(c, p)
+        }
+        fn rollback(&mut self, step: u64) -> Result<(), SourceError> {
+            self.0.rollback(step)
+        }
+        fn start_at(&mut self, step: u64) {
+            self.0.start_at(step)
+        }
+    }
+
+    #[test]
+    fn steps_ahead_come_back_one_a_call_not_in_a_burst() {
+        let decoded = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let count = || decoded.swap(0, std::sync::atomic::Ordering::Relaxed);
+        let source = Counted(RuleSource::new(0, true, 9), decoded.clone());
+        let mut g =
+            Generator::new(Box::new(source), 0, true, 9, cond(), P, 0.7).with_decode_ahead(4);
+        // Four steps committed, each decoded as it is due, and one ahead.
+        g.fill(0.0, 1.0, &mut |_| true);
+        assert_eq!((g.committed_step(), count()), (4, 5));
+        // Calls with nothing to commit decode one ahead each, up to four.
+        for _ in 0..5 {
+            g.fill(0.0, 1.0, &mut |_| true);
+        }
+        assert_eq!(count(), 3);
+        // A commit takes a step decoded ahead, and one more comes.
+        g.fill(0.0, 1.25, &mut |_| true);
+        assert_eq!((g.committed_step(), count()), (5, 1));
+        // After a rollback: the step due, and one ahead; not the four ahead at once.
+        let mut c = cond();
+        c.density = Some(12.0);
+        g.set_controls(&c, P, 0.7);
+        assert_eq!(g.stats().rollbacks, 1);
+        g.fill(0.0, 1.5, &mut |_| true);
+        assert_eq!((g.committed_step(), count()), (6, 2));
     }
 
     /// The rule-based source, `sleep` longer on every step, and once for `stall` on step `at`.

@@ -68,7 +68,8 @@ pub trait NoteSource: Send {
     /// it had composed them, and moves on past them: a source taken back after another one
     /// played carries that music on instead of starting a piece of its own. The generator hands
     /// them over a few at a time, so each call costs about one step. A rollback cannot reach
-    /// back across them. By default a source starts afresh after them.
+    /// back across them, and after an error the source is not to be used again (the generator
+    /// drops it). By default a source starts afresh after them.
     fn hear(&mut self, heard: &[Step], cond: &Conditioning) -> Result<(), SourceError> {
         let _ = cond;
         self.start_at(self.position() + heard.len() as u64);

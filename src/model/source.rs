@@ -545,6 +545,7 @@ impl ModelSource {
     }
 
     fn hear_steps(&mut self, heard: &[Step], cond: &Conditioning) -> Result<(), ModelError> {
+        let before = (self.tokens.len(), self.conds.len(), self.position);
         let vec = cond_vector(&self.card, cond);
         for s in heard {
             for (voice, &t) in s.iter().enumerate() {
@@ -568,8 +569,18 @@ impl ModelSource {
         if to > cached {
             let (t, v, c) = self.slice(cached, to);
             let (t, v, c) = (t.to_vec(), v.to_vec(), c.to_vec());
-            self.cache
-                .forward(&mut self.net, (&t, &v, &c), &self.unknown)?;
+            if let Err(e) = self
+                .cache
+                .forward(&mut self.net, (&t, &v, &c), &self.unknown)
+            {
+                // The cache stands as it was: so do the tokens it was to take in.
+                let (tokens, conds, position) = before;
+                self.tokens.truncate(tokens);
+                self.voices.truncate(tokens);
+                self.conds.truncate(conds);
+                self.position = position;
+                return Err(e);
+            }
         }
         Ok(())
     }
