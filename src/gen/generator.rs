@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use super::pace::{self, Backoff, Behind, Pace};
 use super::rules::RuleSource;
-use super::{NoteEvent, NoteSource, SamplingParams, SourceError, Step, STEPS_PER_BEAT, VOICES};
+use super::{NoteEvent, NoteSource, SamplingParams, Step, STEPS_PER_BEAT, VOICES};
 use crate::control::Conditioning;
 
 /// Steps kept of what the room heard, for a source taken back to carry on from: 16 beats, the
@@ -268,7 +268,7 @@ impl Generator {
                         p.timed,
                         p.fastest.as_secs_f64() * 1e3,
                         self.bpm,
-                        pace::RETRY_LOAD * pace::step_time(self.bpm) * 1e3,
+                        pace::fit_limit(self.bpm).as_secs_f64() * 1e3,
                         wait.as_secs()
                     );
                     (p.since, p.timed, p.fastest) = (Instant::now(), 0, Duration::MAX);
@@ -276,35 +276,37 @@ impl Generator {
                 }
                 p.median = p.fastest;
             }
-            p.hearing = Some((Instant::now(), first_kept));
-            p.source.start_at(first_kept);
-            // The steps timed were this call's work; hearing starts at the next commit.
+            // The steps timed were this call's work; hearing starts at the next commit, which
+            // adds a step to the ring and, when it is full, drops the oldest.
+            let first = first_kept + u64::from(self.heard.len() == HEARD_KEPT);
+            p.hearing = Some((Instant::now(), first));
+            p.source.start_at(first);
             return;
         }
-        // It hears faster than the music moves on, so what it has yet to hear is still kept; only
-        // the step committed since it started (the ring drops one when full) is behind it.
-        if p.source.position() < first_kept {
-            p.source.start_at(first_kept);
-            if let Some((_, from)) = &mut p.hearing {
-                *from = first_kept;
-            }
-        }
-        let from = (p.source.position() - first_kept) as usize;
+        // It hears 4 steps a commit, the ring drops at most 1: what it has yet to hear is kept.
+        let Some(from) = p.source.position().checked_sub(first_kept) else {
+            tracing::error!(
+                "composer fell behind what it was to hear, keeping the rule-based source"
+            );
+            self.parked = None;
+            return;
+        };
+        let from = from as usize;
         let to = (from + HEAR_CHUNK).min(self.heard.len());
         let heard = self.heard.make_contiguous();
-        let result = p.source.hear(&heard[from..to], &self.cond);
-        let moved_on = p.source.position() == first_kept + to as u64;
-        if let Err(e) = result.and_then(|()| {
-            moved_on.then_some(()).ok_or_else(|| SourceError::Failed {
-                source_name: p.source.name().into(),
-                message: format!(
-                    "it heard {} steps but did not move on by as many",
-                    to - from
-                ),
-            })
-        }) {
+        let why = match p.source.hear(&heard[from..to], &self.cond) {
+            Err(e) => Some(e.to_string()),
+            Ok(()) if p.source.position() != first_kept + to as u64 => Some(format!(
+                "it heard {} steps but moved on to step {}, not {}",
+                to - from,
+                p.source.position(),
+                first_kept + to as u64
+            )),
+            Ok(()) => None,
+        };
+        if let Some(why) = why {
             tracing::error!(
-                "composer failed as it was taken back, keeping the rule-based source: {e}"
+                "composer failed as it was taken back, keeping the rule-based source: {why}"
             );
             self.parked = None;
             return;

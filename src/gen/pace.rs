@@ -32,7 +32,7 @@ const STRIKES: u32 = 3;
 /// decode the steps ahead again, and for the host's drift.
 const LOAD_LIMIT: f64 = 0.8;
 /// A source given up is taken back under this share of a step's time...
-pub const RETRY_LOAD: f64 = 0.5;
+const RETRY_LOAD: f64 = 0.5;
 /// ...and no sooner than this after it was given up the first time...
 pub const RETRY_AFTER: Duration = Duration::from_secs(30);
 /// ...doubled each time after, up to this many times...
@@ -104,9 +104,14 @@ pub fn step_time(bpm: f64) -> f64 {
     60.0 / (bpm.max(1.0) * STEPS_PER_BEAT as f64)
 }
 
+/// The time under which a source's step keeps up at `bpm` with room to spare.
+pub fn fit_limit(bpm: f64) -> Duration {
+    Duration::from_secs_f64(RETRY_LOAD * step_time(bpm))
+}
+
 /// Whether a source whose median step is `median` would keep up at `bpm` with room to spare.
 pub fn fits(median: Duration, bpm: f64) -> bool {
-    median.as_secs_f64() < RETRY_LOAD * step_time(bpm)
+    median < fit_limit(bpm)
 }
 
 /// The fastest tempo, in BPM, at which a source whose median step is `median` `fits`.

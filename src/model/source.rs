@@ -459,13 +459,19 @@ impl ModelSource {
         }
         self.cache_start = from;
         self.prime_end = from;
+        self.feed(from, to)?;
+        self.prime_end = to;
+        Ok(())
+    }
+
+    /// Adds tokens [from, to) (their conditioning known) to the cache in one pass.
+    fn feed(&mut self, from: usize, to: usize) -> Result<(), ModelError> {
         if to > from {
             let (t, v, c) = self.slice(from, to);
             let (t, v, c) = (t.to_vec(), v.to_vec(), c.to_vec());
             self.cache
                 .forward(&mut self.net, (&t, &v, &c), &self.unknown)?;
         }
-        self.prime_end = to;
         Ok(())
     }
 
@@ -566,23 +572,14 @@ impl ModelSource {
             let keep = self.card.context_length / 2;
             return self.prime(to - keep, to);
         }
-        if to > cached {
-            let (t, v, c) = self.slice(cached, to);
-            let (t, v, c) = (t.to_vec(), v.to_vec(), c.to_vec());
-            if let Err(e) = self
-                .cache
-                .forward(&mut self.net, (&t, &v, &c), &self.unknown)
-            {
-                // The cache stands as it was: so do the tokens it was to take in.
-                let (tokens, conds, position) = before;
-                self.tokens.truncate(tokens);
-                self.voices.truncate(tokens);
-                self.conds.truncate(conds);
-                self.position = position;
-                return Err(e);
-            }
-        }
-        Ok(())
+        self.feed(cached, to).inspect_err(|_| {
+            // The cache stands as it was: so do the tokens it was to take in.
+            let (tokens, conds, position) = before;
+            self.tokens.truncate(tokens);
+            self.voices.truncate(tokens);
+            self.conds.truncate(conds);
+            self.position = position;
+        })
     }
 
     /// The token for a pitch another source played: a pitch outside the vocabulary is heard an
@@ -705,9 +702,7 @@ impl NoteSource for ModelSource {
             let rebuild = |s: &mut Self| -> Result<(), ModelError> {
                 s.prime(snap.cache_start, snap.prime_end)?;
                 for i in snap.prime_end..cached_to {
-                    let (t, v, c) = s.slice(i, i + 1);
-                    let (t, v, c) = (t.to_vec(), v.to_vec(), c.to_vec());
-                    s.cache.forward(&mut s.net, (&t, &v, &c), &s.unknown)?;
+                    s.feed(i, i + 1)?;
                 }
                 Ok(())
             };
