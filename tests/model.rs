@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use roomscore::control::Conditioning;
-use roomscore::gen::{NoteSource, SamplingParams, Step};
+use roomscore::gen::{Heard, NoteSource, SamplingParams, Step};
 use roomscore::model::{eval, Cache, Model, ModelError, ModelSource, Turn};
 use roomscore::music::Mode;
 
@@ -265,6 +265,18 @@ const P: SamplingParams = SamplingParams {
     top_p: 0.95,
 };
 
+/// `steps`, as heard under `c` throughout.
+fn heard_under(steps: &[Step], c: &Conditioning) -> Vec<Heard> {
+    let cond = std::sync::Arc::new(c.clone());
+    steps
+        .iter()
+        .map(|&step| Heard {
+            step,
+            cond: cond.clone(),
+        })
+        .collect()
+}
+
 fn decode(src: &mut ModelSource, c: &Conditioning, n: usize) -> Vec<Step> {
     (0..n).map(|_| src.next_step(c, &P).unwrap()).collect()
 }
@@ -338,8 +350,8 @@ fn a_model_taken_back_carries_on_what_the_room_heard() {
         let mut back = source();
         decode(&mut back, &cond(1.0, 70.0, 0.0), 7);
         back.start_at(0);
-        for chunk in heard.chunks(4) {
-            back.hear(chunk, &c).unwrap();
+        for chunk in heard_under(&heard, &c).chunks(4) {
+            back.hear(chunk).unwrap();
         }
         assert_eq!(back.position(), 40);
         let carried: Vec<Step> = (0..12)
@@ -359,9 +371,9 @@ fn a_model_taken_back_carries_on_what_the_room_heard() {
 
 #[test]
 fn heard_steps_take_the_conditioning_they_were_heard_under() {
-    // Each step composed under its own conditioning, and heard, one step a call, under the
-    // same: the context is the one decoding built, token for token, so greedy steps after it
-    // are the same.
+    // Each step composed under its own conditioning, and heard under the same, all at once or
+    // a few a call: the context is the one decoding built, token for token, so greedy steps
+    // after it are the same.
     let greedy = SamplingParams {
         temperature: 1.0,
         top_p: 0.0,
@@ -382,19 +394,29 @@ fn heard_steps_take_the_conditioning_they_were_heard_under() {
     let expected: Vec<Step> = (0..8)
         .map(|_| own.next_step(&last, &greedy).unwrap())
         .collect();
-    let mut back = source();
-    back.start_at(0);
-    for (step, c) in heard.iter().zip(&conds) {
-        back.hear(std::slice::from_ref(step), c).unwrap();
-    }
-    let carried: Vec<Step> = (0..8)
-        .map(|_| back.next_step(&last, &greedy).unwrap())
+    let each: Vec<Heard> = heard
+        .iter()
+        .zip(&conds)
+        .map(|(&step, c)| Heard {
+            step,
+            cond: std::sync::Arc::new(c.clone()),
+        })
         .collect();
-    assert_eq!(carried, expected);
+    for chunk in [24, 4, 1] {
+        let mut back = source();
+        back.start_at(0);
+        for part in each.chunks(chunk) {
+            back.hear(part).unwrap();
+        }
+        let carried: Vec<Step> = (0..8)
+            .map(|_| back.next_step(&last, &greedy).unwrap())
+            .collect();
+        assert_eq!(carried, expected, "heard {chunk} a call");
+    }
     // Heard under one conditioning throughout, the context differs, and so do the steps.
     let mut flat = source();
     flat.start_at(0);
-    flat.hear(&heard, &last).unwrap();
+    flat.hear(&heard_under(&heard, &last)).unwrap();
     let other: Vec<Step> = (0..8)
         .map(|_| flat.next_step(&last, &greedy).unwrap())
         .collect();
@@ -416,8 +438,8 @@ fn a_model_hears_any_music_and_more_than_its_context() {
     let ctx_steps = open().card.context_length / 4;
     for chunk in [300, 3] {
         src.start_at(700);
-        for part in heard.chunks(chunk) {
-            src.hear(part, &c).unwrap();
+        for part in heard_under(&heard, &c).chunks(chunk) {
+            src.hear(part).unwrap();
         }
         assert_eq!(src.position(), 1000);
         // Its own steps cannot be rolled back into what it heard.

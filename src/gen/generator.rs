@@ -4,11 +4,12 @@
 //! changes, so that a change is heard within one step of the lookahead.
 
 use std::collections::VecDeque;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use super::pace::{self, Backoff, Behind, Pace};
 use super::rules::RuleSource;
-use super::{NoteEvent, NoteSource, SamplingParams, Step, STEPS_PER_BEAT, VOICES};
+use super::{Heard, NoteEvent, NoteSource, SamplingParams, Step, STEPS_PER_BEAT, VOICES};
 use crate::control::Conditioning;
 
 /// Steps kept of what the room heard, for a source taken back to carry on from: 16 beats, the
@@ -46,6 +47,66 @@ struct Parked {
     hearing: Option<(Instant, u64)>,
 }
 
+/// Where timing a parked source's steps has got to.
+enum Retimed {
+    Failed(super::SourceError),
+    /// Fewer than `pace::RETIMED_STEPS` timed, none fast enough yet.
+    Timing,
+    /// None of them fast enough: it waits again.
+    TooSlow,
+    Fits,
+}
+
+impl Parked {
+    /// Times one more step, unless its step when it was given up fits at `bpm` already.
+    fn retime(&mut self, cond: &Conditioning, params: &SamplingParams, bpm: f64) -> Retimed {
+        if pace::fits(self.median, bpm) {
+            return Retimed::Fits;
+        }
+        let t = Instant::now();
+        if let Err(e) = self.source.next_step(cond, params) {
+            return Retimed::Failed(e);
+        }
+        self.fastest = self.fastest.min(t.elapsed());
+        self.timed += 1;
+        if pace::fits(self.fastest, bpm) {
+            self.median = self.fastest;
+            Retimed::Fits
+        } else if self.timed < pace::RETIMED_STEPS {
+            Retimed::Timing
+        } else {
+            Retimed::TooSlow
+        }
+    }
+
+    fn wait_again(&mut self) {
+        (self.since, self.timed, self.fastest) = (Instant::now(), 0, Duration::MAX);
+    }
+
+    /// Hears the next few of `heard`, the ring whose first step is `first_kept`, from where the
+    /// source stands. The ring drops at most one step a commit and the source hears four, so
+    /// what it has yet to hear is still there.
+    fn hear_next(&mut self, heard: &[Heard], first_kept: u64) -> Result<(), String> {
+        let from = self
+            .source
+            .position()
+            .checked_sub(first_kept)
+            .ok_or("it fell behind what it was to hear")? as usize;
+        let to = (from + HEAR_CHUNK).min(heard.len());
+        self.source
+            .hear(&heard[from..to])
+            .map_err(|e| e.to_string())?;
+        let expected = first_kept + to as u64;
+        match self.source.position() {
+            p if p == expected => Ok(()),
+            p => Err(format!(
+                "it heard {} steps but moved on to step {p}, not {expected}",
+                to - from
+            )),
+        }
+    }
+}
+
 pub struct Generator {
     source: Box<dyn NoteSource>,
     tonic: u8,
@@ -57,10 +118,14 @@ pub struct Generator {
     pending: VecDeque<Step>,
     /// Tokens sounding after the last committed step.
     sounding: Step,
+    /// What the room hears of them: a note a late step did not start stays silent while its
+    /// voice holds it.
+    audible: Step,
     /// The last steps committed (at most `HEARD_KEPT`), oldest first: what a source taken back
     /// carries on from.
-    heard: VecDeque<Step>,
-    cond: Conditioning,
+    heard: VecDeque<Heard>,
+    /// Shared with the steps heard under it, so that keeping them costs no copy a step.
+    cond: Arc<Conditioning>,
     params: SamplingParams,
     velocity: f32,
     /// Steps to decode beyond what is committed.
@@ -96,8 +161,9 @@ impl Generator {
             committed: 0,
             pending: VecDeque::new(),
             sounding: [None; VOICES],
+            audible: [None; VOICES],
             heard: VecDeque::with_capacity(HEARD_KEPT),
-            cond,
+            cond: Arc::new(cond),
             params,
             velocity,
             decode_ahead: 0,
@@ -156,6 +222,7 @@ impl Generator {
         self.committed = step;
         self.pending.clear();
         self.sounding = [None; VOICES];
+        self.audible = [None; VOICES];
         // What was heard belongs to the old piece; a source still catching up starts over.
         self.heard.clear();
         if let Some(p) = &mut self.parked {
@@ -169,7 +236,7 @@ impl Generator {
         let changed = self.cond.differs(cond)
             || (self.params.temperature - params.temperature).abs() > 0.02
             || (self.params.top_p - params.top_p).abs() > 0.01;
-        self.cond = cond.clone();
+        self.cond = Arc::new(cond.clone());
         self.params = params;
         self.velocity = velocity;
         if changed && !self.pending.is_empty() {
@@ -230,8 +297,8 @@ impl Generator {
     }
 
     /// Takes a parked source back once it would keep up with room to spare: at the tempo now
-    /// playing, by its step when it was given up, or else by one step timed now (the host may
-    /// have become quieter), since what it composed while parked is thrown away anyway. It first
+    /// playing, by its step when it was given up, or else by steps timed now (the host may have
+    /// become quieter), since what it composed while parked is thrown away anyway. It first
     /// hears the steps the room last heard, `HEAR_CHUNK` of them before each step committed
     /// (taking them all at once would cost several steps' time at once and make notes late),
     /// and composes on from them once it has caught up.
@@ -244,23 +311,17 @@ impl Generator {
         else {
             return;
         };
-        let first_kept = self.committed.saturating_sub(self.heard.len() as u64);
+        let first_kept = self.committed - self.heard.len() as u64;
         if p.hearing.is_none() {
-            if !pace::fits(p.median, self.bpm) {
-                let t = Instant::now();
-                if let Err(e) = p.source.next_step(&self.cond, &self.params) {
+            match p.retime(&self.cond, &self.params, self.bpm) {
+                Retimed::Failed(e) => {
                     tracing::error!(
                         "composer failed while set aside, keeping the rule-based source: {e}"
                     );
                     self.parked = None;
-                    return;
                 }
-                p.fastest = p.fastest.min(t.elapsed());
-                p.timed += 1;
-                if !pace::fits(p.fastest, self.bpm) {
-                    if p.timed < pace::RETIMED_STEPS {
-                        return;
-                    }
+                Retimed::Timing => {}
+                Retimed::TooSlow => {
                     tracing::info!(
                         source = p.source.name(),
                         "still set aside: its fastest of {} steps took {:.1} ms, and at {:.0} BPM \
@@ -271,56 +332,41 @@ impl Generator {
                         pace::fit_limit(self.bpm).as_secs_f64() * 1e3,
                         wait.as_secs()
                     );
-                    (p.since, p.timed, p.fastest) = (Instant::now(), 0, Duration::MAX);
-                    return;
+                    p.wait_again();
                 }
-                p.median = p.fastest;
+                Retimed::Fits => {
+                    // The steps timed were this call's work; hearing starts at the next commit,
+                    // which adds a step to the ring and, when it is full, drops the oldest.
+                    let first = first_kept + u64::from(self.heard.len() == HEARD_KEPT);
+                    p.hearing = Some((Instant::now(), first));
+                    p.source.start_at(first);
+                }
             }
-            // The steps timed were this call's work; hearing starts at the next commit, which
-            // adds a step to the ring and, when it is full, drops the oldest.
-            let first = first_kept + u64::from(self.heard.len() == HEARD_KEPT);
-            p.hearing = Some((Instant::now(), first));
-            p.source.start_at(first);
             return;
         }
-        // It hears 4 steps a commit, the ring drops at most 1: what it has yet to hear is kept.
-        let Some(from) = p.source.position().checked_sub(first_kept) else {
-            tracing::error!(
-                "composer fell behind what it was to hear, keeping the rule-based source"
-            );
-            self.parked = None;
-            return;
-        };
-        let from = from as usize;
-        let to = (from + HEAR_CHUNK).min(self.heard.len());
-        let heard = self.heard.make_contiguous();
-        let why = match p.source.hear(&heard[from..to], &self.cond) {
-            Err(e) => Some(e.to_string()),
-            Ok(()) if p.source.position() != first_kept + to as u64 => Some(format!(
-                "it heard {} steps but moved on to step {}, not {}",
-                to - from,
-                p.source.position(),
-                first_kept + to as u64
-            )),
-            Ok(()) => None,
-        };
-        if let Some(why) = why {
-            tracing::error!(
-                "composer failed as it was taken back, keeping the rule-based source: {why}"
-            );
-            self.parked = None;
-            return;
+        match p.hear_next(self.heard.make_contiguous(), first_kept) {
+            Err(why) => {
+                tracing::error!(
+                    "composer failed as it was taken back, keeping the rule-based source: {why}"
+                );
+                self.parked = None;
+            }
+            Ok(()) if p.source.position() >= self.committed => self.take_back(),
+            Ok(()) => {}
         }
-        if p.source.position() < self.committed {
-            return;
-        }
-        let Parked {
+    }
+
+    /// Composes with the parked source again, which has heard up to the step to commit next.
+    fn take_back(&mut self) {
+        let Some(Parked {
             source,
             median,
-            hearing,
+            hearing: Some((began, from_step)),
             ..
-        } = self.parked.take().expect("checked above");
-        let (began, from_step) = hearing.expect("set above");
+        }) = self.parked.take()
+        else {
+            return;
+        };
         tracing::info!(
             source = source.name(),
             "composing with it again: at {:.0} BPM its step ({:.1} ms) fits; it carries on from \
@@ -397,6 +443,7 @@ impl Generator {
                 if old == new {
                     continue;
                 }
+                self.audible[v] = if late { None } else { new };
                 if let Some(p) = old {
                     self.backlog.push_back(NoteEvent {
                         beat,
@@ -421,7 +468,10 @@ impl Generator {
             if self.heard.len() == HEARD_KEPT {
                 self.heard.pop_front();
             }
-            self.heard.push_back(step);
+            self.heard.push_back(Heard {
+                step: self.audible,
+                cond: Arc::clone(&self.cond),
+            });
             self.committed += 1;
             self.stats.steps += 1;
             if !self.flush(push) {
@@ -524,6 +574,60 @@ mod tests {
             } else {
                 assert_eq!(sounding[v], Some(e.pitch));
                 sounding[v] = None;
+            }
+        }
+    }
+
+    #[test]
+    fn the_room_heard_each_step_under_its_conditioning_and_no_note_a_late_step_skipped() {
+        let other = Conditioning {
+            density: Some(7.0),
+            ..cond()
+        };
+        // Steps 0..8 under one conditioning, 8..24 under another, and 16..24 committed when the
+        // playhead is past them by more than a beat (`late`) or, in the twin, on time.
+        let play = |late: bool| {
+            let mut g = Generator::new(rules(3), 0, true, 3, cond(), P, 0.7);
+            let mut events = Vec::new();
+            let mut push = |e| {
+                events.push(e);
+                true
+            };
+            g.fill(0.0, 2.0, &mut push);
+            g.set_controls(&other, P, 0.7);
+            g.fill(2.0, 4.0, &mut push);
+            g.fill(if late { 7.5 } else { 4.0 }, 6.0, &mut push);
+            let ring: Vec<Heard> = g.heard.iter().cloned().collect();
+            (g.stats().late_steps, ring, events)
+        };
+        let (late_steps, ring, events) = play(true);
+        let (on_time, twin, _) = play(false);
+        assert_eq!((late_steps, on_time, ring.len()), (8, 0, 24));
+        let first = cond();
+        let conds: Vec<&Conditioning> = ring.iter().map(|h| &*h.cond).collect();
+        assert_eq!(conds[..8], [&first; 8]);
+        assert_eq!(conds[8..], [&other; 16]);
+        let steps: Vec<Step> = ring.iter().map(|h| h.step).collect();
+        let composed: Vec<Step> = twin.iter().map(|h| h.step).collect();
+        // What the room heard is what the note events say, and the same music up to the late
+        // steps; there, a voice is silent or what was composed.
+        let played = Played {
+            events,
+            ..Played::default()
+        };
+        let mut grid = played.grid();
+        // A late step's note-offs end the grid where the last voice fell silent.
+        grid.resize(24, grid.last().copied().unwrap_or_default());
+        assert_eq!(steps, grid);
+        assert_eq!(steps[..16], composed[..16]);
+        assert_ne!(
+            steps[16..],
+            composed[16..],
+            "the late steps left nothing out"
+        );
+        for (heard, made) in steps[16..].iter().zip(&composed[16..]) {
+            for (h, m) in heard.iter().zip(made) {
+                assert!(h.is_none() || h == m, "{heard:?} heard, {made:?} composed");
             }
         }
     }
@@ -679,7 +783,7 @@ mod tests {
         heard: HeardChunks,
     }
     /// Where each `hear` began, and the steps it was handed.
-    type HeardChunks = std::sync::Arc<std::sync::Mutex<Vec<(u64, Vec<Step>)>>>;
+    type HeardChunks = std::sync::Arc<std::sync::Mutex<Vec<(u64, Vec<Heard>)>>>;
     impl NoteSource for Slowed {
         fn name(&self) -> &str {
             "slowed"
@@ -703,10 +807,10 @@ mod tests {
         fn start_at(&mut self, step: u64) {
             self.inner.start_at(step)
         }
-        fn hear(&mut self, heard: &[Step], _: &Conditioning) -> Result<(), SourceError> {
+        fn hear(&mut self, heard: &[Heard]) -> Result<(), SourceError> {
             let at = self.inner.position();
             self.heard.lock().unwrap().push((at, heard.to_vec()));
-            let last = heard.last().copied().unwrap_or_default();
+            let last = heard.last().map(|h| h.step).unwrap_or_default();
             self.inner.resume_at(at + heard.len() as u64, last);
             Ok(())
         }
@@ -731,7 +835,7 @@ mod tests {
 
     /// What happened while `g` played live.
     #[derive(Default)]
-    struct Heard {
+    struct Played {
         /// When the source changed, and to which.
         changes: Vec<(f64, String)>,
         /// Notes started under each source in turn (the first, then one per change).
@@ -739,7 +843,7 @@ mod tests {
         events: Vec<NoteEvent>,
     }
 
-    impl Heard {
+    impl Played {
         /// Each voice's pitch at each step, by the events heard. Notes a late step did not sound
         /// are not there.
         fn grid(&self) -> Vec<Step> {
@@ -768,12 +872,12 @@ mod tests {
         bpm: impl Fn(f64) -> f64,
         seconds: f64,
         changes: usize,
-    ) -> Heard {
+    ) -> Played {
         g.watch_pace();
         let start = Instant::now();
-        let mut heard = Heard {
+        let mut heard = Played {
             notes: vec![0],
-            ..Heard::default()
+            ..Played::default()
         };
         let (mut playhead, mut last) = (0.0, 0.0);
         let mut name = g.source_name().to_string();
@@ -879,8 +983,10 @@ mod tests {
         assert_eq!(handed.len(), HEARD_KEPT + chunks.len() - 1);
         let grid = heard.grid();
         assert!(grid.len() > start + handed.len(), "nothing heard after it");
-        assert_eq!(handed[..], grid[start..start + handed.len()]);
-        assert!(handed.iter().flatten().any(|t| t.is_some()));
+        let steps: Vec<Step> = handed.iter().map(|h| h.step).collect();
+        assert_eq!(steps[..], grid[start..start + handed.len()]);
+        assert!(steps.iter().flatten().any(|t| t.is_some()));
+        assert!(handed.iter().all(|h| *h.cond == cond()));
     }
 
     #[test]

@@ -11,6 +11,8 @@ pub mod rules;
 pub use generator::{Generator, GeneratorStats};
 pub use pace::{fastest_fitting, fits, step_time};
 
+use std::sync::Arc;
+
 use crate::control::Conditioning;
 
 /// Grid steps per beat: the model contract's 16th-note grid.
@@ -26,6 +28,14 @@ pub fn steps_in(beats: f32) -> usize {
 pub type Token = Option<u8>;
 /// One grid step: soprano, alto, tenor, bass.
 pub type Step = [Token; VOICES];
+
+/// A step the room heard: the voices that sounded (a note a late step could not start is a rest
+/// until the voice moves on), and the conditioning in force when it was committed.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Heard {
+    pub step: Step,
+    pub cond: Arc<Conditioning>,
+}
 
 /// Sampling settings that can change while playing.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -64,14 +74,13 @@ pub trait NoteSource: Send {
     /// Begins a fresh composition whose first step is `step` (a scene change mid-piece).
     fn start_at(&mut self, step: u64);
 
-    /// Takes `heard`, steps another source played, in as the steps from `position()` on, as if
-    /// it had composed them, and moves on past them: a source taken back after another one
-    /// played carries that music on instead of starting a piece of its own. The generator hands
-    /// them over a few at a time, so each call costs about one step. A rollback cannot reach
-    /// back across them, and after an error the source is not to be used again (the generator
-    /// drops it). By default a source starts afresh after them.
-    fn hear(&mut self, heard: &[Step], cond: &Conditioning) -> Result<(), SourceError> {
-        let _ = cond;
+    /// Takes `heard`, steps another source played, in as the steps from `position()` on, each
+    /// under its own conditioning, as if it had composed them, and moves on past them: a source
+    /// taken back after another one played carries that music on instead of starting a piece of
+    /// its own. The generator hands them over a few at a time, so each call costs about one
+    /// step. A rollback cannot reach back across them, and after an error the source is not to
+    /// be used again (the generator drops it). By default a source starts afresh after them.
+    fn hear(&mut self, heard: &[Heard]) -> Result<(), SourceError> {
         self.start_at(self.position() + heard.len() as u64);
         Ok(())
     }

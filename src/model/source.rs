@@ -20,13 +20,14 @@
 //! cache by replaying the same passes.
 
 use std::collections::VecDeque;
+use std::sync::Arc;
 
 use super::card::Card;
 use super::runtime::{Cache, Net, Turn};
 use super::{Model, ModelError};
 use crate::control::Conditioning;
 use crate::gen::history::History;
-use crate::gen::{NoteSource, SamplingParams, SourceError, Step, VOICES};
+use crate::gen::{Heard, NoteSource, SamplingParams, SourceError, Step, VOICES};
 use crate::music::{Mode, PitchSet};
 use crate::rng::Rng;
 
@@ -550,14 +551,20 @@ impl ModelSource {
         Ok(step)
     }
 
-    fn hear_steps(&mut self, heard: &[Step], cond: &Conditioning) -> Result<(), ModelError> {
+    fn hear_steps(&mut self, heard: &[Heard]) -> Result<(), ModelError> {
         let before = (self.tokens.len(), self.conds.len(), self.position);
-        let vec = cond_vector(&self.card, cond);
-        for s in heard {
-            for (voice, &t) in s.iter().enumerate() {
+        let mut vec: Option<(&Arc<Conditioning>, Vec<f32>)> = None;
+        for h in heard {
+            // The control loop smooths, so the conditioning may move every step, or hold for
+            // many: its vector is worked out once for each run of steps that share it.
+            if !vec.as_ref().is_some_and(|(c, _)| Arc::ptr_eq(c, &h.cond)) {
+                vec = Some((&h.cond, cond_vector(&self.card, &h.cond)));
+            }
+            let (_, row) = vec.as_ref().expect("set above");
+            for (voice, &t) in h.step.iter().enumerate() {
                 // The token before takes its conditioning as the next is appended, as decoding
                 // leaves it: every token but the pending last one has one.
-                self.conds.extend_from_slice(&vec);
+                self.conds.extend_from_slice(row);
                 self.tokens.push(self.heard_token(t));
                 self.voices.push(voice as i64);
             }
@@ -712,8 +719,8 @@ impl NoteSource for ModelSource {
         Ok(())
     }
 
-    fn hear(&mut self, heard: &[Step], cond: &Conditioning) -> Result<(), SourceError> {
-        self.hear_steps(heard, cond).map_err(|e| self.fail(e))
+    fn hear(&mut self, heard: &[Heard]) -> Result<(), SourceError> {
+        self.hear_steps(heard).map_err(|e| self.fail(e))
     }
 
     fn start_at(&mut self, step: u64) {
