@@ -7,12 +7,13 @@ use super::card::Card;
 use crate::gen::{Step, STEPS_PER_BEAT};
 
 /// Per-step raw features of a piece: onsets per beat, mean pitch (NaN when nothing sounds in the
-/// window) and mode (1 major, 0 minor, -1 unknown).
+/// window), mode (1 major, 0 minor, -1 unknown) and the key's tonic (pitch class, -1 unknown).
 #[derive(Clone, Debug, Default)]
 pub struct Features {
     pub density: Vec<f32>,
     pub register: Vec<f32>,
     pub mode: Vec<i8>,
+    pub tonic: Vec<i8>,
 }
 
 /// A key as Krumhansl-Schmuckler hears it.
@@ -24,28 +25,49 @@ pub struct Key {
     pub tonic: u8,
 }
 
+/// `x.sum()` as numpy adds a short float64 array (pairwise summation: eight running sums, paired
+/// off, then the rest in order), so that correlations tied in exact arithmetic break the same way
+/// as in Python.
+fn np_sum(x: &[f64]) -> f64 {
+    if x.len() < 8 {
+        return x.iter().fold(0.0, |a, b| a + b);
+    }
+    debug_assert!(x.len() <= 128, "numpy splits longer arrays in halves first");
+    let whole = x.len() - x.len() % 8;
+    let mut r = [0.0; 8];
+    r.copy_from_slice(&x[..8]);
+    for block in x[8..whole].chunks_exact(8) {
+        for (r, b) in r.iter_mut().zip(block) {
+            *r += b;
+        }
+    }
+    let paired = ((r[0] + r[1]) + (r[2] + r[3])) + ((r[4] + r[5]) + (r[6] + r[7]));
+    x[whole..].iter().fold(paired, |a, b| a + b)
+}
+
 /// Krumhansl-Schmuckler on a duration-weighted pitch-class histogram (`common._ks_key`): the
 /// best-correlating rotation of either profile; `None` when nothing sounds or the histogram is
-/// flat. Ties go to major, then to the lower tonic, as in Python.
+/// flat. Ties go to major, then to the lower tonic, as in Python, whose arithmetic this follows
+/// step for step (a symmetric histogram ties rotations, and rounding then picks the tonic).
 pub fn ks_key(hist: &[f64; 12], major: &[f64; 12], minor: &[f64; 12]) -> Option<Key> {
     let n = 12.0;
-    let sum: f64 = hist.iter().sum();
+    let sum = np_sum(hist);
     let mean = sum / n;
-    let var = hist.iter().map(|x| (x - mean) * (x - mean)).sum::<f64>() / n;
-    if sum <= 0.0 || var == 0.0 {
+    let h: Vec<f64> = hist.iter().map(|x| x - mean).collect();
+    if sum <= 0.0 || h.iter().all(|&x| x == 0.0) {
         return None;
     }
-    let h: Vec<f64> = hist.iter().map(|x| x - mean).collect();
-    let hn = h.iter().map(|x| x * x).sum::<f64>().sqrt();
+    let dot =
+        |a: &[f64], b: &[f64]| np_sum(&a.iter().zip(b).map(|(x, y)| x * y).collect::<Vec<_>>());
+    let hn = dot(&h, &h).sqrt();
     let best = |prof: &[f64; 12]| {
         let (mut best, mut tonic) = (-2.0f64, 0u8);
         for k in 0..12 {
             // np.roll(prof, k)[pc] = prof[(pc - k) % 12]
             let p: Vec<f64> = (0..12).map(|pc| prof[(pc + 12 - k) % 12]).collect();
-            let pm = p.iter().sum::<f64>() / n;
+            let pm = np_sum(&p) / n;
             let pc: Vec<f64> = p.iter().map(|x| x - pm).collect();
-            let pn = pc.iter().map(|x| x * x).sum::<f64>().sqrt();
-            let r = h.iter().zip(&pc).map(|(a, b)| a * b).sum::<f64>() / (hn * pn);
+            let r = dot(&h, &pc) / (hn * dot(&pc, &pc).sqrt());
             if r > best {
                 (best, tonic) = (r, k as u8);
             }
@@ -65,11 +87,6 @@ pub fn ks_key(hist: &[f64; 12], major: &[f64; 12], minor: &[f64; 12]) -> Option<
             tonic: min_k,
         }
     })
-}
-
-/// The mode alone: 1 major, 0 minor, -1 unknown.
-pub fn ks_mode(hist: &[f64; 12], major: &[f64; 12], minor: &[f64; 12]) -> i8 {
-    ks_key(hist, major, minor).map_or(-1, |k| k.mode)
 }
 
 /// `common.features` on a grid of steps.
@@ -104,6 +121,7 @@ pub fn features(grid: &[Step], card: &Card) -> Features {
         density: vec![0.0; n],
         register: vec![f32::NAN; n],
         mode: vec![-1; n],
+        tonic: vec![-1; n],
     };
     let clip = |a: i64, b: i64| (a.max(0) as usize, b.min(n as i64) as usize);
     for t in 0..n as i64 {
@@ -119,7 +137,10 @@ pub fn features(grid: &[Step], card: &Card) -> Features {
         for (k, x) in h.iter_mut().enumerate() {
             *x = pc_c[b][k] - pc_c[a][k];
         }
-        f.mode[t as usize] = ks_mode(&h, &c.mode.ks_major, &c.mode.ks_minor);
+        if let Some(k) = ks_key(&h, &c.mode.ks_major, &c.mode.ks_minor) {
+            f.mode[t as usize] = k.mode;
+            f.tonic[t as usize] = k.tonic as i8;
+        }
     }
     f
 }
@@ -166,6 +187,72 @@ mod tests {
     const MIN: [f64; 12] = [
         6.33, 2.68, 3.52, 5.38, 2.60, 3.53, 2.54, 4.75, 3.98, 2.69, 3.34, 3.17,
     ];
+
+    fn ks_mode(hist: &[f64; 12], major: &[f64; 12], minor: &[f64; 12]) -> i8 {
+        ks_key(hist, major, minor).map_or(-1, |k| k.mode)
+    }
+
+    /// `models/fixtures/features.json`: what `common.features` measured on a few grids.
+    #[test]
+    fn the_features_are_the_ones_python_measured_the_training_data_with() {
+        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+        let card = Card::load(&root.join("models/roomscore-satb-mix.json")).unwrap();
+        let path = root.join("models/fixtures/features.json");
+        let fx: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+        let c = &card.conditioning;
+        assert_eq!(
+            (c.density.window_steps / 2, c.mode.window_steps / 2),
+            (
+                fx["density_half"].as_u64().unwrap() as usize,
+                fx["mode_half"].as_u64().unwrap() as usize
+            )
+        );
+        let cases = fx["cases"].as_array().unwrap();
+        assert!(cases.len() >= 7);
+        for case in cases {
+            let name = case["name"].as_str().unwrap();
+            let grid: Vec<Step> = case["grid"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|step| {
+                    std::array::from_fn(|v| {
+                        let p = step[v].as_i64().unwrap();
+                        (p >= 0).then_some(p as u8)
+                    })
+                })
+                .collect();
+            let f = features(&grid, &card);
+            let column = |key: &str| case[key].as_array().unwrap().clone();
+            assert_eq!(f.density.len(), grid.len(), "{name}");
+            for (t, want) in column("density").iter().enumerate() {
+                let want = want.as_f64().unwrap() as f32;
+                assert!(
+                    (f.density[t] - want).abs() < 1e-6,
+                    "{name} step {t}: density"
+                );
+            }
+            for (t, want) in column("register").iter().enumerate() {
+                match want.as_f64() {
+                    Some(w) => assert!(
+                        (f.register[t] - w as f32).abs() < 1e-4,
+                        "{name} step {t}: register {} against {w}",
+                        f.register[t]
+                    ),
+                    None => assert!(f.register[t].is_nan(), "{name} step {t}: register"),
+                }
+            }
+            let ints = |key: &str| -> Vec<i8> {
+                column(key)
+                    .iter()
+                    .map(|x| x.as_i64().unwrap() as i8)
+                    .collect()
+            };
+            assert_eq!(f.mode, ints("mode"), "{name}: mode");
+            assert_eq!(f.tonic, ints("tonic"), "{name}: tonic");
+        }
+    }
 
     #[test]
     fn triads_are_heard_in_their_mode() {
