@@ -861,3 +861,82 @@ fn model_info_prints_the_card() {
         None => assert!(!stdout.contains("mixture"), "{stdout}"),
     }
 }
+
+#[test]
+fn model_eval_reads_the_benchmark_file_and_prints_pythons_nll() {
+    // The fixture's pieces written back as the benchmark's file (MIDI pitches, -1 silence):
+    // `model eval` reads, windows and scores them as Python did.
+    let card = open().card;
+    let fx = fixture();
+    let pieces: Vec<Vec<[i64; 4]>> = fx["pieces"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| {
+            ints(&p["tokens"])[1..]
+                .chunks(4)
+                .map(|step| {
+                    std::array::from_fn(|v| card.token_pitch(step[v]).map_or(-1, i64::from))
+                })
+                .collect()
+        })
+        .collect();
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("Jsb16thSeparated.json");
+    std::fs::write(&file, serde_json::json!({ "test": pieces }).to_string()).unwrap();
+    let eval = |jsb: &Path| {
+        Command::new(env!("CARGO_BIN_EXE_roomscore"))
+            .args(["model", "eval", "--split", "test", "--model"])
+            .arg(model_path())
+            .arg("--jsb")
+            .arg(jsb)
+            .current_dir(root())
+            .output()
+            .unwrap()
+    };
+    // Given the folder, as the README has it, it reads the file in it.
+    let out = eval(dir.path());
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let nll: f64 = stdout
+        .split("mean NLL ")
+        .nth(1)
+        .and_then(|s| s.split_whitespace().next())
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("no NLL in {stdout}"));
+    let python = fx["mean_nll"].as_f64().unwrap();
+    assert!((nll - python).abs() < 0.002, "{nll} against {python}");
+    let tokens = fx["tokens_scored"].as_u64().unwrap();
+    assert!(
+        stdout.contains(&format!("over {tokens} tokens (2 pieces;")),
+        "{stdout}"
+    );
+
+    // A file that is not the benchmark's: where, and what.
+    std::fs::write(
+        &file,
+        r#"{"test": [[[60, 55, 52, 48], [60, "x", 52, 48]]]}"#,
+    )
+    .unwrap();
+    let out = eval(&file);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        stderr.contains(&file.display().to_string())
+            && stderr.contains("test[0][1][1] is not a number"),
+        "{stderr}"
+    );
+    let out = eval(&dir.path().join("missing.json"));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && stderr.contains("missing.json"),
+        "{stderr}"
+    );
+    std::fs::write(&file, r#"{"train": []}"#).unwrap();
+    let stderr = String::from_utf8_lossy(&eval(&file).stderr).to_string();
+    assert!(stderr.contains(r#"no split "test""#), "{stderr}");
+}
