@@ -61,10 +61,25 @@ def generate(sess, dims, cvec, steps, rng, temperature=1.0, top_p=0.95, max_hold
     return np.array(out).reshape(steps, 4)
 
 
+def ranks(x):
+    """Ranks from 0, tied values sharing the mean of their ranks (as scipy's rankdata): the sweep
+    asks each value many times, and ranking those ties by order would rank noise."""
+    x = np.asarray(x, float)
+    order = np.argsort(x, kind="stable")
+    r = np.empty(len(x))
+    i = 0
+    while i < len(x):
+        j = i
+        while j + 1 < len(x) and x[order[j + 1]] == x[order[i]]:
+            j += 1
+        r[order[i:j + 1]] = (i + j) / 2
+        i = j + 1
+    return r
+
+
 def spearman(a, b):
-    ra = np.argsort(np.argsort(a)).astype(float)
-    rb = np.argsort(np.argsort(b)).astype(float)
-    return float(np.corrcoef(ra, rb)[0, 1])
+    """Spearman's rho: Pearson's correlation of the ranks."""
+    return float(np.corrcoef(ranks(a), ranks(b))[0, 1])
 
 
 def main():

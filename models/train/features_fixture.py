@@ -1,5 +1,6 @@
 """Writes models/fixtures/features.json: the conditioning features `common.features` measures on
-a few grids, for the engine's port (src/model/features.rs) to be held to. `roomscore model
+a few grids, and a Spearman's rho as `control_check` computes it, for the engine's port
+(src/model/features.rs) to be held to. `roomscore model
 control` measures the music it generates with that port, so a drift between the two would make
 "asked" and "heard" different units without any test noticing.
 
@@ -18,6 +19,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common as C  # noqa: E402
+import control_check as CC  # noqa: E402
 
 MODELS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 
@@ -60,12 +62,17 @@ def main():
             mode=[int(x) for x in mode],
             tonic=[int(x) for x in tonic],
         ))
+    # Spearman's rho as control_check computes it, on a sweep's shape: each value asked many times.
+    rng = np.random.RandomState(3)
+    asked = np.repeat([1.0, 2.0, 3.0, 4.0, 5.0, 6.0], 8)
+    heard = np.round(asked + rng.normal(0, 1.2, asked.shape), 1)
     out = dict(
         description="common.features on each grid (MIDI pitches, -1 silence, steps x S A T B): density "
                     "(onsets/beat), register (mean MIDI pitch, null when nothing sounds in the window), mode "
                     "(1 major, 0 minor, -1 unknown), tonic (pitch class, -1 unknown). Written by "
                     "models/train/features_fixture.py.",
         density_half=C.DENSITY_HALF, mode_half=C.MODE_HALF, cases=cases,
+        spearman=dict(asked=asked.tolist(), heard=heard.tolist(), rho=CC.spearman(asked, heard)),
     )
     path = os.path.join(MODELS, "fixtures", "features.json")
     json.dump(out, open(path, "w"))

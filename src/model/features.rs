@@ -155,18 +155,25 @@ pub fn grid_key(grid: &[Step], card: &Card) -> Option<Key> {
     ks_key(&h, &m.ks_major, &m.ks_minor)
 }
 
-/// Ranks with ties broken by order, as `np.argsort(np.argsort(x))` gives them.
+/// Ranks from 0, tied values sharing the mean of their ranks (as `control_check.ranks` and scipy's
+/// `rankdata`): the control sweep asks each value many times, and ranking those ties by their order
+/// would correlate noise.
 fn ranks(x: &[f64]) -> Vec<f64> {
     let mut idx: Vec<usize> = (0..x.len()).collect();
-    idx.sort_by(|&a, &b| x[a].total_cmp(&x[b]).then(a.cmp(&b)));
+    idx.sort_by(|&a, &b| x[a].total_cmp(&x[b]));
     let mut r = vec![0.0; x.len()];
-    for (rank, &i) in idx.iter().enumerate() {
-        r[i] = rank as f64;
+    let mut first = 0;
+    for tie in idx.chunk_by(|&a, &b| x[a] == x[b]) {
+        let mean = first as f64 + (tie.len() - 1) as f64 / 2.0;
+        for &i in tie {
+            r[i] = mean;
+        }
+        first += tie.len();
     }
     r
 }
 
-/// Spearman's rho the way `control_check.py` computes it (Pearson on the ranks).
+/// Spearman's rho as `control_check.py` computes it: Pearson's correlation of the ranks.
 pub fn spearman(a: &[f64], b: &[f64]) -> f64 {
     let (ra, rb) = (ranks(a), ranks(b));
     let n = ra.len() as f64;
@@ -252,6 +259,18 @@ mod tests {
             assert_eq!(f.mode, ints("mode"), "{name}: mode");
             assert_eq!(f.tonic, ints("tonic"), "{name}: tonic");
         }
+        let rho = &fx["spearman"];
+        let column = |key: &str| -> Vec<f64> {
+            rho[key]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|x| x.as_f64().unwrap())
+                .collect()
+        };
+        let (asked, heard) = (column("asked"), column("heard"));
+        let want = rho["rho"].as_f64().unwrap();
+        assert!((spearman(&asked, &heard) - want).abs() < 1e-12, "{want}");
     }
 
     #[test]
@@ -284,5 +303,12 @@ mod tests {
         let a = [1.0, 2.0, 3.0, 4.0];
         assert!((spearman(&a, &[10.0, 20.0, 25.0, 90.0]) - 1.0).abs() < 1e-12);
         assert!((spearman(&a, &[4.0, 3.0, 2.0, 1.0]) + 1.0).abs() < 1e-12);
+        // Tied values share their mean rank, so the order they come in does not matter (ranked
+        // by order, these would give 1 and 0.6).
+        let asked = [1.0, 1.0, 2.0, 2.0];
+        let want = 2.0 / 5f64.sqrt();
+        assert!((spearman(&asked, &[1.0, 2.0, 3.0, 4.0]) - want).abs() < 1e-12);
+        assert!((spearman(&asked, &[2.0, 1.0, 4.0, 3.0]) - want).abs() < 1e-12);
+        assert_eq!(ranks(&[3.0, 1.0, 3.0, 3.0, 0.0]), [3.0, 1.0, 3.0, 3.0, 0.0]);
     }
 }
