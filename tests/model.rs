@@ -894,27 +894,30 @@ fn model_eval_reads_the_benchmark_file_and_prints_pythons_nll() {
             .output()
             .unwrap()
     };
-    // Given the folder, as the README has it, it reads the file in it.
-    let out = eval(dir.path());
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{stdout}\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let nll: f64 = stdout
-        .split("mean NLL ")
-        .nth(1)
-        .and_then(|s| s.split_whitespace().next())
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| panic!("no NLL in {stdout}"));
-    let python = fx["mean_nll"].as_f64().unwrap();
-    assert!((nll - python).abs() < 0.002, "{nll} against {python}");
-    let tokens = fx["tokens_scored"].as_u64().unwrap();
-    assert!(
-        stdout.contains(&format!("over {tokens} tokens (2 pieces;")),
-        "{stdout}"
-    );
+    // The file, as the README has it, or the folder that holds it.
+    for jsb in [file.as_path(), dir.path()] {
+        let out = eval(jsb);
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success(),
+            "{stdout}\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let nll: f64 = stdout
+            .split("mean NLL ")
+            .nth(1)
+            .and_then(|s| s.split_whitespace().next())
+            .and_then(|s| s.parse().ok())
+            .unwrap_or_else(|| panic!("no NLL in {stdout}"));
+        // Printed to 4 places; the issue asks for 0.002, the engine is within 1e-5.
+        let python = fx["mean_nll"].as_f64().unwrap();
+        assert!((nll - python).abs() < 2e-4, "{nll} against {python}");
+        let tokens = fx["tokens_scored"].as_u64().unwrap();
+        assert!(
+            stdout.contains(&format!("over {tokens} tokens (2 pieces;")),
+            "{stdout}"
+        );
+    }
 
     // A file that is not the benchmark's: where, and what.
     std::fs::write(
@@ -937,6 +940,8 @@ fn model_eval_reads_the_benchmark_file_and_prints_pythons_nll() {
         "{stderr}"
     );
     std::fs::write(&file, r#"{"train": []}"#).unwrap();
-    let stderr = String::from_utf8_lossy(&eval(&file).stderr).to_string();
+    let out = eval(&file);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
     assert!(stderr.contains(r#"no split "test""#), "{stderr}");
 }

@@ -8,7 +8,7 @@ control` measures the music it generates with that port, so a drift between the 
 
 The grids: the two JSB test pieces already in the parity fixture (fixtures/jsb_test_slice.json,
 read back from their tokens), and made-up ones for the edges: random pitches and rests over the
-whole MIDI range, a chromatic cluster (a flat histogram: no key), silence, a lone drone, and a
+whole MIDI range, a chromatic cluster (flat or symmetric histograms: no key, or rotations that tie), silence, a lone drone, and a
 grid shorter than either window.
 """
 import json

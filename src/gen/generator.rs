@@ -9,7 +9,9 @@ use std::time::{Duration, Instant};
 
 use super::pace::{self, Backoff, Behind, Pace};
 use super::rules::RuleSource;
-use super::{Heard, NoteEvent, NoteSource, SamplingParams, Step, STEPS_PER_BEAT, VOICES};
+use super::{
+    Heard, NoteEvent, NoteSource, SamplingParams, SourceError, Step, STEPS_PER_BEAT, VOICES,
+};
 use crate::control::Conditioning;
 
 /// Steps kept of what the room heard, for a source taken back to carry on from: 16 beats, the
@@ -49,7 +51,7 @@ struct Parked {
 
 /// Where timing a parked source's steps has got to.
 enum Retimed {
-    Failed(super::SourceError),
+    Failed(SourceError),
     /// Fewer than `pace::RETIMED_STEPS` timed, none fast enough yet.
     Timing,
     /// None of them fast enough: it waits again.
@@ -93,9 +95,10 @@ impl Parked {
             .checked_sub(first_kept)
             .ok_or("it fell behind what it was to hear")? as usize;
         let to = (from + HEAR_CHUNK).min(heard.len());
-        self.source
-            .hear(&heard[from..to])
-            .map_err(|e| e.to_string())?;
+        let chunk = heard
+            .get(from..to)
+            .ok_or("it stood past what the room heard")?;
+        self.source.hear(chunk).map_err(|e| e.to_string())?;
         let expected = first_kept + to as u64;
         match self.source.position() {
             p if p == expected => Ok(()),
@@ -236,7 +239,10 @@ impl Generator {
         let changed = self.cond.differs(cond)
             || (self.params.temperature - params.temperature).abs() > 0.02
             || (self.params.top_p - params.top_p).abs() > 0.01;
-        self.cond = Arc::new(cond.clone());
+        // Kept while it holds, so that the steps heard under it share one.
+        if *self.cond != *cond {
+            self.cond = Arc::new(cond.clone());
+        }
         self.params = params;
         self.velocity = velocity;
         if changed && !self.pending.is_empty() {
@@ -363,7 +369,7 @@ impl Generator {
             median,
             hearing: Some((began, from_step)),
             ..
-        }) = self.parked.take()
+        }) = self.parked.take_if(|p| p.hearing.is_some())
         else {
             return;
         };
@@ -514,6 +520,7 @@ impl Generator {
     /// Releases every sounding note (scene change, shutdown).
     pub fn release_all(&mut self, beat: f64, push: &mut dyn FnMut(NoteEvent) -> bool) {
         for v in 0..VOICES {
+            self.audible[v] = None;
             if let Some(p) = self.sounding[v].take() {
                 self.backlog.push_back(NoteEvent {
                     beat,
