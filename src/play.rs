@@ -263,6 +263,9 @@ pub fn run(args: PlayArgs) -> anyhow::Result<()> {
         lane,
     )?;
 
+    // A thread that died: the room is shut down as on a signal, the recording closed, and then
+    // the process fails, so that the service manager starts it again.
+    let mut died = None;
     match running {
         Running::Live {
             mut out,
@@ -270,10 +273,11 @@ pub fn run(args: PlayArgs) -> anyhow::Result<()> {
             engine,
             threads,
         } => {
-            wait_for_stop(
+            died = wait_for_stop(
                 || {
                     let _ = ctl.send(ControlMsg::Reload);
                 },
+                || threads.iter().find(|t| t.is_finished()).map(thread_name),
                 args.seconds,
                 &mut out,
             )?;
@@ -300,6 +304,7 @@ pub fn run(args: PlayArgs) -> anyhow::Result<()> {
                 || {
                     let _ = ctl.send(ReplayMsg::Reload(scene_path.clone()));
                 },
+                || None,
                 args.seconds,
                 &mut out,
             )?;
@@ -332,7 +337,17 @@ pub fn run(args: PlayArgs) -> anyhow::Result<()> {
         osc_dropped = stats.dropped.load(Relaxed),
         "stopped"
     );
-    Ok(())
+    match died {
+        Some(name) => Err(anyhow::anyhow!(
+            "the {name} thread stopped while playing (its panic is in the log above); exiting \
+             with an error so that the service manager starts the engine again"
+        )),
+        None => Ok(()),
+    }
+}
+
+fn thread_name<T>(t: &std::thread::JoinHandle<T>) -> String {
+    t.thread().name().unwrap_or("unnamed").to_string()
 }
 
 /// Keeps every page of the process in RAM, now and to come, so the audio thread never waits
@@ -406,11 +421,14 @@ impl Outputs<'_> {
 
 /// The main thread owns the output streams (cpal's are not all `Send`), so it also watches
 /// over the device while it waits for a signal.
+/// Plays until a signal, `seconds`, or a thread of the engine stopping (`died` names it), which
+/// is returned.
 fn wait_for_stop(
     mut on_hup: impl FnMut(),
+    died: impl Fn() -> Option<String>,
     seconds: Option<f64>,
     out: &mut Supervisor,
-) -> anyhow::Result<()> {
+) -> anyhow::Result<Option<String>> {
     use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
     let mut signals = signal_hook::iterator::Signals::new([SIGINT, SIGTERM, SIGHUP])?;
     let deadline = seconds.map(|s| Instant::now() + Duration::from_secs_f64(s.max(0.0)));
@@ -420,24 +438,39 @@ fn wait_for_stop(
                 SIGHUP => on_hup(),
                 _ => {
                     tracing::info!("signal {sig}: fading out");
-                    return Ok(());
+                    return Ok(None);
                 }
             }
         }
         if deadline.is_some_and(|d| Instant::now() >= d) {
-            return Ok(());
+            return Ok(None);
+        }
+        if let Some(name) = died() {
+            tracing::error!("the {name} thread stopped: shutting down");
+            return Ok(Some(name));
         }
         out.poll();
         std::thread::sleep(Duration::from_millis(20));
     }
 }
 
+/// Set in a test build only: the composer thread panics this many seconds in, as a bug in it would,
+/// so that the tests can see the engine shut down cleanly and fail instead of playing silence.
+const PANIC_AFTER_ENV: &str = "ROOMSCORE_TEST_COMPOSER_PANIC_AFTER";
+
 fn composer_loop(
     mut composer: Composer,
     rx: Receiver<ComposerMsg>,
     telemetry: Arc<crate::audio::Telemetry>,
 ) {
+    let panic_at = cfg!(debug_assertions)
+        .then(|| std::env::var(PANIC_AFTER_ENV).ok()?.parse::<f64>().ok())
+        .flatten()
+        .map(|s| Instant::now() + Duration::from_secs_f64(s.max(0.0)));
     loop {
+        if panic_at.is_some_and(|t| Instant::now() >= t) {
+            panic!("{PANIC_AFTER_ENV} is set: the composer thread panics, as a bug would");
+        }
         match rx.recv_timeout(Duration::from_millis(2)) {
             Ok(msg) => {
                 composer.handle(msg, telemetry.beat());

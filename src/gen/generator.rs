@@ -4,6 +4,7 @@
 //! changes, so that a change is heard within one step of the lookahead.
 
 use std::collections::VecDeque;
+use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -49,6 +50,26 @@ struct Parked {
     hearing: Option<(Instant, u64)>,
 }
 
+/// Runs `call` on `source`, a panic in it taken as the source failing: a bug in a composer must
+/// cost the room its composer, not its music, and the generator falls back as for any error. The
+/// source is dropped afterwards, so whatever state the panic left it in is never read.
+fn guarded<T>(
+    source: &mut dyn NoteSource,
+    call: impl FnOnce(&mut dyn NoteSource) -> Result<T, SourceError>,
+) -> Result<T, SourceError> {
+    std::panic::catch_unwind(AssertUnwindSafe(|| call(&mut *source))).unwrap_or_else(|panic| {
+        let what = panic
+            .downcast_ref::<&str>()
+            .map(|s| s.to_string())
+            .or_else(|| panic.downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "no message".into());
+        Err(SourceError::Failed {
+            source_name: source.name().into(),
+            message: format!("it panicked: {what}"),
+        })
+    })
+}
+
 /// Where timing a parked source's steps has got to.
 enum Retimed {
     Failed(SourceError),
@@ -66,7 +87,7 @@ impl Parked {
             return Retimed::Fits;
         }
         let t = Instant::now();
-        if let Err(e) = self.source.next_step(cond, params) {
+        if let Err(e) = guarded(self.source.as_mut(), |s| s.next_step(cond, params)) {
             return Retimed::Failed(e);
         }
         self.fastest = self.fastest.min(t.elapsed());
@@ -98,7 +119,7 @@ impl Parked {
         let chunk = heard
             .get(from..to)
             .ok_or("it stood past what the room heard")?;
-        self.source.hear(chunk).map_err(|e| e.to_string())?;
+        guarded(self.source.as_mut(), |s| s.hear(chunk)).map_err(|e| e.to_string())?;
         let expected = first_kept + to as u64;
         match self.source.position() {
             p if p == expected => Ok(()),
@@ -221,7 +242,6 @@ impl Generator {
 
     /// Starts composing afresh at `step`, with nothing sounding.
     pub fn start_at(&mut self, step: u64) {
-        self.source.start_at(step);
         self.committed = step;
         self.pending.clear();
         self.sounding = [None; VOICES];
@@ -230,6 +250,13 @@ impl Generator {
         self.heard.clear();
         if let Some(p) = &mut self.parked {
             p.hearing = None;
+        }
+        let started = guarded(self.source.as_mut(), |s| {
+            s.start_at(step);
+            Ok(())
+        });
+        if let Err(e) = started {
+            self.fall_back(e.to_string());
         }
     }
 
@@ -248,7 +275,8 @@ impl Generator {
         if changed && !self.pending.is_empty() {
             self.pending.clear();
             self.stats.rollbacks += 1;
-            if let Err(e) = self.source.rollback(self.committed) {
+            let committed = self.committed;
+            if let Err(e) = guarded(self.source.as_mut(), |s| s.rollback(committed)) {
                 self.fall_back(e.to_string());
             }
         }
@@ -403,7 +431,8 @@ impl Generator {
     fn decode_one(&mut self) -> Step {
         loop {
             let started = self.pace.as_ref().map(|_| Instant::now());
-            match self.source.next_step(&self.cond, &self.params) {
+            let (cond, params) = (&self.cond, &self.params);
+            match guarded(self.source.as_mut(), |s| s.next_step(cond, params)) {
                 Ok(step) => {
                     if let (Some(pace), Some(t)) = (&mut self.pace, started) {
                         pace.decoded(t.elapsed());
@@ -663,6 +692,77 @@ mod tests {
         }
         assert_eq!(got, all);
         assert!(g.stats().queue_full > 0);
+    }
+
+    /// The rule-based source, but a bug: it panics at step `at` (in `next_step`, or in the
+    /// rollback to it), as an index out of bounds in a composer would.
+    struct Panicking {
+        inner: RuleSource,
+        at: u64,
+        in_rollback: bool,
+    }
+    impl NoteSource for Panicking {
+        fn name(&self) -> &str {
+            "panicking"
+        }
+        fn position(&self) -> u64 {
+            self.inner.position()
+        }
+        fn next_step(&mut self, c: &Conditioning, p: &SamplingParams) -> Result<Step, SourceError> {
+            if !self.in_rollback && self.inner.position() == self.at {
+                panic!("index out of bounds at step {}", self.at);
+            }
+            self.inner.next_step(c, p)
+        }
+        fn rollback(&mut self, step: u64) -> Result<(), SourceError> {
+            if self.in_rollback && step == self.at {
+                panic!("rolled back into a bug at step {step}");
+            }
+            self.inner.rollback(step)
+        }
+        fn start_at(&mut self, step: u64) {
+            self.inner.start_at(step)
+        }
+    }
+
+    #[test]
+    fn a_source_that_panics_falls_back_and_music_goes_on() {
+        for in_rollback in [false, true] {
+            let source = Panicking {
+                inner: RuleSource::new(0, true, 4),
+                at: if in_rollback { 8 } else { 10 },
+                in_rollback,
+            };
+            let mut g =
+                Generator::new(Box::new(source), 0, true, 4, cond(), P, 0.7).with_decode_ahead(4);
+            let mut notes = [0; 2];
+            g.fill(0.0, 2.0, &mut |e| {
+                notes[0] += e.on as usize;
+                true
+            });
+            assert_eq!(g.source_name(), "panicking", "{in_rollback}");
+            // Step 8 was decoded ahead; a new conditioning rolls it back, into the bug.
+            let other = Conditioning {
+                density: Some(7.0),
+                ..cond()
+            };
+            g.set_controls(&other, P, 0.7);
+            g.fill(2.0, 8.0, &mut |e| {
+                notes[1] += e.on as usize;
+                true
+            });
+            assert_eq!(g.source_name(), "rules", "{in_rollback}");
+            assert_eq!(g.committed_step(), 32);
+            assert_eq!(g.stats().fallbacks, 1);
+            let why = g.failure().unwrap();
+            let bug = if in_rollback {
+                "it panicked: rolled back into a bug at step 8"
+            } else {
+                "it panicked: index out of bounds at step 10"
+            };
+            assert!(why.contains(bug), "{why}");
+            assert!(notes[0] > 0 && notes[1] > 0, "{notes:?}");
+        }
     }
 
     struct Failing(u64);

@@ -208,3 +208,40 @@ fn play_replays_an_input_log_on_its_times() {
     );
     assert!(s.notes > first.notes);
 }
+
+#[test]
+fn a_composer_thread_that_dies_ends_the_engine_with_an_error_and_a_whole_recording() {
+    // Not a silent room with a watchdog still fed: the engine fades, closes the recording and
+    // exits with an error, for systemd (`Restart=always`) to start it again.
+    let dir = tempfile::tempdir().unwrap();
+    let rec = dir.path().join("died.wav");
+    let osc = format!("127.0.0.1:{}", free_port());
+    let started = Instant::now();
+    let mut child = spawn_play(
+        &[
+            "--output",
+            "null",
+            "--osc",
+            &osc,
+            "--seconds",
+            "60",
+            "--record",
+            rec.to_str().unwrap(),
+        ],
+        &[("ROOMSCORE_TEST_COMPOSER_PANIC_AFTER", "3")],
+    );
+    let out = terminate_after(&mut child, 30);
+    let took = started.elapsed();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(took < Duration::from_secs(30), "it played on: {stderr}");
+    assert!(
+        stderr.contains("the composer thread stopped while playing"),
+        "{stderr}"
+    );
+    // The notes already queued, then the fade: a whole file of at least the 3 s before.
+    let (spec, samples) = read_wav(&rec);
+    let seconds = samples.len() as f64 / spec.channels as f64 / spec.sample_rate as f64;
+    assert!(seconds >= 3.0, "{seconds:.2} s recorded");
+    assert!(samples.iter().any(|s| s.abs() > 1e-3), "nothing was heard");
+}
