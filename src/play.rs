@@ -286,7 +286,11 @@ pub fn run(args: PlayArgs) -> anyhow::Result<()> {
             let _ = ctl.send(ControlMsg::Stop);
             drop(osc_thread);
             for t in threads {
-                let _ = t.join();
+                let name = thread_name(&t);
+                // The thread that panicked, rather than one that stopped because it had.
+                if t.join().is_err() {
+                    died = Some(name);
+                }
             }
             drop(out);
             // The engine holds the recorder's queue; take it so the writer sees the end.
@@ -339,8 +343,8 @@ pub fn run(args: PlayArgs) -> anyhow::Result<()> {
     );
     match died {
         Some(name) => Err(anyhow::anyhow!(
-            "the {name} thread stopped while playing (its panic is in the log above); exiting \
-             with an error so that the service manager starts the engine again"
+            "the {name} thread stopped while playing (a panic is in the log above); exiting with \
+             an error so that the service manager starts the engine again"
         )),
         None => Ok(()),
     }

@@ -148,7 +148,12 @@ impl Composer {
         match msg {
             ComposerMsg::Controls { controls, params } => {
                 if let Composition::Generated(g) = &mut self.composition {
+                    // A rollback the new controls ask for can fail the source, too.
+                    let before = g.stats().fallbacks;
                     g.set_controls(&controls.cond, params, controls.velocity);
+                    if g.stats().fallbacks != before {
+                        self.publish_source();
+                    }
                 }
             }
             ComposerMsg::Replace {
@@ -557,6 +562,69 @@ mod tests {
         let source = Box::new(RuleSource::new(0, true, seed));
         let g = Generator::new(source, 0, true, seed, cond, params, 0.7);
         Composition::Generated(Box::new(g))
+    }
+
+    /// The rule-based source, under another name, whose rollbacks fail.
+    struct NoRollback(RuleSource);
+    impl NoteSource for NoRollback {
+        fn name(&self) -> &str {
+            "no-rollback"
+        }
+        fn position(&self) -> u64 {
+            self.0.position()
+        }
+        fn next_step(
+            &mut self,
+            c: &Conditioning,
+            p: &SamplingParams,
+        ) -> Result<crate::gen::Step, crate::gen::SourceError> {
+            self.0.next_step(c, p)
+        }
+        fn rollback(&mut self, _: u64) -> Result<(), crate::gen::SourceError> {
+            Err(crate::gen::SourceError::Failed {
+                source_name: "no-rollback".into(),
+                message: "no history".into(),
+            })
+        }
+        fn start_at(&mut self, step: u64) {
+            self.0.start_at(step)
+        }
+    }
+
+    #[test]
+    fn a_source_that_fails_on_new_controls_is_reported_replaced() {
+        let params = SamplingParams {
+            temperature: 1.0,
+            top_p: 1.0,
+        };
+        let cond = |density| Conditioning {
+            density: Some(density),
+            register: None,
+            major: None,
+            styles: vec![],
+            tonic: None,
+        };
+        let source = Box::new(NoRollback(RuleSource::new(0, true, 3)));
+        let g = Generator::new(source, 0, true, 3, cond(2.0), params, 0.7).with_decode_ahead(4);
+        let (notes, _rx) = rtrb::RingBuffer::new(256);
+        let mut c = Composer::new(Composition::Generated(Box::new(g)), notes, 0.5);
+        // Steps decoded ahead, which the new controls roll back: the source fails there.
+        c.fill(0.0);
+        assert_eq!(*c.source_name.lock().unwrap(), "no-rollback");
+        let controls = Controls {
+            cond: cond(6.0),
+            tempo: 120.0,
+            volume: 1.0,
+            reverb: 0.0,
+            velocity: 0.7,
+            temperature: 1.0,
+            cutoff: vec![],
+            gain_db: vec![],
+            layer_level: vec![],
+        };
+        c.handle(ComposerMsg::Controls { controls, params }, 0.0);
+        assert_eq!(c.generator().unwrap().stats().fallbacks, 1);
+        assert_eq!(*c.source_name.lock().unwrap(), "rules");
     }
 
     #[test]

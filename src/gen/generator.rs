@@ -372,8 +372,20 @@ impl Generator {
                     // The steps timed were this call's work; hearing starts at the next commit,
                     // which adds a step to the ring and, when it is full, drops the oldest.
                     let first = first_kept + u64::from(self.heard.len() == HEARD_KEPT);
-                    p.hearing = Some((Instant::now(), first));
-                    p.source.start_at(first);
+                    let started = guarded(p.source.as_mut(), |s| {
+                        s.start_at(first);
+                        Ok(())
+                    });
+                    match started {
+                        Ok(()) => p.hearing = Some((Instant::now(), first)),
+                        Err(e) => {
+                            tracing::error!(
+                                "composer failed as it was taken back, keeping the rule-based \
+                                 source: {e}"
+                            );
+                            self.parked = None;
+                        }
+                    }
                 }
             }
             return;
@@ -429,6 +441,7 @@ impl Generator {
     }
 
     fn decode_one(&mut self) -> Step {
+        let mut failed_before = false;
         loop {
             let started = self.pace.as_ref().map(|_| Instant::now());
             let (cond, params) = (&self.cond, &self.params);
@@ -439,8 +452,14 @@ impl Generator {
                     }
                     return step;
                 }
-                // The fallback never fails, so this loop runs at most twice.
-                Err(e) => self.fall_back(e.to_string()),
+                // The rule-based source never fails; if it did, it would again with the same
+                // step and seed, and the thread had better die (the engine then exits, and is
+                // started again) than spin.
+                Err(e) if failed_before => panic!("the rule-based fallback failed too: {e}"),
+                Err(e) => {
+                    failed_before = true;
+                    self.fall_back(e.to_string());
+                }
             }
         }
     }

@@ -210,6 +210,10 @@ fn play_replays_an_input_log_on_its_times() {
 }
 
 #[test]
+#[cfg_attr(
+    not(debug_assertions),
+    ignore = "the fault it injects is compiled into debug builds only"
+)]
 fn a_composer_thread_that_dies_ends_the_engine_with_an_error_and_a_whole_recording() {
     // Not a silent room with a watchdog still fed: the engine fades, closes the recording and
     // exits with an error, for systemd (`Restart=always`) to start it again.
