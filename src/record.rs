@@ -102,3 +102,44 @@ impl Recorder {
         }
     }
 }
+
+impl Drop for Recorder {
+    /// A recording not finished (`play` stopped by an error after it started) is still closed
+    /// with what was queued: a whole file, never one with a header that lies about its length.
+    fn drop(&mut self) {
+        if let Some(thread) = self.thread.take() {
+            self.stop.store(true, Ordering::Release);
+            match thread.join() {
+                Ok(Ok(frames)) => tracing::info!(
+                    "recording closed early: {frames} frames in {}",
+                    self.path.display()
+                ),
+                Ok(Err(e)) => tracing::error!("{e}"),
+                Err(_) => {
+                    tracing::error!("{}: the recording's writer panicked", self.path.display())
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_recording_dropped_unfinished_is_a_whole_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("dropped.wav");
+        let (rec, mut tx) = Recorder::start(&path, 48_000, 1.0).unwrap();
+        for i in 0..960 {
+            tx.push(i as f32 / 960.0).unwrap();
+        }
+        drop(rec);
+        let mut r = hound::WavReader::open(&path).unwrap();
+        assert_eq!(r.spec(), wav_spec(48_000));
+        let samples: Vec<f32> = r.samples::<f32>().map(Result::unwrap).collect();
+        assert_eq!(samples.len(), 960);
+        assert_eq!(samples[959], 959.0 / 960.0);
+    }
+}
