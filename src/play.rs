@@ -423,10 +423,9 @@ impl Outputs<'_> {
     }
 }
 
-/// The main thread owns the output streams (cpal's are not all `Send`), so it also watches
-/// over the device while it waits for a signal.
-/// Plays until a signal, `seconds`, or a thread of the engine stopping (`died` names it), which
-/// is returned.
+/// Plays until a signal, `seconds`, or a thread of the engine stopping (`died` names it; the
+/// name is returned). The main thread owns the output streams (cpal's are not all `Send`), so it
+/// also watches over the device meanwhile.
 fn wait_for_stop(
     mut on_hup: impl FnMut(),
     died: impl Fn() -> Option<String>,
@@ -458,8 +457,8 @@ fn wait_for_stop(
     }
 }
 
-/// Set in a test build only: the composer thread panics this many seconds in, as a bug in it would,
-/// so that the tests can see the engine shut down cleanly and fail instead of playing silence.
+/// Honoured by debug builds only (the tests'): the composer thread panics this many seconds in,
+/// as a bug in it would, so that a test sees the engine shut down and fail, not play silence.
 const PANIC_AFTER_ENV: &str = "ROOMSCORE_TEST_COMPOSER_PANIC_AFTER";
 
 fn composer_loop(
