@@ -92,14 +92,20 @@ impl Recorder {
 
     /// Drains what is queued, closes the file, and returns the frames written.
     pub fn finish(mut self) -> Result<u64, RecordError> {
+        // Only `drop` closes it otherwise, and that runs after this.
+        self.close().unwrap_or(Ok(0))
+    }
+
+    /// Stops the writer once it has drained the queue; `None` if it was stopped before.
+    fn close(&mut self) -> Option<Result<u64, RecordError>> {
+        let thread = self.thread.take()?;
         self.stop.store(true, Ordering::Release);
-        match self.thread.take().map(JoinHandle::join) {
-            Some(Ok(r)) => r,
-            _ => Err(RecordError::Wav {
+        Some(thread.join().unwrap_or_else(|_| {
+            Err(RecordError::Wav {
                 path: self.path.clone(),
                 message: "writer thread panicked".into(),
-            }),
-        }
+            })
+        }))
     }
 }
 
@@ -107,18 +113,13 @@ impl Drop for Recorder {
     /// A recording not finished (`play` stopped by an error after it started) is still closed
     /// with what was queued: a whole file, never one with a header that lies about its length.
     fn drop(&mut self) {
-        if let Some(thread) = self.thread.take() {
-            self.stop.store(true, Ordering::Release);
-            match thread.join() {
-                Ok(Ok(frames)) => tracing::info!(
-                    "recording closed early: {frames} frames in {}",
-                    self.path.display()
-                ),
-                Ok(Err(e)) => tracing::error!("{e}"),
-                Err(_) => {
-                    tracing::error!("{}: the recording's writer panicked", self.path.display())
-                }
-            }
+        match self.close() {
+            Some(Ok(frames)) => tracing::info!(
+                "recording closed early: {frames} frames in {}",
+                self.path.display()
+            ),
+            Some(Err(e)) => tracing::error!("{e}"),
+            None => {}
         }
     }
 }

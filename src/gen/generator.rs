@@ -70,6 +70,14 @@ fn guarded<T>(
     })
 }
 
+/// `NoteSource::start_at` under `guarded`.
+fn start_guarded(source: &mut dyn NoteSource, step: u64) -> Result<(), SourceError> {
+    guarded(source, |s| {
+        s.start_at(step);
+        Ok(())
+    })
+}
+
 /// Where timing a parked source's steps has got to.
 enum Retimed {
     Failed(SourceError),
@@ -251,11 +259,7 @@ impl Generator {
         if let Some(p) = &mut self.parked {
             p.hearing = None;
         }
-        let started = guarded(self.source.as_mut(), |s| {
-            s.start_at(step);
-            Ok(())
-        });
-        if let Err(e) = started {
+        if let Err(e) = start_guarded(self.source.as_mut(), step) {
             self.fall_back(e.to_string());
         }
     }
@@ -372,34 +376,27 @@ impl Generator {
                     // The steps timed were this call's work; hearing starts at the next commit,
                     // which adds a step to the ring and, when it is full, drops the oldest.
                     let first = first_kept + u64::from(self.heard.len() == HEARD_KEPT);
-                    let started = guarded(p.source.as_mut(), |s| {
-                        s.start_at(first);
-                        Ok(())
-                    });
-                    match started {
+                    match start_guarded(p.source.as_mut(), first) {
                         Ok(()) => p.hearing = Some((Instant::now(), first)),
-                        Err(e) => {
-                            tracing::error!(
-                                "composer failed as it was taken back, keeping the rule-based \
-                                 source: {e}"
-                            );
-                            self.parked = None;
-                        }
+                        Err(e) => self.keep_the_rules(e),
                     }
                 }
             }
             return;
         }
         match p.hear_next(self.heard.make_contiguous(), first_kept) {
-            Err(why) => {
-                tracing::error!(
-                    "composer failed as it was taken back, keeping the rule-based source: {why}"
-                );
-                self.parked = None;
-            }
+            Err(why) => self.keep_the_rules(why),
             Ok(()) if p.source.position() >= self.committed => self.take_back(),
             Ok(()) => {}
         }
+    }
+
+    /// Drops the parked source, which failed as it was being taken back.
+    fn keep_the_rules(&mut self, why: impl std::fmt::Display) {
+        tracing::error!(
+            "composer failed as it was taken back, keeping the rule-based source: {why}"
+        );
+        self.parked = None;
     }
 
     /// Composes with the parked source again, which has heard up to the step to commit next.
