@@ -134,7 +134,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     .with_context(|| format!("writing {}", m.display()))?;
             }
             println!(
-                "rendered {:.1} s of {} in {:.2} s ({:.0}x real time), source {}, {} notes ({:.2}/s), {} inputs applied, {} refused -> {}",
+                "rendered {:.1} s of {} in {:.2} s ({:.0}x real time), source {}, {} notes ({:.2}/s), {} inputs applied, {} failed where applied (the scene kept), {} refused -> {}",
                 a.seconds,
                 opts.scene.display(),
                 elapsed,
@@ -142,7 +142,8 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 r.source,
                 r.notes.iter().filter(|n| n.on).count(),
                 roomscore::render::notes_per_second(&r.notes, a.seconds),
-                r.inputs_applied,
+                r.inputs_applied - r.inputs_failed,
+                r.inputs_failed,
                 r.inputs_refused,
                 a.out.display()
             );

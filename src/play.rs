@@ -265,15 +265,14 @@ pub fn run(args: PlayArgs) -> anyhow::Result<()> {
 
     // A thread that died: the room is shut down as on a signal, the recording closed, and then
     // the process fails, so that the service manager starts it again.
-    let mut died = None;
-    match running {
+    let died = match running {
         Running::Live {
             mut out,
             ctl,
             engine,
             threads,
         } => {
-            died = wait_for_stop(
+            let mut died = wait_for_stop(
                 || {
                     let _ = ctl.send(ControlMsg::Reload);
                 },
@@ -297,6 +296,7 @@ pub fn run(args: PlayArgs) -> anyhow::Result<()> {
             if let Ok(mut e) = engine.lock() {
                 drop(e.set_recorder(None));
             }
+            died
         }
         Running::Replay {
             mut out,
@@ -304,11 +304,11 @@ pub fn run(args: PlayArgs) -> anyhow::Result<()> {
             thread,
         } => {
             let scene_path = args.scene.clone();
-            wait_for_stop(
+            let mut died = wait_for_stop(
                 || {
                     let _ = ctl.send(ReplayMsg::Reload(scene_path.clone()));
                 },
-                || None,
+                || thread.is_finished().then(|| thread_name(&thread)),
                 args.seconds,
                 &mut out,
             )?;
@@ -316,13 +316,16 @@ pub fn run(args: PlayArgs) -> anyhow::Result<()> {
             std::thread::sleep(Duration::from_secs_f32(FADE_SECONDS + 0.15));
             let _ = ctl.send(ReplayMsg::Stop);
             drop(osc_thread);
+            let name = thread_name(&thread);
             let step = thread.join();
             drop(out);
-            if let Ok(mut step) = step {
-                drop(step.engine.set_recorder(None));
+            match step {
+                Ok(mut step) => drop(step.engine.set_recorder(None)),
+                Err(_) => died = Some(name),
             }
+            died
         }
-    }
+    };
     if let Some(r) = recorder {
         let frames = r.finish()?;
         tracing::info!(
@@ -457,19 +460,25 @@ fn wait_for_stop(
     }
 }
 
-/// Honoured by debug builds only (the tests'): the composer thread panics this many seconds in,
-/// as a bug in it would, so that a test sees the engine shut down and fail, not play silence.
-const PANIC_AFTER_ENV: &str = "ROOMSCORE_TEST_COMPOSER_PANIC_AFTER";
+/// Honoured by debug builds only (the tests'): the thread that composes (the composer's, or a
+/// replay's) panics this many seconds in, as a bug in it would, so that a test sees the engine
+/// shut down and fail, not play silence.
+pub(crate) const PANIC_AFTER_ENV: &str = "ROOMSCORE_TEST_COMPOSER_PANIC_AFTER";
+
+/// When the composing thread is to panic, if a test asked for it (`PANIC_AFTER_ENV`).
+pub(crate) fn test_panic_at() -> Option<Instant> {
+    cfg!(debug_assertions)
+        .then(|| std::env::var(PANIC_AFTER_ENV).ok()?.parse::<f64>().ok())
+        .flatten()
+        .map(|s| Instant::now() + Duration::from_secs_f64(s.max(0.0)))
+}
 
 fn composer_loop(
     mut composer: Composer,
     rx: Receiver<ComposerMsg>,
     telemetry: Arc<crate::audio::Telemetry>,
 ) {
-    let panic_at = cfg!(debug_assertions)
-        .then(|| std::env::var(PANIC_AFTER_ENV).ok()?.parse::<f64>().ok())
-        .flatten()
-        .map(|s| Instant::now() + Duration::from_secs_f64(s.max(0.0)));
+    let panic_at = test_panic_at();
     loop {
         if panic_at.is_some_and(|t| Instant::now() >= t) {
             panic!("{PANIC_AFTER_ENV} is set: the composer thread panics, as a bug would");
@@ -536,13 +545,14 @@ fn conductor_loop(
             let dt = last_tick.elapsed().as_secs_f32();
             last_tick = Instant::now();
             conductor.follow_hours(crate::clock::local_minute(), dt);
-            match conductor.tick(dt) {
-                Ok((msg, more)) => {
-                    outcomes.extend(more);
-                    let _ = composer.try_send(msg);
+            let (msg, due) = conductor.tick(dt);
+            for o in due {
+                match o {
+                    Ok(o) => outcomes.push(o),
+                    Err(e) => tracing::error!("{e}; keeping the scene that plays"),
                 }
-                Err(e) => tracing::error!("{e}"),
             }
+            let _ = composer.try_send(msg);
             watchdog.feed(&notifier, &conductor);
         }
         for o in outcomes.drain(..) {

@@ -53,6 +53,9 @@ pub struct Rendered {
     pub source: String,
     pub inputs_applied: usize,
     pub inputs_refused: usize,
+    /// Logged inputs that were valid messages but failed where they were applied (a scene
+    /// change to a file that does not load): the live engine kept its scene, and so did this.
+    pub inputs_failed: usize,
 }
 
 /// The conductor, the composer and the audio engine stepped together, one block at a time, with
@@ -64,6 +67,8 @@ pub struct Lockstep {
     pub composer: crate::session::Composer,
     inputs: Vec<(u64, crate::input::InputEvent)>,
     next_input: usize,
+    failed: usize,
+    sample_rate: u32,
     dt: f32,
     done: u64,
 }
@@ -80,14 +85,21 @@ impl Lockstep {
             composer: parts.composer,
             inputs,
             next_input: 0,
+            failed: 0,
+            sample_rate,
             dt: BLOCK as f32 / sample_rate as f32,
             done: 0,
         }
     }
 
-    /// Logged inputs applied so far.
+    /// Logged inputs applied so far (those that failed among them).
     pub fn inputs_applied(&self) -> usize {
         self.next_input
+    }
+
+    /// Logged inputs that failed where they were applied, so far.
+    pub fn inputs_failed(&self) -> usize {
+        self.failed
     }
 
     /// Applies an input now: what is for the composer goes to it at the current beat; any
@@ -108,28 +120,38 @@ impl Lockstep {
         self.composer.handle(msg, beat);
     }
 
-    /// Renders the next `out.len() / 2` frames (at most `BLOCK`), interleaved stereo.
-    pub fn block(&mut self, out: &mut [f32]) -> Result<(), RenderError> {
+    /// Renders the next `out.len() / 2` frames (at most `BLOCK`), interleaved stereo. An input
+    /// that fails (a scene change to a file that does not load) is logged and the scene that
+    /// plays is kept, as the live engine did when the message came: a replay of a night holds
+    /// to what the room heard, and never stops.
+    pub fn block(&mut self, out: &mut [f32]) {
         let now = self.done;
         while let Some((sample, event)) = self.inputs.get(self.next_input) {
             if *sample > now {
                 break;
             }
+            let at = *sample as f64 / self.sample_rate as f64;
             self.next_input += 1;
             let ev = TimedEvent {
                 when: When::Now,
                 event: event.clone(),
             };
             // A logged status request has no one to answer.
-            let _ = self.apply(ev)?;
+            if let Err(e) = self.apply(ev) {
+                self.failed += 1;
+                tracing::error!("input log at {at:.3} s: {e}; keeping the scene that plays");
+            }
         }
-        let (msg, _) = self.conductor.tick(self.dt)?;
+        let (msg, due) = self.conductor.tick(self.dt);
+        for e in due.into_iter().filter_map(Result::err) {
+            self.failed += 1;
+            tracing::error!("{e}; keeping the scene that plays");
+        }
         let beat = self.conductor.telemetry.beat();
         self.composer.handle(msg, beat);
         self.composer.fill(beat);
         self.engine.process(out, 2);
         self.done += (out.len() / 2) as u64;
-        Ok(())
     }
 }
 
@@ -161,7 +183,7 @@ pub fn render(opts: &RenderOptions) -> Result<Rendered, RenderError> {
     let total = (opts.seconds.max(0.0) * opts.sample_rate as f64).round() as usize;
     let mut samples = vec![0f32; total * 2];
     for chunk in samples.chunks_mut(BLOCK * 2) {
-        step.block(chunk)?;
+        step.block(chunk);
     }
     Ok(Rendered {
         samples,
@@ -171,6 +193,7 @@ pub fn render(opts: &RenderOptions) -> Result<Rendered, RenderError> {
         source: step.composer.source_name().to_string(),
         inputs_applied: step.inputs_applied(),
         inputs_refused: refused,
+        inputs_failed: step.inputs_failed(),
     })
 }
 

@@ -88,7 +88,11 @@ pub fn start(
         .name("replay".into())
         .spawn(move || {
             let mut block = vec![0f32; BLOCK * 2];
+            let panic_at = crate::play::test_panic_at();
             'run: loop {
+                if panic_at.is_some_and(|t| std::time::Instant::now() >= t) {
+                    panic!("{} is set: the replay panics", crate::play::PANIC_AFTER_ENV);
+                }
                 while let Ok(msg) = messages.try_recv() {
                     match msg {
                         ReplayMsg::Stop => break 'run,
@@ -108,10 +112,7 @@ pub fn start(
                 }
                 hook(&step, None);
                 while tx.slots() >= block.len() {
-                    if let Err(e) = step.block(&mut block) {
-                        tracing::error!("replay stopped: {e}");
-                        break 'run;
-                    }
+                    step.block(&mut block);
                     if let Ok(chunk) = tx.write_chunk_uninit(block.len()) {
                         chunk.fill_from_iter(block.iter().copied());
                     }

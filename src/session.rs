@@ -512,7 +512,9 @@ impl Conductor {
         }
     }
 
-    pub fn tick(&mut self, dt: f32) -> Result<(ComposerMsg, Vec<Outcome>), SessionError> {
+    /// Each timed input that fell due comes back with its outcome, or its error: one that fails
+    /// (a scene that does not load) leaves the scene as it is and the inputs after it applied.
+    pub fn tick(&mut self, dt: f32) -> (ComposerMsg, Vec<Result<Outcome, SessionError>>) {
         let now = self.now_sample();
         let mut outcomes = Vec::new();
         if !self.scheduled.is_empty() {
@@ -522,7 +524,7 @@ impl Conductor {
             self.scheduled = later;
             ready.sort_by_key(|(s, _)| *s);
             for (s, ev) in ready {
-                outcomes.push(self.apply(ev, Some(s))?);
+                outcomes.push(self.apply(ev, Some(s)));
             }
         }
         self.flush();
@@ -538,7 +540,7 @@ impl Conductor {
         }
         let params = sampling(&controls, &self.scene);
         self.last_controls = Some(controls.clone());
-        Ok((ComposerMsg::Controls { controls, params }, outcomes))
+        (ComposerMsg::Controls { controls, params }, outcomes)
     }
 }
 
@@ -645,5 +647,50 @@ mod tests {
             );
             assert_eq!(c.generator().unwrap().watches_pace(), live, "live {live}");
         }
+    }
+
+    /// Two OSC bundles timed for the same sample: a scene change to a file that does not exist,
+    /// then one to a scene that does. The first is an error and the second still switches.
+    #[test]
+    fn a_timed_input_that_fails_leaves_the_inputs_due_with_it() {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+        let scenes = root.join("scenes");
+        let Parts {
+            mut engine,
+            mut conductor,
+            ..
+        } = build(
+            Scene::load(scenes.join("night.toml")).unwrap(),
+            BuildOptions {
+                sample_rate: 48_000.0,
+                seed: Some(1),
+                score: None,
+                recorder: None,
+                scenes_dir: &scenes,
+            },
+        )
+        .unwrap();
+        let at = 2_048;
+        for name in ["no-such-scene", "gallery"] {
+            let ev = TimedEvent {
+                when: When::Sample(at),
+                event: InputEvent::Scene(name.into()),
+            };
+            assert!(matches!(conductor.handle(ev), Ok(Outcome::Nothing)));
+        }
+        let mut out = vec![0f32; 256 * 2];
+        let mut due = Vec::new();
+        while due.is_empty() {
+            assert!(conductor.now_sample() <= at, "the inputs fell due by {at}");
+            engine.process(&mut out, 2);
+            due = conductor.tick(256.0 / 48_000.0).1;
+        }
+        assert_eq!(due.len(), 2);
+        match &due[0] {
+            Err(e) => assert!(e.to_string().contains("no-such-scene"), "{e}"),
+            Ok(_) => panic!("a scene that does not exist was switched to"),
+        }
+        assert!(matches!(due[1], Ok(Outcome::Composer(_))));
+        assert_eq!(conductor.scene.name, "gallery");
     }
 }

@@ -46,7 +46,7 @@ fn the_audio_callback_never_allocates() {
     let mut out = vec![0f32; 256 * 2];
     let mut peak = 0f32;
     for i in 0..3000 {
-        let (msg, _) = conductor.tick(256.0 / 48_000.0).unwrap();
+        let (msg, _) = conductor.tick(256.0 / 48_000.0);
         let beat = conductor.telemetry.beat();
         composer.handle(msg, beat);
         composer.fill(beat);

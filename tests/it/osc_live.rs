@@ -166,7 +166,8 @@ fn play_replays_an_input_log_on_its_times() {
     let log = dir.path().join("night.jsonl");
     std::fs::write(
         &log,
-        "{\"t\": 0.5, \"addr\": \"/roomscore/scene\", \"args\": [\"performer\"]}\n\
+        "{\"t\": 0.3, \"addr\": \"/roomscore/scene\", \"args\": [\"no-such-scene\"]}\n\
+         {\"t\": 0.5, \"addr\": \"/roomscore/scene\", \"args\": [\"performer\"]}\n\
          {\"t\": 1.0, \"addr\": \"/roomscore/tempo\", \"args\": [140.0]}\n\
          {\"t\": 1.2, \"addr\": \"/roomscore/note\", \"args\": [79, 110]}\n\
          {\"t\": 30.0, \"addr\": \"/roomscore/tempo\", \"args\": [60.0]}\n",
@@ -214,15 +215,21 @@ fn play_replays_an_input_log_on_its_times() {
     not(debug_assertions),
     ignore = "the fault it injects is compiled into debug builds only"
 )]
-fn a_composer_thread_that_dies_ends_the_engine_with_an_error_and_a_whole_recording() {
+fn a_composing_thread_that_dies_ends_the_engine_with_an_error_and_a_whole_recording() {
     // Not a silent room with a watchdog still fed: the engine fades, closes the recording and
-    // exits with an error, for systemd (`Restart=always`) to start it again.
+    // exits with an error, for systemd (`Restart=always`) to start it again. Live, the composer
+    // thread composes; in a replay (`--inputs`), the replay thread.
     let dir = tempfile::tempdir().unwrap();
-    let rec = dir.path().join("died.wav");
-    let osc = format!("127.0.0.1:{}", free_port());
-    let started = Instant::now();
-    let mut child = spawn_play(
-        &[
+    let log = dir.path().join("night.jsonl");
+    std::fs::write(
+        &log,
+        "{\"t\": 0.5, \"addr\": \"/roomscore/movement\", \"args\": [0.9]}\n",
+    )
+    .unwrap();
+    for (thread, inputs) in [("composer", None), ("replay", Some(&log))] {
+        let rec = dir.path().join(format!("{thread}.wav"));
+        let osc = format!("127.0.0.1:{}", free_port());
+        let mut args = vec![
             "--output",
             "null",
             "--osc",
@@ -231,21 +238,31 @@ fn a_composer_thread_that_dies_ends_the_engine_with_an_error_and_a_whole_recordi
             "60",
             "--record",
             rec.to_str().unwrap(),
-        ],
-        &[("ROOMSCORE_TEST_COMPOSER_PANIC_AFTER", "3")],
-    );
-    let out = terminate_after(&mut child, 30);
-    let took = started.elapsed();
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success(), "{stderr}");
-    assert!(took < Duration::from_secs(30), "it played on: {stderr}");
-    assert!(
-        stderr.contains("the composer thread stopped while playing"),
-        "{stderr}"
-    );
-    // The notes already queued, then the fade: a whole file of at least the 3 s before.
-    let (spec, samples) = read_wav(&rec);
-    let seconds = samples.len() as f64 / spec.channels as f64 / spec.sample_rate as f64;
-    assert!(seconds >= 3.0, "{seconds:.2} s recorded");
-    assert!(samples.iter().any(|s| s.abs() > 1e-3), "nothing was heard");
+        ];
+        if let Some(log) = inputs {
+            args.extend(["--inputs", log.to_str().unwrap()]);
+        }
+        let started = Instant::now();
+        let mut child = spawn_play(&args, &[("ROOMSCORE_TEST_COMPOSER_PANIC_AFTER", "3")]);
+        let out = terminate_after(&mut child, 30);
+        let took = started.elapsed();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{thread}: {stderr}");
+        assert!(
+            took < Duration::from_secs(30),
+            "{thread}: it played on: {stderr}"
+        );
+        assert!(
+            stderr.contains(&format!("the {thread} thread stopped while playing")),
+            "{stderr}"
+        );
+        // What was played before: a whole file of at least the 3 s before, with sound in it.
+        let (spec, samples) = read_wav(&rec);
+        let seconds = samples.len() as f64 / spec.channels as f64 / spec.sample_rate as f64;
+        assert!(seconds >= 3.0, "{thread}: {seconds:.2} s recorded");
+        assert!(
+            samples.iter().any(|s| s.abs() > 1e-3),
+            "{thread}: nothing was heard"
+        );
+    }
 }

@@ -180,3 +180,51 @@ fn a_score_plays_through_the_scene_instruments() {
         "the score is audible"
     );
 }
+
+/// A night's log can hold a scene change that failed live (a file renamed since, a typo from a
+/// patch): the engine kept its scene then, so a render of the log keeps it too, renders the
+/// whole length, and says how many inputs failed.
+#[test]
+fn a_logged_scene_change_that_fails_keeps_the_scene_as_the_room_did() {
+    let dir = tempfile::tempdir().unwrap();
+    let good = [
+        r#"{"t": 0.2, "addr": "/roomscore/movement", "args": [0.9]}"#,
+        r#"{"t": 1.5, "addr": "/roomscore/mood", "args": [-0.7, 0.8]}"#,
+    ];
+    let with_bad = [
+        good[0],
+        r#"{"t": 1.0, "addr": "/roomscore/scene", "args": ["no-such-scene"]}"#,
+        good[1],
+    ];
+    let gallery = scene("gallery");
+    let mut wavs = Vec::new();
+    let mut outs = Vec::new();
+    for (name, lines) in [("good", &good[..]), ("bad", &with_bad[..])] {
+        let out = dir.path().join(format!("{name}.wav"));
+        outs.push(render(&[
+            "--scene",
+            gallery.to_str().unwrap(),
+            "--seconds",
+            "3",
+            "--seed",
+            "4",
+            "--inputs",
+            &log(dir.path(), &format!("{name}.jsonl"), lines),
+            "--out",
+            out.to_str().unwrap(),
+        ]));
+        wavs.push(read_wav(&out).1);
+    }
+    assert_eq!(wavs[1].len(), 3 * 48_000 * 2, "the whole length rendered");
+    assert!(wavs[0] == wavs[1], "the failed change changed nothing");
+    assert!(
+        outs[0].contains("2 inputs applied, 0 failed"),
+        "{}",
+        outs[0]
+    );
+    assert!(
+        outs[1].contains("2 inputs applied, 1 failed"),
+        "{}",
+        outs[1]
+    );
+}
