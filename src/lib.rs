@@ -4,6 +4,7 @@
 //! mappings) → `gen` (the composer, ahead of the playhead) → `audio` (voices, samples, master,
 //! on the real-time thread) → `output` (cpal, or the null output) or `render` (offline).
 
+pub mod aside;
 pub mod audio;
 pub mod clock;
 pub mod control;

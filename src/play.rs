@@ -17,6 +17,7 @@ use nannou_osc::rosc::{OscMessage, OscPacket, OscType};
 
 use crate::audio::Command;
 use crate::input::access::{Access, AllowList};
+use crate::input::log::LogWriter;
 use crate::input::osc::{self, LiveClock, OscStats, OscThread};
 use crate::input::TimedEvent;
 use crate::output::{self, NullOutput, Output, OutputRequest, SharedEngine, Supervisor};
@@ -49,10 +50,12 @@ pub struct PlayArgs {
     /// Where to listen for OSC.
     #[arg(long, default_value = "0.0.0.0:9000")]
     pub osc: SocketAddr,
-    /// Record what plays into this WAV file.
+    /// Record what plays into this WAV file. A file an earlier run left there is kept, renamed
+    /// to `<name>.<UTC time it was last written>.wav`.
     #[arg(long)]
     pub record: Option<PathBuf>,
     /// Write every accepted OSC message to this JSON Lines file (replay with `render --inputs`).
+    /// A log an earlier run left there is kept, renamed as `--record`'s file is.
     #[arg(long)]
     pub log_inputs: Option<PathBuf>,
     /// Replay an input log on the device: the renderer's lockstep runs a few blocks ahead of the
@@ -120,6 +123,13 @@ pub fn run(args: PlayArgs) -> anyhow::Result<()> {
         .map(Path::to_path_buf)
         .unwrap_or_else(|| PathBuf::from("."));
     let socket = osc::bind(args.osc)?;
+    let input_log = match &args.log_inputs {
+        Some(p) => {
+            keep_earlier(p, "input log")?;
+            Some(LogWriter::create(p)?)
+        }
+        None => None,
+    };
     lock_memory();
     let req = OutputRequest {
         device: args.output.clone().filter(|d| d != "null"),
@@ -144,6 +154,7 @@ pub fn run(args: PlayArgs) -> anyhow::Result<()> {
         .unwrap_or(args.sample_rate.unwrap_or(48_000));
     let (recorder, rec_tx) = match &args.record {
         Some(p) => {
+            keep_earlier(p, "recording")?;
             let (r, tx) = Recorder::start(p, sample_rate, 4.0)?;
             (Some(r), Some(tx))
         }
@@ -259,7 +270,7 @@ pub fn run(args: PlayArgs) -> anyhow::Result<()> {
         input_tx,
         stats.clone(),
         access,
-        args.log_inputs.as_deref(),
+        input_log,
         lane,
     )?;
 
@@ -351,6 +362,20 @@ pub fn run(args: PlayArgs) -> anyhow::Result<()> {
         )),
         None => Ok(()),
     }
+}
+
+/// Moves the file an earlier run wrote at `path` aside (`crate::aside`), and says where.
+fn keep_earlier(path: &Path, what: &str) -> anyhow::Result<()> {
+    let moved = crate::aside::move_aside(path)
+        .with_context(|| format!("{}: cannot move the earlier {what} aside", path.display()))?;
+    if let Some(to) = moved {
+        tracing::info!(
+            "the earlier {what} {} is kept as {}",
+            path.display(),
+            to.display()
+        );
+    }
+    Ok(())
 }
 
 fn thread_name<T>(t: &std::thread::JoinHandle<T>) -> String {

@@ -15,6 +15,11 @@ pub enum LogError {
         path: PathBuf,
         source: std::io::Error,
     },
+    #[error("{path}: cannot write input log: {source}")]
+    Write {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("{path}:{line}: {message}")]
     Line {
         path: PathBuf,
@@ -171,9 +176,19 @@ pub struct LogWriter {
 }
 
 impl LogWriter {
-    pub fn create(path: &Path) -> std::io::Result<Self> {
+    /// Opens `path` for appending (an earlier run's log is moved aside first, by `play`), so a
+    /// rotation that truncates the file under the engine leaves no hole.
+    pub fn create(path: &Path) -> Result<Self, LogError> {
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+            .map_err(|source| LogError::Write {
+                path: path.to_path_buf(),
+                source,
+            })?;
         Ok(Self {
-            out: std::io::BufWriter::new(std::fs::File::create(path)?),
+            out: std::io::BufWriter::new(file),
         })
     }
 

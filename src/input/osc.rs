@@ -3,7 +3,6 @@
 //! is counted too, never silently dropped.
 
 use std::net::{SocketAddr, UdpSocket};
-use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
 use std::thread::JoinHandle;
@@ -36,11 +35,6 @@ pub enum OscError {
     #[error("OSC: cannot listen on {addr}: {source} (is another roomscore, or another program, using that port?)")]
     Bind {
         addr: SocketAddr,
-        source: std::io::Error,
-    },
-    #[error("{path}: cannot write input log: {source}")]
-    Log {
-        path: std::path::PathBuf,
         source: std::io::Error,
     },
 }
@@ -98,16 +92,9 @@ impl OscThread {
         tx: crossbeam_channel::Sender<TimedEvent>,
         stats: Arc<OscStats>,
         access: Access,
-        log: Option<&Path>,
+        mut log: Option<LogWriter>,
         mut lane: Option<rtrb::Producer<LiveNote>>,
     ) -> Result<OscThread, OscError> {
-        let mut log = match log {
-            Some(p) => Some(LogWriter::create(p).map_err(|source| OscError::Log {
-                path: p.to_path_buf(),
-                source,
-            })?),
-            None => None,
-        };
         let stop = Arc::new(AtomicBool::new(false));
         let stop2 = stop.clone();
         let thread = std::thread::Builder::new()

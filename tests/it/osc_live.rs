@@ -266,3 +266,99 @@ fn a_composing_thread_that_dies_ends_the_engine_with_an_error_and_a_whole_record
         );
     }
 }
+
+/// systemd starts the engine again after a fault with the same `--record` and `--log-inputs`:
+/// the night before the fault is kept beside the new run's files, not overwritten.
+#[test]
+fn a_restarted_engine_keeps_the_earlier_runs_recording_and_input_log() {
+    let dir = tempfile::tempdir().unwrap();
+    let rec = dir.path().join("night.wav");
+    let log = dir.path().join("night.jsonl");
+    for movement in [0.25f32, 0.75] {
+        let port = free_port();
+        let osc = format!("127.0.0.1:{port}");
+        let mut child = spawn_play(
+            &[
+                "--output",
+                "null",
+                "--osc",
+                &osc,
+                "--seconds",
+                "3",
+                "--record",
+                rec.to_str().unwrap(),
+                "--log-inputs",
+                log.to_str().unwrap(),
+            ],
+            &[],
+        );
+        let sock = UdpSocket::bind("127.0.0.1:0").unwrap();
+        sock.set_read_timeout(Some(Duration::from_millis(300)))
+            .unwrap();
+        wait_for_status(&sock, port);
+        send(
+            &sock,
+            port,
+            "/roomscore/movement",
+            vec![OscType::Float(movement)],
+        );
+        let out = terminate_after(&mut child, 25);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let mut names: Vec<String> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    assert_eq!(names.len(), 4, "{names:?}");
+    let earlier = |ext: &str| {
+        let name = names
+            .iter()
+            .find(|n| n.starts_with("night.") && n.ends_with(&format!("Z.{ext}")))
+            .unwrap_or_else(|| panic!("no earlier .{ext} in {names:?}"));
+        dir.path().join(name)
+    };
+    let first_log = std::fs::read_to_string(earlier("jsonl")).unwrap();
+    let second_log = std::fs::read_to_string(&log).unwrap();
+    assert!(first_log.contains("[0.25]"), "{first_log}");
+    assert!(second_log.contains("[0.75]"), "{second_log}");
+    assert!(!second_log.contains("[0.25]"), "{second_log}");
+    for wav in [earlier("wav"), rec] {
+        let (spec, samples) = read_wav(&wav);
+        let seconds = samples.len() as f64 / spec.channels as f64 / spec.sample_rate as f64;
+        assert!(seconds >= 3.0, "{}: {seconds:.2} s", wav.display());
+    }
+}
+
+/// An input log that cannot be written is found before any sound: nothing is recorded.
+#[test]
+fn an_input_log_that_cannot_be_written_is_an_error_before_any_sound() {
+    let dir = tempfile::tempdir().unwrap();
+    let rec = dir.path().join("never.wav");
+    let log = dir.path().join("no-such-folder").join("inputs.jsonl");
+    let osc = format!("127.0.0.1:{}", free_port());
+    let out = roomscore(&[
+        "play",
+        "--output",
+        "null",
+        "--osc",
+        &osc,
+        "--seconds",
+        "5",
+        "--record",
+        rec.to_str().unwrap(),
+        "--log-inputs",
+        log.to_str().unwrap(),
+    ]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(
+        err.contains(&format!("{}: cannot write input log", log.display())),
+        "{err}"
+    );
+    assert!(!rec.exists(), "a recording was begun: {err}");
+}
