@@ -162,8 +162,12 @@ impl Composer {
             } => {
                 let (notes, capture) = (&mut self.notes, &mut self.capture);
                 let mut push = |e: NoteEvent| push_note(notes, capture, e);
+                // The old notes end where the old composer's commits end, and the new piece
+                // starts there at the earliest, so no voice is sounded by both.
+                let mut start = ((playhead + lookahead) * STEPS_PER_BEAT as f64).ceil() as u64;
                 if let Composition::Generated(old) = &mut self.composition {
-                    old.release_all(playhead, &mut push);
+                    let released = old.release_all(playhead, &mut push);
+                    start = start.max((released * STEPS_PER_BEAT as f64).ceil() as u64);
                 }
                 self.composition = composition;
                 self.lookahead = lookahead;
@@ -171,9 +175,7 @@ impl Composer {
                     self.watch_pace();
                 }
                 if let Composition::Generated(g) = &mut self.composition {
-                    // Start on the next 16th after what was already committed.
-                    let step = ((playhead + lookahead) * STEPS_PER_BEAT as f64).ceil() as u64;
-                    g.start_at(step);
+                    g.start_at(start);
                 }
                 self.publish_source();
             }
@@ -692,5 +694,70 @@ mod tests {
         }
         assert!(matches!(due[1], Ok(Outcome::Composer(_))));
         assert_eq!(conductor.scene.name, "gallery");
+    }
+
+    /// Whatever the old scene's composer committed ahead of the playhead still sounds when due
+    /// (the audio thread holds it), so the notes it leaves sounding must end after they begin,
+    /// not at the playhead, before some of them have started: a note begun after its own end
+    /// would sound on the new scene's instruments until a voice was stolen.
+    #[test]
+    fn a_scene_change_ends_every_note_the_old_composer_began() {
+        for seed in 0..8 {
+            let (notes, mut rx) = rtrb::RingBuffer::new(4096);
+            let mut c = Composer::new(generated(seed), notes, 0.75);
+            // Each event as the audio thread plays it: at its beat, or on arrival if that is later.
+            let mut fired: Vec<(f64, NoteEvent)> = Vec::new();
+            let mut drain = |playhead: f64, fired: &mut Vec<(f64, NoteEvent)>| {
+                while let Ok(e) = rx.pop() {
+                    fired.push((e.beat.max(playhead), e));
+                }
+            };
+            let change = 7.3 + seed as f64 * 0.37;
+            let mut playhead = 0.0;
+            while playhead < change {
+                c.fill(playhead);
+                drain(playhead, &mut fired);
+                playhead += 0.05;
+            }
+            c.handle(
+                ComposerMsg::Replace {
+                    composition: generated(seed + 100),
+                    lookahead: 0.75,
+                },
+                playhead,
+            );
+            drain(playhead, &mut fired);
+            let released = fired.iter().map(|(_, e)| e.beat).fold(0.0, f64::max);
+            // The new piece begins where the old one's notes end.
+            let before = fired.len();
+            for _ in 0..40 {
+                playhead += 0.05;
+                c.fill(playhead);
+                drain(playhead, &mut fired);
+            }
+            let new = &fired[before..];
+            assert!(
+                new.iter().any(|(_, e)| e.on),
+                "seed {seed}: the new piece plays"
+            );
+            assert!(
+                new.iter().all(|(_, e)| e.beat >= released),
+                "seed {seed}: the new piece begins before beat {released}"
+            );
+            fired.truncate(before);
+            fired.sort_by(|a, b| a.0.total_cmp(&b.0));
+            let mut sounding = std::collections::HashSet::new();
+            for (_, e) in &fired {
+                if e.on {
+                    sounding.insert((e.voice, e.pitch));
+                } else {
+                    sounding.remove(&(e.voice, e.pitch));
+                }
+            }
+            assert!(
+                sounding.is_empty(),
+                "seed {seed}: left sounding after the change at beat {playhead:.2}: {sounding:?}"
+            );
+        }
     }
 }

@@ -562,8 +562,12 @@ impl Generator {
         (self.velocity + accent + jitter).clamp(0.05, 1.0)
     }
 
-    /// Releases every sounding note (scene change, shutdown).
-    pub fn release_all(&mut self, beat: f64, push: &mut dyn FnMut(NoteEvent) -> bool) {
+    /// Releases every sounding note (a scene change) from `beat` on, and not before the end of
+    /// the last step committed: the audio thread holds the notes committed ahead of the
+    /// playhead and plays them when due, and a release before a note begins would leave it
+    /// sounding. Returns the beat of the releases.
+    pub fn release_all(&mut self, beat: f64, push: &mut dyn FnMut(NoteEvent) -> bool) -> f64 {
+        let beat = beat.max(self.committed as f64 / STEPS_PER_BEAT as f64);
         for v in 0..VOICES {
             self.audible[v] = None;
             if let Some(p) = self.sounding[v].take() {
@@ -577,6 +581,7 @@ impl Generator {
             }
         }
         self.flush(push);
+        beat
     }
 }
 
