@@ -122,6 +122,13 @@ pub fn run(args: PlayArgs) -> anyhow::Result<()> {
         .parent()
         .map(Path::to_path_buf)
         .unwrap_or_else(|| PathBuf::from("."));
+    // Before any thread starts, so that a SIGHUP (a reload) early in the start cannot end the
+    // process, which is what it does by default.
+    let signals = {
+        use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
+        signal_hook::iterator::Signals::new([SIGINT, SIGTERM, SIGHUP])
+            .context("setting up signal handling")?
+    };
     let socket = osc::bind(args.osc)?;
     let input_log = match &args.log_inputs {
         Some(p) => {
@@ -242,15 +249,14 @@ pub fn run(args: PlayArgs) -> anyhow::Result<()> {
                 .name("composer".into())
                 .spawn(move || composer_loop(composer, comp_rx, comp_tel))?;
             let (ctl_tx, ctl_rx) = crossbeam_channel::bounded::<ControlMsg>(16);
-            let scene_path = args.scene.clone();
             let ctl_stats = stats.clone();
             let control_thread =
                 std::thread::Builder::new()
                     .name("conductor".into())
                     .spawn(move || {
                         conductor_loop(
-                            conductor, input_rx, ctl_rx, comp_tx, reply, ctl_stats, scene_path,
-                            started, notifier,
+                            conductor, input_rx, ctl_rx, comp_tx, reply, ctl_stats, started,
+                            notifier,
                         )
                     })?;
             Running::Live {
@@ -284,6 +290,7 @@ pub fn run(args: PlayArgs) -> anyhow::Result<()> {
             threads,
         } => {
             let mut died = wait_for_stop(
+                signals,
                 || {
                     let _ = ctl.send(ControlMsg::Reload);
                 },
@@ -314,10 +321,10 @@ pub fn run(args: PlayArgs) -> anyhow::Result<()> {
             ctl,
             thread,
         } => {
-            let scene_path = args.scene.clone();
             let mut died = wait_for_stop(
+                signals,
                 || {
-                    let _ = ctl.send(ReplayMsg::Reload(scene_path.clone()));
+                    let _ = ctl.send(ReplayMsg::Reload);
                 },
                 || thread.is_finished().then(|| thread_name(&thread)),
                 args.seconds,
@@ -455,13 +462,13 @@ impl Outputs<'_> {
 /// name is returned). The main thread owns the output streams (cpal's are not all `Send`), so it
 /// also watches over the device meanwhile.
 fn wait_for_stop(
+    mut signals: signal_hook::iterator::Signals,
     mut on_hup: impl FnMut(),
     died: impl Fn() -> Option<String>,
     seconds: Option<f64>,
     out: &mut Supervisor,
 ) -> anyhow::Result<Option<String>> {
-    use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
-    let mut signals = signal_hook::iterator::Signals::new([SIGINT, SIGTERM, SIGHUP])?;
+    use signal_hook::consts::SIGHUP;
     let deadline = seconds.map(|s| Instant::now() + Duration::from_secs_f64(s.max(0.0)));
     loop {
         for sig in signals.pending() {
@@ -530,7 +537,6 @@ fn conductor_loop(
     composer: Sender<ComposerMsg>,
     reply: UdpSocket,
     stats: Arc<OscStats>,
-    scene_path: PathBuf,
     started: Instant,
     notifier: Notifier,
 ) {
@@ -552,7 +558,7 @@ fn conductor_loop(
             recv(ctl) -> msg => match msg {
                 Ok(ControlMsg::Reload) => {
                     let _ = notifier.reloading();
-                    match conductor.reload(&scene_path) {
+                    match conductor.reload() {
                         Ok(m) => outcomes.push(Outcome::Composer(m)),
                         Err(e) => tracing::error!("SIGHUP: {e:#}; keeping the scene that plays"),
                     }

@@ -61,7 +61,7 @@ impl Render for RingPlayer {
 pub enum ReplayMsg {
     Command(crate::audio::Command),
     /// SIGHUP: load the scene file again and switch to it (or keep playing the old one).
-    Reload(std::path::PathBuf),
+    Reload,
     Stop,
 }
 
@@ -97,7 +97,7 @@ pub fn start(
                     match msg {
                         ReplayMsg::Stop => break 'run,
                         ReplayMsg::Command(c) => step.conductor.send(c),
-                        ReplayMsg::Reload(path) => match step.conductor.reload(&path) {
+                        ReplayMsg::Reload => match step.conductor.reload() {
                             Ok(m) => step.to_composer(m),
                             Err(e) => tracing::error!("SIGHUP: {e}; keeping the scene that plays"),
                         },

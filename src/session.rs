@@ -441,9 +441,14 @@ impl Conductor {
     /// Builds the new scene's rig and layers here (they allocate), then hands them over.
     /// Loads the scene file again and switches to it (SIGHUP); on any error the old scene
     /// plays on and the error says why.
-    pub fn reload(&mut self, path: &Path) -> Result<ComposerMsg, SessionError> {
-        let scene = Scene::load(path)?;
+    /// The file reloaded is the one of the scene that plays, which OSC may have changed since
+    /// the start. The file is taken as it is: a tempo or volume sent over OSC is forgotten for
+    /// the file's own.
+    pub fn reload(&mut self) -> Result<ComposerMsg, SessionError> {
+        let path = self.scene.path.clone();
+        let scene = Scene::load(&path)?;
         let msg = self.switch_scene(scene)?;
+        self.control.forget_operator();
         tracing::info!("SIGHUP: reloaded {}", path.display());
         Ok(msg)
     }

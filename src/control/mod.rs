@@ -97,6 +97,10 @@ pub struct ControlLoop {
     mappings: Vec<MappingState>,
     base_tempo: f64,
     base_volume: f32,
+    /// What `/roomscore/tempo` and `/roomscore/volume` set: they hold across scene changes,
+    /// over each scene's own.
+    operator_tempo: Option<f64>,
+    operator_volume: Option<f32>,
     /// Extra gain for opening hours and shutdown fades, 0..1.
     pub hours_gain: f32,
     scene_name: String,
@@ -136,6 +140,8 @@ impl ControlLoop {
                 .collect(),
             base_tempo: scene.tempo,
             base_volume: scene.master.volume,
+            operator_tempo: None,
+            operator_volume: None,
             hours_gain: 1.0,
             scene_name: scene.name.clone(),
             defaults,
@@ -151,13 +157,19 @@ impl ControlLoop {
         this
     }
 
-    /// Carries the room's inputs and the operator's tempo and volume over into a new scene.
+    /// Carries the room's inputs, and the tempo and volume the operator set (if any; otherwise
+    /// the new scene's own play), over into a new scene.
     pub fn switch_scene(&mut self, scene: &Scene) {
         let inputs = std::mem::take(&mut self.inputs);
-        let volume = self.base_volume;
+        let (tempo, volume) = (self.operator_tempo, self.operator_volume);
         let hours = self.hours_gain;
         *self = Self::new(scene);
-        self.base_volume = volume;
+        if let Some(bpm) = tempo {
+            self.set_tempo(bpm);
+        }
+        if let Some(v) = volume {
+            self.set_volume(v);
+        }
         self.hours_gain = hours;
         for (k, v) in inputs {
             self.set_input(k, v);
@@ -189,17 +201,29 @@ impl ControlLoop {
     pub fn set_tempo(&mut self, bpm: f64) {
         if bpm.is_finite() {
             self.base_tempo = bpm.clamp(MIN_TEMPO, MAX_TEMPO);
+            self.operator_tempo = Some(self.base_tempo);
         }
     }
 
     pub fn set_volume(&mut self, v: f32) {
         if v.is_finite() {
             self.base_volume = v.clamp(0.0, 1.0);
+            self.operator_volume = Some(self.base_volume);
         }
+    }
+
+    /// Back to the scene's own tempo and volume.
+    pub fn forget_operator(&mut self) {
+        (self.operator_tempo, self.operator_volume) = (None, None);
+        (self.base_tempo, self.base_volume) = (self.defaults.tempo, self.defaults.volume);
     }
 
     pub fn base_tempo(&self) -> f64 {
         self.base_tempo
+    }
+
+    pub fn base_volume(&self) -> f32 {
+        self.base_volume
     }
 
     /// Advances every smoother by `dt` seconds and computes the controls.
@@ -391,5 +415,29 @@ smooth = 0.0
         let mut none = sc;
         none.mappings.retain(|m| m.to != Target::Tempo);
         assert_eq!(fastest_tempo(&none), 100.0);
+    }
+
+    /// A scene brings its own tempo and volume, unless the operator set one over OSC: that one
+    /// holds across scene changes, until a reload takes the file's.
+    #[test]
+    fn the_operators_tempo_and_volume_hold_across_scenes_and_nothing_else() {
+        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("scenes");
+        let gallery = Scene::load(root.join("gallery.toml")).unwrap();
+        let night = Scene::load(root.join("night.toml")).unwrap();
+        assert!((gallery.master.volume - night.master.volume).abs() > 0.1);
+        let mut c = ControlLoop::new(&gallery);
+        c.switch_scene(&night);
+        assert_eq!(c.base_volume(), night.master.volume);
+        assert_eq!(c.base_tempo(), night.tempo);
+
+        c.set_volume(0.3);
+        c.set_tempo(150.0);
+        c.switch_scene(&gallery);
+        assert_eq!((c.base_volume(), c.base_tempo()), (0.3, 150.0));
+        c.forget_operator();
+        assert_eq!(c.base_volume(), gallery.master.volume);
+        assert_eq!(c.base_tempo(), gallery.tempo);
+        c.switch_scene(&night);
+        assert_eq!(c.base_volume(), night.master.volume);
     }
 }

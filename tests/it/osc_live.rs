@@ -362,3 +362,76 @@ fn an_input_log_that_cannot_be_written_is_an_error_before_any_sound() {
     );
     assert!(!rec.exists(), "a recording was begun: {err}");
 }
+
+/// SIGHUP reloads the file of the scene that plays (the one OSC switched to, not `--scene`),
+/// refuses a broken one and plays on, and takes an edited one.
+#[test]
+fn sighup_reloads_the_scene_that_plays() {
+    let dir = tempfile::tempdir().unwrap();
+    for entry in std::fs::read_dir(root().join("scenes")).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().is_some_and(|e| e == "toml") {
+            std::fs::copy(&path, dir.path().join(path.file_name().unwrap())).unwrap();
+        }
+    }
+    std::os::unix::fs::symlink(root().join("scenes/samples"), dir.path().join("samples")).unwrap();
+    let port = free_port();
+    let osc = format!("127.0.0.1:{port}");
+    let performer = dir.path().join("performer.toml");
+    let mut child = spawn_play(
+        &[
+            "--scene",
+            performer.to_str().unwrap(),
+            "--output",
+            "null",
+            "--osc",
+            &osc,
+        ],
+        &[],
+    );
+    let sock = UdpSocket::bind("127.0.0.1:0").unwrap();
+    sock.set_read_timeout(Some(Duration::from_millis(300)))
+        .unwrap();
+    assert_eq!(wait_for_status(&sock, port).scene, "performer");
+    let scene_after = |sock: &UdpSocket| {
+        std::thread::sleep(Duration::from_millis(700));
+        status(sock, port).expect("status").scene
+    };
+    let hup = || {
+        let ok = std::process::Command::new("kill")
+            .args(["-HUP", &child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(ok.success());
+    };
+    send(
+        &sock,
+        port,
+        "/roomscore/scene",
+        vec![OscType::String("night".into())],
+    );
+    assert_eq!(scene_after(&sock), "night");
+    hup();
+    assert_eq!(scene_after(&sock), "night", "SIGHUP went back to --scene");
+
+    let night = dir.path().join("night.toml");
+    let text = std::fs::read_to_string(&night).unwrap();
+    std::fs::write(&night, text.replace("tempo = 48", "tempo = 9999")).unwrap();
+    hup();
+    assert_eq!(scene_after(&sock), "night", "a broken file is refused");
+    std::fs::write(
+        &night,
+        text.replace("name = \"night\"", "name = \"night-edited\""),
+    )
+    .unwrap();
+    hup();
+    assert_eq!(scene_after(&sock), "night-edited", "the edit is taken");
+
+    let out = terminate(&mut child);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("night.toml") && stderr.contains("keeping the scene that plays"),
+        "the refusal names the file: {stderr}"
+    );
+}
