@@ -1,6 +1,7 @@
 //! Recording what the room heard: the audio thread pushes its output into a bounded queue, and
 //! a writer thread drains it into a float WAV. Stopping drains the queue and finalises the
-//! header, so a recording ends cleanly on SIGTERM.
+//! header, so a recording ends cleanly on SIGTERM; the header is also kept current while it
+//! records, and a long recording is written in parts of an hour.
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -30,6 +31,14 @@ pub struct Recorder {
     path: PathBuf,
 }
 
+/// A part's length: a float WAV's header counts its bytes in 32 bits (4 GiB, 3.1 hours of
+/// 48 kHz stereo), so a night is written an hour a file; the part before is moved aside as an
+/// earlier run's file is (`crate::aside`), and the recording always goes on at its own path.
+const PART_SECONDS: u32 = 3600;
+/// How often the header is brought up to date: a recording cut off by a crash, a watchdog kill
+/// or a power cut reads back whole up to that point, not as an empty file.
+const HEADER_EVERY_SECONDS: u32 = 1;
+
 impl Recorder {
     /// Creates the file now (so a bad path fails before any sound) and starts the writer.
     /// The queue holds `seconds` of audio.
@@ -37,6 +46,21 @@ impl Recorder {
         path: &Path,
         sample_rate: u32,
         seconds: f32,
+    ) -> Result<(Recorder, rtrb::Producer<f32>), RecordError> {
+        Self::start_in_parts(
+            path,
+            sample_rate,
+            seconds,
+            u64::from(PART_SECONDS * sample_rate),
+        )
+    }
+
+    /// `start`, with a new file every `part_frames`.
+    fn start_in_parts(
+        path: &Path,
+        sample_rate: u32,
+        seconds: f32,
+        part_frames: u64,
     ) -> Result<(Recorder, rtrb::Producer<f32>), RecordError> {
         let err = |e: hound::Error| RecordError::Wav {
             path: path.to_path_buf(),
@@ -47,6 +71,7 @@ impl Recorder {
         let stop = Arc::new(AtomicBool::new(false));
         let stop2 = stop.clone();
         let p = path.to_path_buf();
+        let header_every = u64::from(HEADER_EVERY_SECONDS * sample_rate);
         let thread = std::thread::Builder::new()
             .name("recorder".into())
             .spawn(move || {
@@ -54,30 +79,52 @@ impl Recorder {
                     path: p.clone(),
                     message: e.to_string(),
                 };
-                let mut written = 0u64;
-                loop {
+                let (mut written, mut in_part, mut unflushed) = (0u64, 0u64, 0u64);
+                let result = loop {
                     let stopping = stop2.load(Ordering::Acquire);
-                    let n = rx.slots();
-                    // Whole frames only, so a stop never leaves half a frame.
+                    // Whole frames only, so a stop never leaves half a frame; and no more than
+                    // the part has room for.
+                    let n = rx.slots().min(2 * (part_frames - in_part) as usize);
                     let n = n - n % 2;
                     if n > 0 {
                         let chunk = rx.read_chunk(n).expect("slots were counted");
                         let (a, b) = chunk.as_slices();
-                        for &s in a.iter().chain(b) {
-                            writer.write_sample(s).map_err(err)?;
+                        if let Err(e) = a.iter().chain(b).try_for_each(|&s| writer.write_sample(s))
+                        {
+                            break Err(err(e));
                         }
                         chunk.commit_all();
-                        written += n as u64 / 2;
+                        let frames = n as u64 / 2;
+                        (written, in_part, unflushed) =
+                            (written + frames, in_part + frames, unflushed + frames);
+                    }
+                    if in_part == part_frames {
+                        match next_part(writer, &p, sample_rate) {
+                            Ok(w) => (writer, in_part, unflushed) = (w, 0, 0),
+                            Err(e) => {
+                                tracing::error!("{e}; recording stopped");
+                                return Err(e);
+                            }
+                        }
+                    } else if unflushed >= header_every {
+                        if let Err(e) = writer.flush() {
+                            break Err(err(e));
+                        }
+                        unflushed = 0;
                     }
                     if stopping && rx.is_empty() {
-                        break;
+                        break Ok(());
                     }
                     if n == 0 {
                         std::thread::sleep(Duration::from_millis(10));
                     }
-                }
-                writer.finalize().map_err(err)?;
-                Ok(written)
+                };
+                // The file is closed whole even after a write failed (a full disk): what was
+                // written stays readable.
+                let closed = writer.finalize().map_err(err);
+                result.and(closed).map(|()| written).inspect_err(|e| {
+                    tracing::error!("{e}; recording stopped");
+                })
             })
             .expect("spawn recorder thread");
         Ok((
@@ -124,6 +171,25 @@ impl Drop for Recorder {
     }
 }
 
+/// Closes a full part, moves it aside, and opens the next at `path`.
+fn next_part(
+    writer: hound::WavWriter<std::io::BufWriter<std::fs::File>>,
+    path: &Path,
+    sample_rate: u32,
+) -> Result<hound::WavWriter<std::io::BufWriter<std::fs::File>>, RecordError> {
+    let err = |message: String| RecordError::Wav {
+        path: path.to_path_buf(),
+        message,
+    };
+    writer.finalize().map_err(|e| err(e.to_string()))?;
+    let kept = crate::aside::move_aside(path)
+        .map_err(|e| err(format!("cannot move the full part aside: {e}")))?;
+    if let Some(kept) = kept {
+        tracing::info!("recording: a part is full and kept as {}", kept.display());
+    }
+    hound::WavWriter::create(path, wav_spec(sample_rate)).map_err(|e| err(e.to_string()))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -142,5 +208,64 @@ mod tests {
         let samples: Vec<f32> = r.samples::<f32>().map(Result::unwrap).collect();
         assert_eq!(samples.len(), 960);
         assert_eq!(samples[959], 959.0 / 960.0);
+    }
+
+    /// Read back while it is still being written, as after a crash: whole up to the last
+    /// header update.
+    #[test]
+    fn a_recording_reads_back_whole_while_it_is_written() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("live.wav");
+        let (rec, mut tx) = Recorder::start(&path, 8_000, 4.0).unwrap();
+        for i in 0..2 * 8_000 * 3 {
+            tx.push((i % 100) as f32 / 100.0).unwrap();
+        }
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        let frames = loop {
+            let frames = hound::WavReader::open(&path).map_or(0, |r| r.duration());
+            if frames >= 2 * 8_000 || std::time::Instant::now() > deadline {
+                break frames;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        assert!(frames >= 2 * 8_000, "the header said {frames} frames");
+        assert_eq!(rec.finish().unwrap(), 3 * 8_000);
+    }
+
+    /// Parts: each whole, the earlier ones aside, no sample lost or doubled between them.
+    #[test]
+    fn a_long_recording_goes_on_in_parts() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("night.wav");
+        let (rec, mut tx) = Recorder::start_in_parts(&path, 8_000, 1.0, 1_000).unwrap();
+        let total = 2_500;
+        let mut pushed = 0;
+        while pushed < 2 * total {
+            if tx.push(pushed as f32).is_ok() {
+                pushed += 1;
+            } else {
+                std::thread::sleep(Duration::from_millis(1));
+            }
+        }
+        assert_eq!(rec.finish().unwrap(), total as u64);
+        let mut parts: Vec<PathBuf> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .filter(|p| p != &path)
+            .collect();
+        assert_eq!(parts.len(), 2, "{parts:?}");
+        let samples = |p: &Path| -> Vec<f32> {
+            let mut r = hound::WavReader::open(p).unwrap();
+            r.samples::<f32>().map(Result::unwrap).collect()
+        };
+        // In the order they were written: by their first sample.
+        parts.sort_by(|a, b| samples(a)[0].total_cmp(&samples(b)[0]));
+        parts.push(path);
+        let all: Vec<f32> = parts.iter().flat_map(|p| samples(p)).collect();
+        assert_eq!(
+            parts.iter().map(|p| samples(p).len()).collect::<Vec<_>>(),
+            [2_000, 2_000, 1_000]
+        );
+        assert!(all.iter().enumerate().all(|(i, &s)| s == i as f32));
     }
 }
