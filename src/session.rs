@@ -60,6 +60,11 @@ pub enum Composition {
     Score { events: Vec<NoteEvent>, next: usize },
 }
 
+/// Timed inputs held for later at most: every control tick looks through them, and a sender
+/// that floods the engine with bundles (a minute ahead at most, see `dispatch::MAX_AHEAD_SECONDS`) must not
+/// grow that without bound. Those beyond are counted with the dropped messages.
+const MAX_SCHEDULED: usize = 4096;
+
 /// Messages from the conductor to the composer.
 pub enum ComposerMsg {
     Controls {
@@ -239,6 +244,8 @@ pub struct Conductor {
     /// Commands that found the audio queue full, retried each tick.
     backlog: std::collections::VecDeque<Command>,
     pub commands_full: u64,
+    /// Timed inputs refused because `MAX_SCHEDULED` were already waiting.
+    pub scheduled_full: u64,
     pub last_controls: Option<Controls>,
     /// Tempo changes as (beat, BPM), for the MIDI file of a render.
     pub tempo_log: Vec<(f64, f64)>,
@@ -318,6 +325,7 @@ pub fn build(scene: Scene, opts: BuildOptions) -> Result<Parts, SessionError> {
         scheduled: Vec::new(),
         backlog: Default::default(),
         commands_full: 0,
+        scheduled_full: 0,
         last_controls: None,
         tempo_log: vec![(0.0, controls.tempo)],
         source_name: composer.source_name.clone(),
@@ -402,7 +410,11 @@ impl Conductor {
     pub fn handle(&mut self, ev: TimedEvent) -> Result<Outcome, SessionError> {
         if let When::Sample(s) = ev.when {
             if self.due_at(s, &ev.event) > self.now_sample() {
-                self.scheduled.push((s, ev.event));
+                if self.scheduled.len() < MAX_SCHEDULED {
+                    self.scheduled.push((s, ev.event));
+                } else {
+                    self.scheduled_full += 1;
+                }
                 return Ok(Outcome::Nothing);
             }
         }

@@ -31,14 +31,40 @@ pub enum DispatchError {
         value: String,
         range: &'static str,
     },
+    #[error(
+        "{addr}: {value:?} is not a scene name: the name of a scene file without .toml, of \
+         letters, digits, '_' or '-'"
+    )]
+    BadSceneName { addr: String, value: String },
+    #[error("{addr}: argument {index} is {value}, expected a whole number in {range}")]
+    NotWhole {
+        addr: String,
+        index: usize,
+        value: String,
+        range: &'static str,
+    },
+    #[error(
+        "a bundle's time tag is {ahead:.0} s ahead of the engine's clock (at most \
+         {MAX_AHEAD_SECONDS} s is taken): is the sender's clock set?"
+    )]
+    TooFarAhead { ahead: f64 },
     #[error("bundle nested deeper than {MAX_BUNDLE_DEPTH}")]
     TooDeep,
 }
+
+/// A time tag further ahead than this is a sender whose clock is wrong, not a plan: what it
+/// sends would be held, unheard, for hours.
+pub const MAX_AHEAD_SECONDS: u32 = 60;
 
 /// Maps an OSC time tag to a position on the engine's sample clock.
 pub trait Clock {
     /// `None` for "immediately" (the time tag 1) or a clock that is not running.
     fn sample_for(&self, tag: OscTime) -> Option<u64>;
+
+    /// How far `sample` is ahead of the clock now, in seconds.
+    fn seconds_ahead(&self, _sample: u64) -> f64 {
+        0.0
+    }
 }
 
 /// A clock for contexts without one (offline replay): every tag means "now".
@@ -124,10 +150,26 @@ fn dispatch_osc(
                 },
                 None => when,
             };
+            if let When::Sample(s) = when {
+                let ahead = clock.seconds_ahead(s);
+                if ahead > f64::from(MAX_AHEAD_SECONDS) {
+                    // Each message it holds is refused, and counted.
+                    let n = content.iter().map(messages_in).sum::<usize>();
+                    errors.extend((0..n).map(|_| DispatchError::TooFarAhead { ahead }));
+                    return;
+                }
+            }
             for p in content {
                 dispatch_osc(p, from, clock, when, depth + 1, out, errors);
             }
         }
+    }
+}
+
+fn messages_in(p: &OscPacket) -> usize {
+    match p {
+        OscPacket::Message(_) => 1,
+        OscPacket::Bundle(b) => b.content.iter().map(messages_in).sum(),
     }
 }
 
@@ -208,6 +250,31 @@ impl Args<'_> {
         }
         Ok(v)
     }
+
+    /// `num`, and a whole number (MIDI's pitches and velocities).
+    fn whole(
+        &self,
+        i: usize,
+        lo: f64,
+        hi: f64,
+        range: &'static str,
+        expected: &'static str,
+    ) -> Result<f64, DispatchError> {
+        let v = self.num(i, lo, hi, range, expected)?;
+        if v.fract() != 0.0 {
+            return Err(DispatchError::NotWhole {
+                addr: self.addr.to_string(),
+                index: i,
+                // As it was sent: an f32's 0.8, not the f64 it widens to.
+                value: match self.args[i] {
+                    OscType::Float(f) => format!("{f}"),
+                    _ => format!("{v}"),
+                },
+                range,
+            });
+        }
+        Ok(v)
+    }
 }
 
 /// One message to one event.
@@ -240,11 +307,9 @@ pub fn message(m: &OscMessage, from: SocketAddr) -> Result<InputEvent, DispatchE
             [OscType::String(s)] if s.len() <= MAX_STRING && crate::scene::valid_name(s) => {
                 Ok(InputEvent::Scene(s.clone()))
             }
-            [OscType::String(_)] => Err(DispatchError::BadValue {
+            [OscType::String(s)] => Err(DispatchError::BadSceneName {
                 addr: m.addr.clone(),
-                index: 0,
-                value: "a string".into(),
-                range: "a scene name of letters, digits, '_' or '-'",
+                value: s.chars().take(64).collect(),
             }),
             _ => Err(a.wrong("s (scene name)")),
         },
@@ -262,9 +327,10 @@ pub fn message(m: &OscMessage, from: SocketAddr) -> Result<InputEvent, DispatchE
         }
         "/roomscore/note" => {
             a.expect_len(2, "i i (pitch, velocity)")?;
+            // A fader's 0.8 would become velocity 0, a silent note-off: refused instead.
             Ok(InputEvent::Note {
-                pitch: a.num(0, 0.0, 127.0, "0..127", "i i")? as u8,
-                velocity: a.num(1, 0.0, 127.0, "0..127", "i i")? as u8,
+                pitch: a.whole(0, 0.0, 127.0, "0..127", "i i")? as u8,
+                velocity: a.whole(1, 0.0, 127.0, "0..127", "i i")? as u8,
             })
         }
         "/roomscore/status" => Ok(InputEvent::Status(from)),
@@ -348,6 +414,81 @@ mod tests {
         let e = msg(&long, vec![]).unwrap_err();
         assert!(e.to_string().len() < 120, "{e}");
         assert!(msg("/roomscore/in/../etc", vec![OscType::Float(1.0)]).is_err());
+        let e = msg(
+            "/roomscore/scene",
+            vec![OscType::String("../scenes/night".into())],
+        )
+        .unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "/roomscore/scene: \"../scenes/night\" is not a scene name: the name of a scene file \
+             without .toml, of letters, digits, '_' or '-'"
+        );
+        // A 0..1 fader sent as a velocity would be a silent note-off.
+        let e = msg(
+            "/roomscore/note",
+            vec![OscType::Int(60), OscType::Float(0.8)],
+        )
+        .unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "/roomscore/note: argument 1 is 0.8, expected a whole number in 0..127"
+        );
+        assert_eq!(
+            msg(
+                "/roomscore/note",
+                vec![OscType::Float(60.0), OscType::Double(100.0)]
+            ),
+            Ok(InputEvent::Note {
+                pitch: 60,
+                velocity: 100
+            })
+        );
+    }
+
+    /// A clock at sample 48,000 of 48 kHz, on which a tag's seconds are samples / 1000.
+    struct At48k;
+    impl Clock for At48k {
+        fn sample_for(&self, tag: OscTime) -> Option<u64> {
+            Some(u64::from(tag.seconds) * 1000)
+        }
+        fn seconds_ahead(&self, sample: u64) -> f64 {
+            (sample as f64 - 48_000.0) / 48_000.0
+        }
+    }
+
+    #[test]
+    fn a_bundle_tagged_far_ahead_is_refused_for_each_message_in_it() {
+        let movement = OscPacket::Message(OscMessage {
+            addr: "/roomscore/movement".into(),
+            args: vec![OscType::Float(0.5)],
+        });
+        let bundle = |samples: u32| {
+            let inner = OscPacket::Bundle(OscBundle {
+                timetag: OscTime::from((0, 1)),
+                content: vec![movement.clone()],
+            });
+            OscPacket::Bundle(OscBundle {
+                timetag: OscTime::from((samples / 1000, 0)),
+                content: vec![movement.clone(), inner],
+            })
+        };
+        let (mut out, mut errors) = (Vec::new(), Vec::new());
+        // 60 s ahead is taken; 61 s is not.
+        let taken = encoder::encode(&bundle(48_000 * 61)).unwrap();
+        dispatch_packet(&taken, from(), &At48k, &mut out, &mut errors);
+        assert_eq!((out.len(), errors.len()), (2, 0));
+        assert!(out.iter().all(|e| e.when == When::Sample(48_000 * 61)));
+        out.clear();
+        let refused = encoder::encode(&bundle(48_000 * 62)).unwrap();
+        dispatch_packet(&refused, from(), &At48k, &mut out, &mut errors);
+        assert!(out.is_empty());
+        assert_eq!(errors, vec![DispatchError::TooFarAhead { ahead: 61.0 }; 2]);
+        assert!(
+            errors[0].to_string().contains("61 s ahead"),
+            "{}",
+            errors[0]
+        );
     }
 
     #[test]

@@ -78,6 +78,10 @@ impl Clock for LiveClock {
             }
         }
     }
+
+    fn seconds_ahead(&self, sample: u64) -> f64 {
+        (sample as f64 - self.now_sample() as f64) / self.sample_rate
+    }
 }
 
 pub struct OscThread {
@@ -151,18 +155,19 @@ impl OscThread {
                             }
                             continue;
                         }
-                        if let Some(w) = &mut log {
-                            if let Some(line) = loggable(&ev) {
-                                let t = match ev.when {
-                                    When::Sample(s) => s,
-                                    When::Now => clock.now_sample(),
-                                } as f64
-                                    / clock.sample_rate;
-                                if let Err(e) = w.write(t, &line) {
-                                    tracing::error!("input log: {e}; logging stops");
-                                    log = None;
-                                    break;
-                                }
+                        if let (Some(w), Some(line)) = (&mut log, loggable(&ev)) {
+                            // A tag already past is applied on arrival, and logged then: at the
+                            // tag's time, a replay would apply it before inputs it came after.
+                            let now = clock.now_sample();
+                            let t = match ev.when {
+                                When::Sample(s) => s.max(now),
+                                When::Now => now,
+                            } as f64
+                                / clock.sample_rate;
+                            if let Err(e) = w.write(t, &line) {
+                                // The event itself still plays.
+                                tracing::error!("input log: {e}; logging stops");
+                                log = None;
                             }
                         }
                         // An immediate note goes straight to the audio thread: through the

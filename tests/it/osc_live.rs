@@ -435,3 +435,63 @@ fn sighup_reloads_the_scene_that_plays() {
         "the refusal names the file: {stderr}"
     );
 }
+
+/// A bundle whose tag is already past is applied as it arrives (the sender's clock behind, or a
+/// bundle stamped "now" that came late), so the log puts it where it was applied: a replay then
+/// applies the inputs in the order the room did.
+#[test]
+fn a_late_bundle_is_logged_when_it_was_applied() {
+    use nannou_osc::rosc::{encoder, OscBundle, OscMessage, OscPacket, OscTime};
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("late.jsonl");
+    let port = free_port();
+    let osc = format!("127.0.0.1:{port}");
+    let mut child = spawn_play(
+        &[
+            "--output",
+            "null",
+            "--osc",
+            &osc,
+            "--log-inputs",
+            log.to_str().unwrap(),
+        ],
+        &[],
+    );
+    let sock = UdpSocket::bind("127.0.0.1:0").unwrap();
+    sock.set_read_timeout(Some(Duration::from_millis(300)))
+        .unwrap();
+    wait_for_status(&sock, port);
+    send(&sock, port, "/roomscore/tempo", vec![OscType::Float(200.0)]);
+    std::thread::sleep(Duration::from_millis(300));
+    // The scene's mappings scale the tempo the status reports.
+    let fast = status(&sock, port).unwrap().tempo;
+    let ten_seconds_ago = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+        - 10;
+    let bundle = OscPacket::Bundle(OscBundle {
+        timetag: OscTime::from(((ten_seconds_ago + 2_208_988_800) as u32, 0)),
+        content: vec![OscPacket::Message(OscMessage {
+            addr: "/roomscore/tempo".into(),
+            args: vec![OscType::Float(90.0)],
+        })],
+    });
+    sock.send_to(&encoder::encode(&bundle).unwrap(), ("127.0.0.1", port))
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    let s = status(&sock, port).unwrap();
+    let out = terminate(&mut child);
+    assert!(out.status.success());
+    assert!(
+        (s.tempo / fast - 0.45).abs() < 0.01,
+        "live, the late 90 came last: {} after {fast}",
+        s.tempo
+    );
+    let replayed = roomscore::input::log::read(&log).unwrap();
+    let tempi: Vec<_> = replayed
+        .iter()
+        .map(|m| format!("{:?}", m.message.args))
+        .collect();
+    assert_eq!(tempi, ["[Float(200.0)]", "[Float(90.0)]"], "{replayed:?}");
+}
