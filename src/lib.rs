@@ -30,3 +30,4 @@ pub mod play;
 pub mod record;
 pub mod replay;
 pub mod systemd;
+pub mod watchdog;

@@ -27,6 +27,7 @@ use crate::replay::{self, ReplayMsg};
 use crate::scene::Scene;
 use crate::session::{self, BuildOptions, Composer, ComposerMsg, Conductor, Outcome, Parts};
 use crate::systemd::Notifier;
+use crate::watchdog::{Heartbeats, Watchdog};
 
 const TICK: Duration = Duration::from_millis(5);
 const FADE_SECONDS: f32 = 1.0;
@@ -200,6 +201,14 @@ pub fn run(args: PlayArgs) -> anyhow::Result<()> {
     // Immediate performer notes skip the control loop in live play; a replay applies every
     // input in lockstep instead.
     let mut lane = None;
+    // Live, the composer has a thread of its own; a replay composes on the thread that feeds
+    // the watchdog. The main thread is last either way.
+    let hearts = Heartbeats::new(if args.inputs.is_some() {
+        &["main"]
+    } else {
+        &["composer", "main"]
+    });
+    let main_heart = if args.inputs.is_some() { 0 } else { 1 };
     let running = match &args.inputs {
         Some(path) => {
             // A replay: the renderer's lockstep, a few blocks ahead of the device.
@@ -208,7 +217,7 @@ pub fn run(args: PlayArgs) -> anyhow::Result<()> {
             let source = step.composer.source_name().to_string();
             let (ctl_tx, ctl_rx) = crossbeam_channel::bounded::<ReplayMsg>(16);
             let stats = stats.clone();
-            let mut watchdog = Watchdog::new(&notifier);
+            let mut watchdog = Watchdog::new(&notifier, hearts.clone());
             let _ = notifier.ready();
             let hook = move |step: &Lockstep, outcome: Option<Outcome>| match outcome {
                 Some(Outcome::Status(addr)) => {
@@ -245,18 +254,20 @@ pub fn run(args: PlayArgs) -> anyhow::Result<()> {
             tracing::info!(scene = %scene_name, source, osc = %args.osc, "playing on {}", out.describe());
             let (comp_tx, comp_rx) = crossbeam_channel::bounded::<ComposerMsg>(256);
             let comp_tel = telemetry.clone();
+            let comp_hearts = hearts.clone();
             let composer_thread = std::thread::Builder::new()
                 .name("composer".into())
-                .spawn(move || composer_loop(composer, comp_rx, comp_tel))?;
+                .spawn(move || composer_loop(composer, comp_rx, comp_tel, &comp_hearts))?;
             let (ctl_tx, ctl_rx) = crossbeam_channel::bounded::<ControlMsg>(16);
             let ctl_stats = stats.clone();
+            let watchdog = Watchdog::new(&notifier, hearts.clone());
             let control_thread =
                 std::thread::Builder::new()
                     .name("conductor".into())
                     .spawn(move || {
                         conductor_loop(
                             conductor, input_rx, ctl_rx, comp_tx, reply, ctl_stats, started,
-                            notifier,
+                            notifier, watchdog,
                         )
                     })?;
             Running::Live {
@@ -291,6 +302,7 @@ pub fn run(args: PlayArgs) -> anyhow::Result<()> {
         } => {
             let mut died = wait_for_stop(
                 signals,
+                || hearts.turn(main_heart),
                 || {
                     let _ = ctl.send(ControlMsg::Reload);
                 },
@@ -323,6 +335,7 @@ pub fn run(args: PlayArgs) -> anyhow::Result<()> {
         } => {
             let mut died = wait_for_stop(
                 signals,
+                || hearts.turn(main_heart),
                 || {
                     let _ = ctl.send(ReplayMsg::Reload);
                 },
@@ -463,6 +476,7 @@ impl Outputs<'_> {
 /// also watches over the device meanwhile.
 fn wait_for_stop(
     mut signals: signal_hook::iterator::Signals,
+    beat: impl Fn(),
     mut on_hup: impl FnMut(),
     died: impl Fn() -> Option<String>,
     seconds: Option<f64>,
@@ -488,6 +502,7 @@ fn wait_for_stop(
             return Ok(Some(name));
         }
         out.poll();
+        beat();
         std::thread::sleep(Duration::from_millis(20));
     }
 }
@@ -497,10 +512,19 @@ fn wait_for_stop(
 /// shut down and fail, not play silence.
 pub(crate) const PANIC_AFTER_ENV: &str = "ROOMSCORE_TEST_COMPOSER_PANIC_AFTER";
 
+/// Honoured by debug builds only: the composer thread hangs (inside a call that never returns,
+/// as a model's might) this many seconds in, so that a test sees the watchdog go unfed.
+const HANG_AFTER_ENV: &str = "ROOMSCORE_TEST_COMPOSER_HANG_AFTER";
+
 /// When the composing thread is to panic, if a test asked for it (`PANIC_AFTER_ENV`).
 pub(crate) fn test_panic_at() -> Option<Instant> {
+    test_fault_at(PANIC_AFTER_ENV)
+}
+
+/// When the fault a test asked for through `var` is due; never in release builds.
+fn test_fault_at(var: &str) -> Option<Instant> {
     cfg!(debug_assertions)
-        .then(|| std::env::var(PANIC_AFTER_ENV).ok()?.parse::<f64>().ok())
+        .then(|| std::env::var(var).ok()?.parse::<f64>().ok())
         .flatten()
         .map(|s| Instant::now() + Duration::from_secs_f64(s.max(0.0)))
 }
@@ -509,12 +533,21 @@ fn composer_loop(
     mut composer: Composer,
     rx: Receiver<ComposerMsg>,
     telemetry: Arc<crate::audio::Telemetry>,
+    hearts: &Heartbeats,
 ) {
     let panic_at = test_panic_at();
+    let hang_at = test_fault_at(HANG_AFTER_ENV);
     loop {
         if panic_at.is_some_and(|t| Instant::now() >= t) {
             panic!("{PANIC_AFTER_ENV} is set: the composer thread panics, as a bug would");
         }
+        if hang_at.is_some_and(|t| Instant::now() >= t) {
+            tracing::warn!("{HANG_AFTER_ENV} is set: the composer thread hangs, as a bug would");
+            loop {
+                std::thread::park();
+            }
+        }
+        hearts.turn(0);
         match rx.recv_timeout(Duration::from_millis(2)) {
             Ok(msg) => {
                 composer.handle(msg, telemetry.beat());
@@ -539,9 +572,9 @@ fn conductor_loop(
     stats: Arc<OscStats>,
     started: Instant,
     notifier: Notifier,
+    mut watchdog: Watchdog,
 ) {
     let _ = notifier.ready();
-    let mut watchdog = Watchdog::new(&notifier);
     let mut last_tick = Instant::now();
     let mut outcomes: Vec<Outcome> = Vec::new();
     loop {
@@ -597,47 +630,6 @@ fn conductor_loop(
                 Outcome::Status(addr) => send_status(&conductor, &reply, addr, &stats, started),
             }
         }
-    }
-}
-
-/// Feeds systemd's watchdog only while the audio clock moves, so a stuck audio path gets the
-/// service restarted; and keeps the unit's status line current.
-struct Watchdog {
-    interval: Option<Duration>,
-    last: Instant,
-    last_clock: u64,
-}
-
-impl Watchdog {
-    fn new(n: &Notifier) -> Self {
-        Watchdog {
-            interval: n.watchdog_interval(),
-            last: Instant::now(),
-            last_clock: 0,
-        }
-    }
-
-    fn feed(&mut self, n: &Notifier, c: &Conductor) {
-        let every = self.interval.unwrap_or(Duration::from_secs(10));
-        if !n.is_enabled() || self.last.elapsed() < every {
-            return;
-        }
-        self.last = Instant::now();
-        let clock = c.now_sample();
-        let t = &c.telemetry;
-        let _ = n.status(&format!(
-            "scene {}, {} notes, {} xruns, source {}",
-            c.scene.name,
-            t.notes_played.load(Relaxed),
-            t.xruns.load(Relaxed),
-            c.source_name.lock().map(|s| s.clone()).unwrap_or_default()
-        ));
-        if self.interval.is_some() && clock > self.last_clock {
-            let _ = n.watchdog();
-        } else if self.interval.is_some() {
-            tracing::error!("the audio clock has not moved since the last watchdog ping");
-        }
-        self.last_clock = clock;
     }
 }
 

@@ -495,3 +495,57 @@ fn a_late_bundle_is_logged_when_it_was_applied() {
         .collect();
     assert_eq!(tempi, ["[Float(200.0)]", "[Float(90.0)]"], "{replayed:?}");
 }
+
+/// A composer stuck inside a call (a model that never returns) leaves the audio clock moving;
+/// the watchdog must go unfed anyway, so that systemd restarts the engine.
+#[test]
+#[cfg_attr(
+    not(debug_assertions),
+    ignore = "the fault it injects is compiled into debug builds only"
+)]
+fn a_hung_composer_stops_the_watchdog_pings() {
+    use std::os::unix::net::UnixDatagram;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("notify.sock");
+    let server = UnixDatagram::bind(&path).unwrap();
+    server
+        .set_read_timeout(Some(Duration::from_millis(100)))
+        .unwrap();
+    let osc = format!("127.0.0.1:{}", free_port());
+    let mut child = spawn_play(
+        &["--output", "null", "--osc", &osc],
+        &[
+            ("NOTIFY_SOCKET", path.to_str().unwrap()),
+            ("WATCHDOG_USEC", "1000000"),
+            ("ROOMSCORE_TEST_COMPOSER_HANG_AFTER", "3"),
+        ],
+    );
+    // Pings every 0.5 s; the hang at 3 s is seen once the composer has not turned for the
+    // watchdog's whole second, so the last ping comes before 4.5 s.
+    let mut ready = None;
+    let mut pings = Vec::new();
+    let mut buf = [0u8; 512];
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while Instant::now() < deadline && ready.is_none_or(|r: Instant| r.elapsed().as_secs() < 8) {
+        if let Ok(n) = server.recv(&mut buf) {
+            let msg = String::from_utf8_lossy(&buf[..n]);
+            if msg.contains("READY=1") && ready.is_none() {
+                ready = Some(Instant::now());
+            }
+            if let (true, Some(r)) = (msg.contains("WATCHDOG=1"), ready) {
+                pings.push(r.elapsed().as_secs_f64());
+            }
+        }
+    }
+    child.kill().unwrap();
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(ready.is_some(), "never ready: {stderr}");
+    assert!(pings.len() >= 3, "pings while whole: {pings:?}");
+    let last = pings.last().copied().unwrap_or(0.0);
+    assert!(last < 5.0, "still pinging at {last:.1} s: {pings:?}");
+    assert!(
+        stderr.contains("the composer thread has not gone round its loop"),
+        "{stderr}"
+    );
+}
