@@ -274,13 +274,10 @@ pub fn build(scene: Scene, opts: BuildOptions) -> Result<Parts, SessionError> {
     let sr = opts.sample_rate;
     let seed = opts.seed.unwrap_or(scene.generator.seed);
     let (rig, handle) = Rig::build(&scene, sr);
-    let (mut layers, renderer) = match scene.layers.is_empty() {
-        true => (None, None),
-        false => {
-            let (l, r) = Layers::new(sr as u32)?;
-            (Some(l), Some(r))
-        }
-    };
+    // Always, even for a scene without layers: a scene switched to later may have some, and
+    // the audio thread cannot be handed a renderer once it runs.
+    let (l, r) = Layers::new(sr as u32)?;
+    let (mut layers, renderer) = (Some(l), Some(r));
     if let Some(l) = &mut layers {
         let decoded = Layers::decode(&scene)?;
         l.play(&scene, decoded)?;
@@ -467,12 +464,6 @@ impl Conductor {
 
     pub fn switch_scene(&mut self, scene: Scene) -> Result<ComposerMsg, SessionError> {
         let decoded = Layers::decode(&scene)?;
-        if self.layers.is_none() && !scene.layers.is_empty() {
-            tracing::warn!(
-                "scene {:?} has sample layers but the engine started without any; they stay silent until restart",
-                scene.name
-            );
-        }
         if let Some(l) = &mut self.layers {
             l.play(&scene, decoded)?;
         }
@@ -776,5 +767,31 @@ mod tests {
                 "seed {seed}: left sounding after the change at beat {playhead:.2}: {sounding:?}"
             );
         }
+    }
+
+    /// An engine started on a scene without sample layers plays the layers of the scene it
+    /// switches to.
+    #[test]
+    fn layers_play_after_a_start_without_any() {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+        let scenes = root.join("scenes");
+        let performer = Scene::load(scenes.join("performer.toml")).unwrap();
+        assert!(performer.layers.is_empty());
+        let Parts { mut conductor, .. } = build(
+            performer,
+            BuildOptions {
+                sample_rate: 48_000.0,
+                seed: Some(1),
+                score: None,
+                recorder: None,
+                scenes_dir: &scenes,
+            },
+        )
+        .unwrap();
+        let gallery = Scene::load(scenes.join("gallery.toml")).unwrap();
+        let layers = gallery.layers.len();
+        assert!(layers > 0);
+        assert!(conductor.switch_scene(gallery).is_ok());
+        assert_eq!(conductor.layers.as_ref().map(Layers::playing), Some(layers));
     }
 }
