@@ -134,21 +134,21 @@ as_owner() {
 }
 
 need_rust=$(sed -n 's/^rust-version *= *"\([0-9.]*\)".*/\1/p' Cargo.toml | head -n1)
-need_rust=${need_rust:-1.85}
+need_rust=${need_rust:-1.92}
 
 if ((BUILD)); then
     if ! as_owner cargo --version >/dev/null 2>&1; then
         msg="cargo (Rust >= $need_rust) was not found for user $REPO_OWNER.
     Get it, then run me again:
-      - Debian 13 (trixie) or newer:  apt-get install cargo        (Rust 1.85)
-      - older Debian (12 has 1.63, too old): as $REPO_OWNER, follow https://rustup.rs
-        (installs to ~$REPO_OWNER/.cargo/bin, which this script looks in)
+      - as $REPO_OWNER, follow https://rustup.rs (the stable toolchain; it installs to
+        ~$REPO_OWNER/.cargo/bin, which this script looks in). Debian's own cargo is too old
+        (Debian 12 has 1.63, Debian 13 1.85).
     Or build elsewhere, copy the binary to target/release/roomscore and use --no-build."
         if ((DRY_RUN)); then warn "$msg"; else die "$msg"; fi
     else
         have_rust=$(as_owner rustc --version 2>/dev/null | awk '{print $2}')
         if [[ -n $have_rust ]] && [[ $(printf '%s\n%s\n' "$need_rust" "$have_rust" | sort -V | head -n1) != "$need_rust" ]]; then
-            msg="rustc $have_rust is older than the $need_rust this project needs (Debian 12's cargo is too old: use rustup, or Debian 13)"
+            msg="rustc $have_rust is older than the $need_rust this project needs (Debian's cargo is: use rustup's stable toolchain, https://rustup.rs, as $REPO_OWNER)"
             if ((DRY_RUN)); then warn "$msg"; else die "$msg"; fi
         fi
         say "building (cargo build --release --locked) as $REPO_OWNER; the first build takes a while"
