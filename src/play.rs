@@ -196,6 +196,7 @@ pub fn run(args: PlayArgs) -> anyhow::Result<()> {
         telemetry: telemetry.clone(),
         sample_rate,
         frames: args.buffer,
+        restart_on_rate: notifier.is_enabled(),
     };
 
     // Immediate performer notes skip the control loop in live play; a replay applies every
@@ -318,7 +319,7 @@ pub fn run(args: PlayArgs) -> anyhow::Result<()> {
                 let name = thread_name(&t);
                 // The thread that panicked, rather than one that stopped because it had.
                 if t.join().is_err() {
-                    died = Some(name);
+                    died = Some(thread_stopped(&name));
                 }
             }
             drop(out);
@@ -352,7 +353,7 @@ pub fn run(args: PlayArgs) -> anyhow::Result<()> {
             drop(out);
             match step {
                 Ok(mut step) => drop(step.engine.set_recorder(None)),
-                Err(_) => died = Some(name),
+                Err(_) => died = Some(thread_stopped(&name)),
             }
             died
         }
@@ -376,12 +377,16 @@ pub fn run(args: PlayArgs) -> anyhow::Result<()> {
         "stopped"
     );
     match died {
-        Some(name) => Err(anyhow::anyhow!(
-            "the {name} thread stopped while playing (a panic is in the log above); exiting with \
-             an error so that the service manager starts the engine again"
+        Some(why) => Err(anyhow::anyhow!(
+            "{why}; exiting with an error so that the service manager starts the engine again"
         )),
         None => Ok(()),
     }
+}
+
+/// Why play ends with an error when a thread of the engine stopped.
+fn thread_stopped(name: &str) -> String {
+    format!("the {name} thread stopped while playing (a panic is in the log above)")
 }
 
 /// Moves the file an earlier run wrote at `path` aside (`crate::aside`), and says where.
@@ -439,6 +444,8 @@ struct Outputs<'a> {
     telemetry: Arc<crate::audio::Telemetry>,
     sample_rate: u32,
     frames: u32,
+    /// Under a service manager, which starts the engine again at a device's new rate.
+    restart_on_rate: bool,
 }
 
 impl Outputs<'_> {
@@ -460,20 +467,26 @@ impl Outputs<'_> {
             None => null(),
         };
         // `--output null` means no device at all; otherwise a missing or lost one is looked for.
-        Supervisor::new(
+        let supervisor = Supervisor::new(
             self.wanted,
             first,
             target,
             self.telemetry,
             self.sample_rate,
             self.frames,
-        )
+        );
+        if self.restart_on_rate {
+            supervisor.restart_on_rate_change()
+        } else {
+            supervisor
+        }
     }
 }
 
-/// Plays until a signal, `seconds`, or a thread of the engine stopping (`died` names it; the
-/// name is returned). The main thread owns the output streams (cpal's are not all `Send`), so it
-/// also watches over the device meanwhile.
+/// Plays until a signal, `seconds`, a thread of the engine stopping (`died` names it), or a
+/// device that asks for a restart; in the last two cases, returns why play ends with an error.
+/// The main thread owns the output streams (cpal's are not all `Send`), so it also watches over
+/// the device meanwhile.
 fn wait_for_stop(
     mut signals: signal_hook::iterator::Signals,
     beat: impl Fn(),
@@ -499,9 +512,13 @@ fn wait_for_stop(
         }
         if let Some(name) = died() {
             tracing::error!("the {name} thread stopped: shutting down");
-            return Ok(Some(name));
+            return Ok(Some(thread_stopped(&name)));
         }
         out.poll();
+        if let Some(why) = out.restart_for() {
+            tracing::error!("{why}");
+            return Ok(Some(why.to_string()));
+        }
         beat();
         std::thread::sleep(Duration::from_millis(20));
     }

@@ -1,7 +1,9 @@
 //! Keeps the room playing whatever happens to the sound card. When the device goes (a USB card
 //! pulled, the JACK server gone, a stream that stops calling back) the null output takes the
 //! engine at once, so the clock, the composer and OSC carry on; the device is tried again with
-//! a growing pause, and when it answers at the engine's rate the engine moves back to it.
+//! a growing pause, and when it answers at the engine's rate the engine moves back to it. One
+//! that answers at another rate cannot take a graph built for this one: under a service manager
+//! the engine then stops to be started again at the device's rate (`restart_for`).
 
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
@@ -28,6 +30,9 @@ pub struct Supervisor {
     backoff: Duration,
     last_failure: Option<String>,
     clock_seen: (u64, Instant),
+    /// Whether a device at another rate ends play, for a restart at its rate.
+    restart_on_rate: bool,
+    restart_for: Option<String>,
 }
 
 impl Supervisor {
@@ -55,7 +60,22 @@ impl Supervisor {
             backoff: FIRST_RETRY,
             last_failure: None,
             clock_seen: (clock, Instant::now()),
+            restart_on_rate: false,
+            restart_for: None,
         }
+    }
+
+    /// A device found at another rate than the engine's ends play (`restart_for` says why):
+    /// for an engine a service manager starts again, which then opens the device at its rate.
+    /// Otherwise the engine plays on against the null output and says how to get the device.
+    pub fn restart_on_rate_change(mut self) -> Self {
+        self.restart_on_rate = true;
+        self
+    }
+
+    /// Why play should end so that the engine is started again, if it should.
+    pub fn restart_for(&self) -> Option<&str> {
+        self.restart_for.as_deref()
     }
 
     pub fn describe(&self) -> String {
@@ -124,12 +144,20 @@ impl Supervisor {
         };
         let attempt = negotiate(&req).and_then(|n| {
             if n.sample_rate != self.sample_rate {
+                let message = format!(
+                    "offers {} Hz, and the engine runs at {} Hz",
+                    n.sample_rate, self.sample_rate
+                );
+                if self.restart_on_rate {
+                    self.restart_for = Some(format!(
+                        "audio device {} is back but {message}: stopping, to be started again \
+                         at its rate",
+                        n.name
+                    ));
+                }
                 return Err(super::OutputError::Device {
                     device: n.name.clone(),
-                    message: format!(
-                        "offers {} Hz, and the engine runs at {} Hz",
-                        n.sample_rate, self.sample_rate
-                    ),
+                    message: format!("{message}; restart the engine to play on it"),
                 });
             }
             start_cpal(&n, self.engine.clone(), self.telemetry.clone())

@@ -211,3 +211,48 @@ fn play_replaying_a_log_reaches_the_ports_with_the_samples_render_makes() {
         windows.len()
     );
 }
+
+/// Under systemd (`NOTIFY_SOCKET` set), a card that comes back at another rate than the one the
+/// engine started at ends play with an error, for the service to start it again at the card's
+/// rate, instead of playing on against the null output for good.
+#[test]
+fn a_device_back_at_another_rate_ends_play_for_a_restart() {
+    let name = server_name("rate");
+    let dir = tempfile::tempdir().unwrap();
+    let notify = dir.path().join("notify.sock");
+    let _listener = std::os::unix::net::UnixDatagram::bind(&notify).unwrap();
+    let port = free_port();
+    let osc = format!("127.0.0.1:{port}");
+    let mut child = spawn_play(
+        &[
+            "--host",
+            "jack",
+            "--buffer",
+            "256",
+            "--osc",
+            &osc,
+            "--seconds",
+            "60",
+        ],
+        &[
+            ("JACK_DEFAULT_SERVER", &name),
+            ("NOTIFY_SOCKET", notify.to_str().unwrap()),
+        ],
+    );
+    let sock = UdpSocket::bind("127.0.0.1:0").unwrap();
+    sock.set_read_timeout(Some(Duration::from_millis(300)))
+        .unwrap();
+    status_until(&sock, port, 20, "playing with no device", |s| {
+        s.output == "null"
+    });
+    let jack = Jack::start_at(&name, 44_100);
+    let out = terminate_after(&mut child, 40);
+    drop(jack);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("offers 44100 Hz, and the engine runs at 48000 Hz")
+            && stderr.contains("to be started again at its rate"),
+        "{stderr}"
+    );
+}

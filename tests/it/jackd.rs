@@ -27,7 +27,7 @@ pub fn float_data_chunk(bytes: &[u8]) -> Vec<f32> {
     panic!("no data chunk");
 }
 
-/// A named `jackd` dummy server at 48 kHz, 256 frames, stopped with SIGTERM when dropped: a
+/// A named `jackd` dummy server (48 kHz unless asked otherwise), 256 frames, stopped with SIGTERM when dropped: a
 /// killed jackd leaves its entry in JACK's shared-memory registry, and after a few of those no
 /// server can start on the machine ("Too many servers already active").
 pub struct Jack {
@@ -38,20 +38,25 @@ pub struct Jack {
 impl Jack {
     /// A server without real-time scheduling: what any machine can run.
     pub fn start(name: &str) -> Jack {
-        Jack::launch(name, "--no-realtime").expect("jackd dummy server did not come up")
+        Jack::start_at(name, 48_000)
+    }
+
+    /// `start`, at another sample rate.
+    pub fn start_at(name: &str, rate: u32) -> Jack {
+        Jack::launch(name, "--no-realtime", rate).expect("jackd dummy server did not come up")
     }
 
     /// A server with real-time scheduling where the machine grants it (as root, or with
     /// rtprio limits), else without; the second value says which. (Used by tests/latency.rs.)
     #[allow(dead_code)]
     pub fn start_realtime(name: &str) -> (Jack, bool) {
-        match Jack::launch(name, "--realtime") {
+        match Jack::launch(name, "--realtime", 48_000) {
             Some(j) => (j, true),
             None => (Jack::start(name), false),
         }
     }
 
-    fn launch(name: &str, mode: &str) -> Option<Jack> {
+    fn launch(name: &str, mode: &str, rate: u32) -> Option<Jack> {
         for tool in ["jackd", "jack_capture", "jack_lsp"] {
             assert!(
                 command_exists(tool),
@@ -59,7 +64,17 @@ impl Jack {
             );
         }
         let child = Command::new("jackd")
-            .args(["-n", name, mode, "-d", "dummy", "-r", "48000", "-p", "256"])
+            .args([
+                "-n",
+                name,
+                mode,
+                "-d",
+                "dummy",
+                "-r",
+                &rate.to_string(),
+                "-p",
+                "256",
+            ])
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
