@@ -12,15 +12,99 @@ use crate::scene::{Scene, SourceKind};
 
 #[derive(clap::Args, Debug, Clone)]
 pub struct DoctorArgs {
-    /// Scenes to check; default every scene in scenes/.
+    /// Scenes to check; default the service's scene (see --env), else every scene in scenes/.
     #[arg(long)]
     pub scene: Vec<PathBuf>,
-    #[arg(long, default_value = "0.0.0.0:9000")]
-    pub osc: SocketAddr,
+    /// Default the service's, else 0.0.0.0:9000.
+    #[arg(long)]
+    pub osc: Option<SocketAddr>,
     #[arg(long)]
     pub host: Option<String>,
     #[arg(long)]
     pub output: Option<String>,
+    /// The service's settings (ROOMSCORE_OUTPUT, _HOST, _OSC, _SCENE, ORT_DYLIB_PATH), so that
+    /// what is checked is what the service runs; default /etc/roomscore/roomscore.env when it
+    /// exists. Options given here win over it.
+    #[arg(long)]
+    pub env: Option<PathBuf>,
+}
+
+/// Where install.sh puts the service's settings.
+const SERVICE_ENV: &str = "/etc/roomscore/roomscore.env";
+
+/// `KEY=VALUE` lines as systemd's `EnvironmentFile=` reads them: `#` and `;` start comments,
+/// and a value may be quoted. A line that is none of these is an error naming it.
+fn parse_env(text: &str) -> (Vec<(String, String)>, Vec<String>) {
+    let (mut vars, mut bad) = (Vec::new(), Vec::new());
+    for (i, line) in text.lines().enumerate() {
+        let line = line.trim();
+        if line.is_empty() || line.starts_with('#') || line.starts_with(';') {
+            continue;
+        }
+        match line.split_once('=') {
+            Some((k, v)) if !k.trim().is_empty() && !k.trim().contains(' ') => {
+                let v = v.trim();
+                let unquoted = ['"', '\'']
+                    .iter()
+                    .find_map(|&q| v.strip_prefix(q)?.strip_suffix(q))
+                    .unwrap_or(v);
+                vars.push((k.trim().to_string(), unquoted.to_string()));
+            }
+            _ => bad.push(format!("line {}: {line:?} is not KEY=VALUE", i + 1)),
+        }
+    }
+    (vars, bad)
+}
+
+/// Fills in what the command line left out from the service's settings, and points the model
+/// runtime at the ONNX Runtime the service uses.
+fn apply_env(r: &mut Report, args: &mut DoctorArgs) {
+    let path = match &args.env {
+        Some(p) => p.clone(),
+        None if Path::new(SERVICE_ENV).exists() => PathBuf::from(SERVICE_ENV),
+        None => return,
+    };
+    let text = match std::fs::read_to_string(&path) {
+        Ok(t) => t,
+        Err(e) => {
+            r.problem(
+                "service settings",
+                format!("{}: {e}", path.display()),
+                "run doctor with sudo (the file is readable by root and the service only)",
+            );
+            return;
+        }
+    };
+    let (vars, bad) = parse_env(&text);
+    for b in bad {
+        r.problem(
+            "service settings",
+            format!("{}: {b}", path.display()),
+            "systemd skips such a line: write it as KEY=VALUE",
+        );
+    }
+    for (k, v) in vars {
+        match k.as_str() {
+            "ROOMSCORE_OUTPUT" if args.output.is_none() => args.output = Some(v),
+            "ROOMSCORE_HOST" if args.host.is_none() => args.host = Some(v),
+            "ROOMSCORE_SCENE" if args.scene.is_empty() => args.scene = vec![PathBuf::from(v)],
+            "ROOMSCORE_OSC" if args.osc.is_none() => match v.parse() {
+                Ok(a) => args.osc = Some(a),
+                Err(e) => r.problem(
+                    "service settings",
+                    format!("{}: ROOMSCORE_OSC={v:?}: {e}", path.display()),
+                    "write it as ADDRESS:PORT, e.g. 0.0.0.0:9000",
+                ),
+            },
+            // Read by the model runtime; doctor is one thread at this point.
+            "ORT_DYLIB_PATH" if !v.is_empty() => std::env::set_var(k, v),
+            _ => {}
+        }
+    }
+    r.ok(
+        "service settings",
+        format!("read from {} (options given here win)", path.display()),
+    );
 }
 
 struct Report {
@@ -54,8 +138,12 @@ fn scenes(args: &DoctorArgs) -> Vec<PathBuf> {
 }
 
 /// Runs every check; returns the number of problems found.
-pub fn run(args: DoctorArgs) -> usize {
+pub fn run(mut args: DoctorArgs) -> usize {
     let mut r = Report { problems: 0 };
+    apply_env(&mut r, &mut args);
+    let osc = args
+        .osc
+        .unwrap_or_else(|| "0.0.0.0:9000".parse().expect("an address"));
 
     let req = OutputRequest {
         device: args.output.clone(),
@@ -88,11 +176,11 @@ pub fn run(args: DoctorArgs) -> usize {
         ),
     }
 
-    match std::net::UdpSocket::bind(args.osc) {
-        Ok(_) => r.ok("OSC port", format!("{} is free", args.osc)),
+    match std::net::UdpSocket::bind(osc) {
+        Ok(_) => r.ok("OSC port", format!("{osc} is free")),
         Err(e) => r.problem(
             "OSC port",
-            format!("{}: {e}", args.osc),
+            format!("{osc}: {e}"),
             "stop what uses the port (`ss -ulpn`), e.g. a running roomscore service, or pass --osc",
         ),
     }
@@ -234,5 +322,32 @@ fn check_pace(r: &mut Report, scene: &Scene) {
         );
     } else {
         r.ok(&what, detail);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_service_settings_are_read_as_systemd_reads_them() {
+        let text = "# comment\n; another\n\nROOMSCORE_OUTPUT=default\nROOMSCORE_HOST = \"alsa\"\n\
+                    ORT_DYLIB_PATH='/opt/roomscore/venv/lib/libonnxruntime.so'\n\
+                    ROOMSCORE_EXTRA_ARGS=--seed 3\nnot a setting\n";
+        let (vars, bad) = parse_env(text);
+        assert_eq!(
+            vars,
+            [
+                ("ROOMSCORE_OUTPUT", "default"),
+                ("ROOMSCORE_HOST", "alsa"),
+                (
+                    "ORT_DYLIB_PATH",
+                    "/opt/roomscore/venv/lib/libonnxruntime.so"
+                ),
+                ("ROOMSCORE_EXTRA_ARGS", "--seed 3"),
+            ]
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+        );
+        assert_eq!(bad, ["line 8: \"not a setting\" is not KEY=VALUE"]);
     }
 }

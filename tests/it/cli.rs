@@ -164,3 +164,59 @@ fn doctor_times_a_model_scenes_composer_against_its_tempo() {
         );
     }
 }
+
+/// On a kiosk, doctor checks what the service runs: the settings in its env file, and the ONNX
+/// Runtime named there.
+#[test]
+fn doctor_reads_the_service_settings() {
+    let dir = tempfile::tempdir().unwrap();
+    let bad = dir.path().join("bad.toml");
+    std::fs::write(&bad, "[scene]\nname = \"x\"\ntempo = 9999\n").unwrap();
+    let taken = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let port = taken.local_addr().unwrap().to_string();
+    // The wheel's library, under a name of its own, where the repository has one.
+    let wheel = std::fs::read_dir(root().join(".venv/lib"))
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|d| {
+            d.path()
+                .join("site-packages/onnxruntime/capi/libonnxruntime.so.1.31.1")
+        })
+        .find(|p| p.exists());
+    let ort = dir.path().join("libonnxruntime.so.1.31.1");
+    if let Some(w) = &wheel {
+        std::os::unix::fs::symlink(w, &ort).unwrap();
+    }
+    let env = dir.path().join("roomscore.env");
+    std::fs::write(
+        &env,
+        format!(
+            "# the service's\nROOMSCORE_SCENE={}\nROOMSCORE_OSC={port}\nORT_DYLIB_PATH={}\noops\n",
+            bad.display(),
+            ort.display()
+        ),
+    )
+    .unwrap();
+    let out = roomscore(&["doctor", "--env", env.to_str().unwrap()]);
+    assert!(!out.status.success());
+    let text = String::from_utf8_lossy(&out.stdout);
+    for expected in [
+        format!("ok       service settings: read from {}", env.display()),
+        "line 5: \"oops\" is not KEY=VALUE".to_string(),
+        format!("PROBLEM  OSC port: {port}"),
+        "bad.toml:3:9: field `scene.tempo`: value 9999".to_string(),
+    ] {
+        assert!(text.contains(&expected), "{expected:?} in:\n{text}");
+    }
+    if wheel.is_some() {
+        let runtime = text
+            .lines()
+            .find(|l| l.contains("model runtime"))
+            .unwrap_or_else(|| panic!("{text}"));
+        assert!(
+            runtime.contains(&ort.display().to_string()) && runtime.contains("ORT_DYLIB_PATH"),
+            "{runtime}"
+        );
+    }
+}
