@@ -264,6 +264,48 @@ impl Generator {
         }
     }
 
+    /// Starts at `step` carrying on from `heard`, the steps the room heard just before it (the
+    /// scene before's last bar): a model hears them and composes on from that music, under its
+    /// own conditioning, instead of starting a piece of its own. A source that fails to hear
+    /// them is replaced by the rule-based one, as on any failure.
+    pub fn start_after(&mut self, step: u64, heard: &[Heard]) {
+        self.start_at(step);
+        if heard.is_empty() || self.failed.is_some() {
+            return;
+        }
+        let first = step - heard.len() as u64;
+        let carried = guarded(self.source.as_mut(), |s| {
+            s.start_at(first);
+            s.hear(heard)
+        });
+        match carried.map(|()| self.source.position()) {
+            Ok(p) if p == step => {
+                tracing::info!(
+                    source = self.source.name(),
+                    "carrying on from the last {} steps the room heard",
+                    heard.len()
+                );
+                self.heard = heard.iter().cloned().collect();
+            }
+            Ok(p) => self.fall_back(format!(
+                "it heard the scene before's {} steps but moved on to step {p}, not {step}",
+                heard.len()
+            )),
+            Err(e) => self.fall_back(e.to_string()),
+        }
+    }
+
+    /// The last `n` steps the room heard up to `step` (those after the last committed are
+    /// silence), for the next scene's composer to carry on from.
+    pub fn heard_until(&self, step: u64, n: usize) -> Vec<Heard> {
+        let silence = (self.committed..step).map(|_| Heard {
+            step: [None; VOICES],
+            cond: Arc::clone(&self.cond),
+        });
+        let all: Vec<Heard> = self.heard.iter().cloned().chain(silence).collect();
+        all[all.len().saturating_sub(n)..].to_vec()
+    }
+
     /// New conditioning and sampling settings; steps decoded ahead under the old ones are
     /// rolled back when the difference matters.
     pub fn set_controls(&mut self, cond: &Conditioning, params: SamplingParams, velocity: f32) {
@@ -900,6 +942,56 @@ mod tests {
         assert_eq!(g.stats().rollbacks, 1);
         g.fill(0.0, 1.5, &mut |_| true);
         assert_eq!((g.committed_step(), count()), (6, 2));
+    }
+
+    /// A scene change: the next scene's source hears the bar the room last heard, silence
+    /// included up to where it starts, and composes on from there.
+    #[test]
+    fn the_next_scene_carries_on_from_the_bar_the_room_heard() {
+        let mut old = Generator::new(rules(5), 0, true, 5, cond(), P, 0.7);
+        old.fill(0.0, 8.0, &mut |_| true);
+        assert_eq!(old.committed_step(), 32);
+        let start = 34;
+        let carried = old.heard_until(start, 16);
+        let steps = |h: &[Heard]| h.iter().map(|h| h.step).collect::<Vec<_>>();
+        let ring: Vec<Heard> = old.heard.iter().cloned().collect();
+        assert_eq!(steps(&carried[..14]), steps(&ring[18..32]));
+        assert_eq!(steps(&carried[14..]), [[None; VOICES]; 2]);
+        assert!(ring[18..32]
+            .iter()
+            .any(|h| h.step.iter().any(Option::is_some)));
+
+        let chunks: HeardChunks = Default::default();
+        let source = Box::new(Slowed {
+            inner: RuleSource::new(0, true, 6),
+            sleep: std::sync::Arc::new(0.into()),
+            stall: None,
+            heard: chunks.clone(),
+        });
+        let mut new = Generator::new(source, 0, true, 6, cond(), P, 0.7);
+        new.start_after(start, &carried);
+        {
+            let got = chunks.lock().unwrap();
+            assert_eq!(got.len(), 1);
+            assert_eq!(got[0].0, start - 16, "heard as the steps before the start");
+            assert_eq!(steps(&got[0].1), steps(&carried));
+        }
+        assert_eq!((new.committed_step(), new.failure()), (start, None));
+        assert_eq!(new.source_name(), "slowed");
+        let mut first = None;
+        new.fill(8.5, 10.0, &mut |e| {
+            first.get_or_insert(e.beat);
+            true
+        });
+        assert!(
+            first.is_some_and(|b| b >= 8.5),
+            "begins at the start: {first:?}"
+        );
+        // What it carries on from is what a source taken back later would hear, too.
+        assert_eq!(
+            steps(&new.heard.iter().cloned().collect::<Vec<_>>()[..16]),
+            steps(&carried)
+        );
     }
 
     /// The rule-based source, `sleep` longer on every step, and once for `stall` on step `at`.

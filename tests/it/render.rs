@@ -228,3 +228,52 @@ fn a_logged_scene_change_that_fails_keeps_the_scene_as_the_room_did() {
         outs[1]
     );
 }
+
+/// A change to a model scene: the model hears the bar the room last heard and composes on from
+/// it, without failing over to the rules, and the render stays byte for byte repeatable.
+#[test]
+fn a_model_scene_switched_to_carries_on_from_the_scene_before() {
+    let dir = tempfile::tempdir().unwrap();
+    let inputs = log(
+        dir.path(),
+        "to-chorale.jsonl",
+        &[r#"{"t": 4.0, "addr": "/roomscore/scene", "args": ["chorale"]}"#],
+    );
+    let gallery = scene("gallery");
+    let mut wavs = Vec::new();
+    for i in 0..2 {
+        let wav = dir.path().join(format!("{i}.wav"));
+        let out = std::process::Command::new(bin())
+            .current_dir(root())
+            .env("RUST_LOG", "info")
+            .args([
+                "render",
+                "--scene",
+                gallery.to_str().unwrap(),
+                "--seconds",
+                "7",
+                "--seed",
+                "3",
+                "--inputs",
+                &inputs,
+                "--out",
+                wav.to_str().unwrap(),
+            ])
+            .output()
+            .unwrap();
+        let (stdout, stderr) = (
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr),
+        );
+        assert!(out.status.success(), "{stderr}");
+        assert!(stdout.contains("source model"), "{stdout}");
+        assert!(!stderr.contains("failed"), "{stderr}");
+        assert!(
+            stderr.contains("source=\"model\"")
+                && stderr.contains("carrying on from the last 16 steps the room heard"),
+            "{stderr}"
+        );
+        wavs.push(std::fs::read(&wav).unwrap());
+    }
+    assert!(wavs[0] == wavs[1]);
+}
