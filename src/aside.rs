@@ -27,24 +27,35 @@ pub fn move_aside(path: &Path) -> std::io::Result<Option<PathBuf>> {
         .map(|e| format!(".{}", e.to_string_lossy()))
         .unwrap_or_default();
     let stamp = utc_stamp(written);
-    // Two runs that ended within the same second (a crash loop) keep a file each.
-    let to = (0..)
-        .map(|n| {
-            let again = if n == 0 {
-                String::new()
-            } else {
-                format!("-{n}")
-            };
-            path.with_file_name(format!("{stem}.{stamp}{again}{ext}"))
-        })
-        .find(|p| !p.exists())
-        .expect("some name is free");
-    std::fs::rename(path, &to)?;
-    Ok(Some(to))
+    // Two runs that ended within the same second (a crash loop) keep a file each. A link is
+    // refused where the name is taken (a rename would replace that file), so nothing kept is
+    // ever overwritten, whoever else writes into the folder.
+    for n in 0.. {
+        let again = if n == 0 {
+            String::new()
+        } else {
+            format!("-{n}")
+        };
+        let to = path.with_file_name(format!("{stem}.{stamp}{again}{ext}"));
+        match std::fs::hard_link(path, &to) {
+            Ok(()) => {
+                std::fs::remove_file(path)?;
+                return Ok(Some(to));
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
+            // A file system without links (a FAT stick): a rename to a name not taken yet.
+            Err(_) if !to.exists() => {
+                std::fs::rename(path, &to)?;
+                return Ok(Some(to));
+            }
+            Err(_) => continue,
+        }
+    }
+    unreachable!("some name is free")
 }
 
-/// `20261129T093000Z` for seconds since the epoch, in UTC: sortable, and the same whatever the
-/// kiosk's time zone.
+/// `20261129T093000Z` for seconds since the epoch, in UTC: sortable to the second, and the same
+/// whatever the kiosk's time zone.
 fn utc_stamp(secs: u64) -> String {
     let days = secs / 86_400;
     let rest = secs % 86_400;

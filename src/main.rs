@@ -64,7 +64,8 @@ struct RenderArgs {
     /// Play this MIDI file through the scene's instruments instead of the generator.
     #[arg(long)]
     score: Option<PathBuf>,
-    #[arg(long, default_value_t = 48_000)]
+    /// Hz, 8000..=384000.
+    #[arg(long, default_value_t = 48_000, value_parser = clap::value_parser!(u32).range(8_000..=384_000))]
     sample_rate: u32,
 }
 

@@ -12,7 +12,9 @@ use cpal::traits::{DeviceTrait, HostTrait, StreamTrait};
 
 use crate::audio::{AudioEngine, Telemetry};
 
+mod alsa_log;
 mod supervisor;
+pub use alsa_log::AlsaErrors;
 pub use supervisor::Supervisor;
 
 /// What an output's callback runs: the audio engine, or a replay's ring of rendered blocks.

@@ -46,7 +46,8 @@ pub struct PlayArgs {
     /// Frames per audio buffer.
     #[arg(long, default_value_t = 256)]
     pub buffer: u32,
-    #[arg(long)]
+    /// Hz, 8000..=384000; default the device's (48000 with no device).
+    #[arg(long, value_parser = clap::value_parser!(u32).range(8_000..=384_000))]
     pub sample_rate: Option<u32>,
     /// Where to listen for OSC.
     #[arg(long, default_value = "0.0.0.0:9000")]
@@ -130,6 +131,8 @@ pub fn run(args: PlayArgs) -> anyhow::Result<()> {
         signal_hook::iterator::Signals::new([SIGINT, SIGTERM, SIGHUP])
             .context("setting up signal handling")?
     };
+    // Before any device is opened, on the thread that opens them.
+    let alsa_errors = output::AlsaErrors::capture();
     let socket = osc::bind(args.osc)?;
     let input_log = match &args.log_inputs {
         Some(p) => {
@@ -160,24 +163,27 @@ pub fn run(args: PlayArgs) -> anyhow::Result<()> {
         .as_ref()
         .map(|n| n.sample_rate)
         .unwrap_or(args.sample_rate.unwrap_or(48_000));
-    let (recorder, rec_tx) = match &args.record {
-        Some(p) => {
-            keep_earlier(p, "recording")?;
-            let (r, tx) = Recorder::start(p, sample_rate, 4.0)?;
-            (Some(r), Some(tx))
-        }
-        None => (None, None),
-    };
-    let parts = session::build(
+    let mut parts = session::build(
         scene,
         BuildOptions {
             sample_rate: sample_rate as f32,
             seed: args.seed,
             score: None,
-            recorder: rec_tx,
+            recorder: None,
             scenes_dir: &scenes_dir,
         },
     )?;
+    // After the build, so that a start that fails there (and is tried again every 2 s by the
+    // service) leaves no empty recording behind to be kept.
+    let recorder = match &args.record {
+        Some(p) => {
+            keep_earlier(p, "recording")?;
+            let (r, tx) = Recorder::start(p, sample_rate, 4.0)?;
+            parts.engine.set_recorder(Some(tx));
+            Some(r)
+        }
+        None => None,
+    };
     let telemetry = parts.conductor.telemetry.clone();
     let scene_name = parts.conductor.scene.name.clone();
     let stats = Arc::new(OscStats::default());
@@ -197,6 +203,7 @@ pub fn run(args: PlayArgs) -> anyhow::Result<()> {
         sample_rate,
         frames: args.buffer,
         restart_on_rate: notifier.is_enabled(),
+        alsa_errors,
     };
 
     // Immediate performer notes skip the control loop in live play; a replay applies every
@@ -446,6 +453,7 @@ struct Outputs<'a> {
     frames: u32,
     /// Under a service manager, which starts the engine again at a device's new rate.
     restart_on_rate: bool,
+    alsa_errors: output::AlsaErrors,
 }
 
 impl Outputs<'_> {
@@ -475,6 +483,7 @@ impl Outputs<'_> {
             self.sample_rate,
             self.frames,
         );
+        let supervisor = supervisor.with_alsa_errors(self.alsa_errors);
         if self.restart_on_rate {
             supervisor.restart_on_rate_change()
         } else {

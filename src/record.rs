@@ -35,9 +35,31 @@ pub struct Recorder {
 /// 48 kHz stereo), so a night is written an hour a file; the part before is moved aside as an
 /// earlier run's file is (`crate::aside`), and the recording always goes on at its own path.
 const PART_SECONDS: u32 = 3600;
-/// How often the header is brought up to date: a recording cut off by a crash, a watchdog kill
-/// or a power cut reads back whole up to that point, not as an empty file.
+/// Frames in a part: an hour, or what fits in a header's 32-bit byte count at a rate where an
+/// hour does not (above 149 kHz).
+fn part_frames(sample_rate: u32) -> u64 {
+    let fits = (u64::from(u32::MAX) - 64) / 8;
+    (u64::from(PART_SECONDS) * u64::from(sample_rate)).clamp(1, fits)
+}
+
+/// How often the header is brought up to date: a recording cut off by a crash or a watchdog
+/// kill reads back whole up to that point, not as an empty file.
 const HEADER_EVERY_SECONDS: u32 = 1;
+/// Every this many header updates, the file is also synced to the disk, so a power cut loses at
+/// most this much: an fsync on a kiosk's SD card can take a while, and the writer has seconds
+/// of queue to spare.
+const SYNC_EVERY_HEADERS: u32 = 10;
+
+type Wav = hound::WavWriter<std::io::BufWriter<std::fs::File>>;
+
+/// A WAV writer, and a handle to its file to sync it by.
+fn create_wav(path: &Path, sample_rate: u32) -> Result<(Wav, std::fs::File), String> {
+    let file = std::fs::File::create(path).map_err(|e| e.to_string())?;
+    let sync = file.try_clone().map_err(|e| e.to_string())?;
+    let writer = hound::WavWriter::new(std::io::BufWriter::new(file), wav_spec(sample_rate))
+        .map_err(|e| e.to_string())?;
+    Ok((writer, sync))
+}
 
 impl Recorder {
     /// Creates the file now (so a bad path fails before any sound) and starts the writer.
@@ -47,12 +69,7 @@ impl Recorder {
         sample_rate: u32,
         seconds: f32,
     ) -> Result<(Recorder, rtrb::Producer<f32>), RecordError> {
-        Self::start_in_parts(
-            path,
-            sample_rate,
-            seconds,
-            u64::from(PART_SECONDS * sample_rate),
-        )
+        Self::start_in_parts(path, sample_rate, seconds, part_frames(sample_rate))
     }
 
     /// `start`, with a new file every `part_frames`.
@@ -62,16 +79,17 @@ impl Recorder {
         seconds: f32,
         part_frames: u64,
     ) -> Result<(Recorder, rtrb::Producer<f32>), RecordError> {
-        let err = |e: hound::Error| RecordError::Wav {
-            path: path.to_path_buf(),
-            message: e.to_string(),
-        };
-        let mut writer = hound::WavWriter::create(path, wav_spec(sample_rate)).map_err(err)?;
+        let part_frames = part_frames.max(1);
+        let (mut writer, mut file) =
+            create_wav(path, sample_rate).map_err(|message| RecordError::Wav {
+                path: path.to_path_buf(),
+                message,
+            })?;
         let (tx, mut rx) = rtrb::RingBuffer::new((sample_rate as f32 * seconds) as usize * 2);
         let stop = Arc::new(AtomicBool::new(false));
         let stop2 = stop.clone();
         let p = path.to_path_buf();
-        let header_every = u64::from(HEADER_EVERY_SECONDS * sample_rate);
+        let header_every = u64::from(HEADER_EVERY_SECONDS) * u64::from(sample_rate);
         let thread = std::thread::Builder::new()
             .name("recorder".into())
             .spawn(move || {
@@ -80,6 +98,7 @@ impl Recorder {
                     message: e.to_string(),
                 };
                 let (mut written, mut in_part, mut unflushed) = (0u64, 0u64, 0u64);
+                let mut headers = 0u32;
                 let result = loop {
                     let stopping = stop2.load(Ordering::Acquire);
                     // Whole frames only, so a stop never leaves half a frame; and no more than
@@ -100,7 +119,7 @@ impl Recorder {
                     }
                     if in_part == part_frames {
                         match next_part(writer, &p, sample_rate) {
-                            Ok(w) => (writer, in_part, unflushed) = (w, 0, 0),
+                            Ok((w, f)) => (writer, file, in_part, unflushed) = (w, f, 0, 0),
                             Err(e) => {
                                 tracing::error!("{e}; recording stopped");
                                 return Err(e);
@@ -111,6 +130,15 @@ impl Recorder {
                             break Err(err(e));
                         }
                         unflushed = 0;
+                        headers += 1;
+                        if headers.is_multiple_of(SYNC_EVERY_HEADERS) {
+                            if let Err(e) = file.sync_data() {
+                                break Err(RecordError::Wav {
+                                    path: p.clone(),
+                                    message: format!("cannot sync to the disk: {e}"),
+                                });
+                            }
+                        }
                     }
                     if stopping && rx.is_empty() {
                         break Ok(());
@@ -173,10 +201,10 @@ impl Drop for Recorder {
 
 /// Closes a full part, moves it aside, and opens the next at `path`.
 fn next_part(
-    writer: hound::WavWriter<std::io::BufWriter<std::fs::File>>,
+    writer: Wav,
     path: &Path,
     sample_rate: u32,
-) -> Result<hound::WavWriter<std::io::BufWriter<std::fs::File>>, RecordError> {
+) -> Result<(Wav, std::fs::File), RecordError> {
     let err = |message: String| RecordError::Wav {
         path: path.to_path_buf(),
         message,
@@ -187,7 +215,7 @@ fn next_part(
     if let Some(kept) = kept {
         tracing::info!("recording: a part is full and kept as {}", kept.display());
     }
-    hound::WavWriter::create(path, wav_spec(sample_rate)).map_err(|e| err(e.to_string()))
+    create_wav(path, sample_rate).map_err(err)
 }
 
 #[cfg(test)]
@@ -230,6 +258,14 @@ mod tests {
         };
         assert!(frames >= 2 * 8_000, "the header said {frames} frames");
         assert_eq!(rec.finish().unwrap(), 3 * 8_000);
+    }
+
+    #[test]
+    fn a_part_is_an_hour_where_its_header_can_count_it() {
+        assert_eq!(part_frames(48_000), 3600 * 48_000);
+        // 192 kHz: an hour of stereo float would be 5.5 GB.
+        assert!(part_frames(192_000) * 8 + 64 <= u64::from(u32::MAX));
+        assert_eq!(part_frames(0), 1);
     }
 
     /// Parts: each whole, the earlier ones aside, no sample lost or doubled between them.

@@ -123,8 +123,10 @@ impl Lockstep {
     /// Renders the next `out.len() / 2` frames (at most `BLOCK`), interleaved stereo. An input
     /// that fails (a scene change to a file that does not load) is logged and the scene that
     /// plays is kept, as the live engine did when the message came: a replay of a night holds
-    /// to what the room heard, and never stops.
-    pub fn block(&mut self, out: &mut [f32]) {
+    /// to what the room heard, and never stops. Returns what is left for the caller of the
+    /// timed inputs that fell due (status requests to answer); usually nothing, which costs no
+    /// allocation.
+    pub fn block(&mut self, out: &mut [f32]) -> Vec<Outcome> {
         let now = self.done;
         while let Some((sample, event)) = self.inputs.get(self.next_input) {
             if *sample > now {
@@ -143,15 +145,25 @@ impl Lockstep {
             }
         }
         let (msg, due) = self.conductor.tick(self.dt);
-        for e in due.into_iter().filter_map(Result::err) {
-            self.failed += 1;
-            tracing::error!("{e}; keeping the scene that plays");
+        let mut left = Vec::new();
+        for o in due {
+            match o {
+                // A timed scene change: the composer takes the new scene's piece.
+                Ok(Outcome::Composer(m)) => self.to_composer(m),
+                Ok(Outcome::Nothing) => {}
+                Ok(other) => left.push(other),
+                Err(e) => {
+                    self.failed += 1;
+                    tracing::error!("{e}; keeping the scene that plays");
+                }
+            }
         }
         let beat = self.conductor.telemetry.beat();
         self.composer.handle(msg, beat);
         self.composer.fill(beat);
         self.engine.process(out, 2);
         self.done += (out.len() / 2) as u64;
+        left
     }
 }
 
@@ -183,7 +195,8 @@ pub fn render(opts: &RenderOptions) -> Result<Rendered, RenderError> {
     let total = (opts.seconds.max(0.0) * opts.sample_rate as f64).round() as usize;
     let mut samples = vec![0f32; total * 2];
     for chunk in samples.chunks_mut(BLOCK * 2) {
-        step.block(chunk);
+        // Offline, a logged status request has no one to answer.
+        let _ = step.block(chunk);
     }
     Ok(Rendered {
         samples,
@@ -214,4 +227,43 @@ pub fn write_wav(path: &Path, samples: &[f32], sample_rate: u32) -> Result<(), R
 /// Onsets per second over all voices, from note events: how busy the music is.
 pub fn notes_per_second(notes: &[crate::gen::NoteEvent], seconds: f64) -> f64 {
     notes.iter().filter(|n| n.on).count() as f64 / seconds.max(1e-9)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::input::InputEvent;
+
+    /// A time-tagged scene change that falls due inside a block (a live bundle during `play
+    /// --inputs`) hands the composer the new scene's piece, as an immediate one does.
+    #[test]
+    fn a_timed_scene_change_reaches_the_composer() {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+        let scenes = root.join("scenes");
+        let parts = session::build(
+            Scene::load(scenes.join("gallery.toml")).unwrap(),
+            BuildOptions {
+                sample_rate: 48_000.0,
+                seed: Some(2),
+                score: None,
+                recorder: None,
+                scenes_dir: &scenes,
+            },
+        )
+        .unwrap();
+        let mut step = Lockstep::new(parts, Vec::new(), 48_000);
+        assert_eq!(step.composer.source_name(), "rules");
+        let ev = TimedEvent {
+            when: When::Sample(4_800),
+            event: InputEvent::Scene("chorale".into()),
+        };
+        assert!(matches!(step.apply(ev), Ok(Outcome::Nothing)), "held");
+        let mut out = vec![0f32; BLOCK * 2];
+        for _ in 0..40 {
+            assert!(step.block(&mut out).is_empty());
+        }
+        assert_eq!(step.conductor.scene.name, "chorale");
+        // The chorale composes with the model (ONNX Runtime, or tract where it is absent).
+        assert_eq!(step.composer.source_name(), "model");
+    }
 }

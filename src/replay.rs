@@ -112,7 +112,9 @@ pub fn start(
                 }
                 hook(&step, None);
                 while tx.slots() >= block.len() {
-                    step.block(&mut block);
+                    for o in step.block(&mut block) {
+                        hook(&step, Some(o));
+                    }
                     if let Ok(chunk) = tx.write_chunk_uninit(block.len()) {
                         chunk.fill_from_iter(block.iter().copied());
                     }

@@ -294,7 +294,7 @@ pub fn build(scene: Scene, opts: BuildOptions) -> Result<Parts, SessionError> {
     let composition = match opts.score {
         Some(score) => {
             if let Some(t) = score.tempo {
-                control.set_tempo(t);
+                control.set_scene_tempo(t);
             }
             Composition::Score {
                 events: score.events,
@@ -464,8 +464,11 @@ impl Conductor {
     pub fn reload(&mut self) -> Result<ComposerMsg, SessionError> {
         let path = self.scene.path.clone();
         let scene = Scene::load(&path)?;
-        let msg = self.switch_scene(scene)?;
-        self.control.forget_operator();
+        // Forgotten before the switch, which builds the new rig with them; kept if it fails.
+        let operator = self.control.forget_operator();
+        let msg = self
+            .switch_scene(scene)
+            .inspect_err(|_| self.control.restore_operator(operator))?;
         tracing::info!("SIGHUP: reloaded {}", path.display());
         Ok(msg)
     }

@@ -328,8 +328,10 @@ impl AudioEngine {
         while pos < frames {
             // Fire everything due now; find the next event inside this span.
             let mut next = frames.min(pos + 64);
-            let mut i = 0;
-            while i < self.pending.len() {
+            // One pass, in the order they came (firing a note-off queued after its note-on
+            // before it would leave the note sounding): what is due fires, the rest moves down.
+            let mut kept = 0;
+            for i in 0..self.pending.len() {
                 let p = self.pending[i];
                 let off = self.offset_of(p.at, samples_per_beat);
                 if off <= 0 {
@@ -343,14 +345,13 @@ impl AudioEngine {
                     if p.on {
                         self.telemetry.notes_played.fetch_add(1, Relaxed);
                     }
-                    // In the order they came (a swap would fire a note-off queued after its
-                    // note-on before it, and leave the note sounding); the list is short.
-                    self.pending.remove(i);
-                    continue;
+                } else {
+                    next = next.min(pos + off as usize);
+                    self.pending[kept] = p;
+                    kept += 1;
                 }
-                next = next.min(pos + off as usize);
-                i += 1;
             }
+            self.pending.truncate(kept);
             let n = next - pos;
 
             let mut ll = [0f32; 64];

@@ -212,10 +212,29 @@ impl ControlLoop {
         }
     }
 
-    /// Back to the scene's own tempo and volume.
-    pub fn forget_operator(&mut self) {
-        (self.operator_tempo, self.operator_volume) = (None, None);
+    /// A tempo that is the scene's to start from (a score's), not the operator's: it does not
+    /// hold across scene changes.
+    pub fn set_scene_tempo(&mut self, bpm: f64) {
+        if bpm.is_finite() {
+            self.base_tempo = bpm.clamp(MIN_TEMPO, MAX_TEMPO);
+        }
+    }
+
+    /// Back to the scene's own tempo and volume; returns what the operator had set, for
+    /// `restore_operator`.
+    pub fn forget_operator(&mut self) -> (Option<f64>, Option<f32>) {
         (self.base_tempo, self.base_volume) = (self.defaults.tempo, self.defaults.volume);
+        (self.operator_tempo.take(), self.operator_volume.take())
+    }
+
+    /// Sets again what `forget_operator` returned.
+    pub fn restore_operator(&mut self, (tempo, volume): (Option<f64>, Option<f32>)) {
+        if let Some(bpm) = tempo {
+            self.set_tempo(bpm);
+        }
+        if let Some(v) = volume {
+            self.set_volume(v);
+        }
     }
 
     pub fn base_tempo(&self) -> f64 {
@@ -434,10 +453,19 @@ smooth = 0.0
         c.set_tempo(150.0);
         c.switch_scene(&gallery);
         assert_eq!((c.base_volume(), c.base_tempo()), (0.3, 150.0));
-        c.forget_operator();
+        let operator = c.forget_operator();
         assert_eq!(c.base_volume(), gallery.master.volume);
         assert_eq!(c.base_tempo(), gallery.tempo);
         c.switch_scene(&night);
         assert_eq!(c.base_volume(), night.master.volume);
+        // A reload that failed gives them back.
+        c.restore_operator(operator);
+        assert_eq!((c.base_volume(), c.base_tempo()), (0.3, 150.0));
+        // A score's tempo is the scene's to start from, not the operator's.
+        let mut c = ControlLoop::new(&gallery);
+        c.set_scene_tempo(90.0);
+        assert_eq!(c.base_tempo(), 90.0);
+        c.switch_scene(&night);
+        assert_eq!(c.base_tempo(), night.tempo);
     }
 }

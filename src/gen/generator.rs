@@ -270,10 +270,12 @@ impl Generator {
     /// them is replaced by the rule-based one, as on any failure.
     pub fn start_after(&mut self, step: u64, heard: &[Heard]) {
         self.start_at(step);
+        let Some(first) = step.checked_sub(heard.len() as u64) else {
+            return;
+        };
         if heard.is_empty() || self.failed.is_some() {
             return;
         }
-        let first = step - heard.len() as u64;
         let carried = guarded(self.source.as_mut(), |s| {
             s.start_at(first);
             s.hear(heard)
@@ -298,7 +300,9 @@ impl Generator {
     /// The last `n` steps the room heard up to `step` (those after the last committed are
     /// silence), for the next scene's composer to carry on from.
     pub fn heard_until(&self, step: u64, n: usize) -> Vec<Heard> {
-        let silence = (self.committed..step).map(|_| Heard {
+        // No more silence than is asked for, however far behind the commits are.
+        let gap = step.saturating_sub(self.committed).min(n as u64);
+        let silence = (0..gap).map(|_| Heard {
             step: [None; VOICES],
             cond: Arc::clone(&self.cond),
         });

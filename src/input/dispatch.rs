@@ -92,7 +92,18 @@ pub fn dispatch_packet(
         return;
     }
     match nannou_osc::rosc::decoder::decode_udp(bytes) {
-        Ok((_, packet)) => dispatch_osc(&packet, from, clock, When::Now, 0, out, errors),
+        Ok((rest, packet)) => {
+            dispatch_osc(&packet, from, clock, When::Now, 0, out, errors);
+            // rosc stops at a bundle element that claims more bytes than are left and returns
+            // what it decoded before it: those messages stand, and the rest is refused.
+            if !rest.is_empty() {
+                errors.push(DispatchError::Decode(format!(
+                    "{} bytes at the end of the packet could not be read (a bundle element \
+                     larger than what follows it?)",
+                    rest.len()
+                )));
+            }
+        }
         Err(e) => errors.push(DispatchError::Decode(e.to_string())),
     }
 }
@@ -527,6 +538,30 @@ mod tests {
         dispatch_packet(&bytes, from(), &NoClock, &mut out, &mut errors);
         assert_eq!((out.len(), errors.len()), (1, 0));
 
+        // A bundle whose second element claims 9,999 bytes, with 3 left: the first stands.
+        errors.clear();
+        let good = encoder::encode(&OscPacket::Message(OscMessage {
+            addr: "/roomscore/movement".into(),
+            args: vec![OscType::Float(0.5)],
+        }))
+        .unwrap();
+        let mut bytes = BUNDLE_TAG.to_vec();
+        bytes.extend_from_slice(&[0, 0, 0, 0, 0, 0, 0, 1]);
+        bytes.extend_from_slice(&(good.len() as u32).to_be_bytes());
+        bytes.extend_from_slice(&good);
+        bytes.extend_from_slice(&9_999u32.to_be_bytes());
+        bytes.extend_from_slice(b"abc");
+        out.clear();
+        dispatch_packet(&bytes, from(), &NoClock, &mut out, &mut errors);
+        assert_eq!(out.len(), 1);
+        assert_eq!(errors.len(), 1);
+        assert!(
+            errors[0].to_string().contains("7 bytes at the end"),
+            "{}",
+            errors[0]
+        );
+
+        errors.clear();
         out.clear();
         dispatch_packet(b"\xff\x00garbage", from(), &NoClock, &mut out, &mut errors);
         assert!(out.is_empty());

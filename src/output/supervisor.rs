@@ -33,6 +33,8 @@ pub struct Supervisor {
     /// Whether a device at another rate ends play, for a restart at its rate.
     restart_on_rate: bool,
     restart_for: Option<String>,
+    /// What alsa-lib says as devices are tried, logged at debug level instead of on stderr.
+    alsa_errors: Option<super::AlsaErrors>,
 }
 
 impl Supervisor {
@@ -62,7 +64,14 @@ impl Supervisor {
             clock_seen: (clock, Instant::now()),
             restart_on_rate: false,
             restart_for: None,
+            alsa_errors: None,
         }
+    }
+
+    /// Logs what alsa-lib says on this thread (see `AlsaErrors`), from each poll on.
+    pub fn with_alsa_errors(mut self, errors: super::AlsaErrors) -> Self {
+        self.alsa_errors = Some(errors);
+        self
     }
 
     /// A device found at another rate than the engine's ends play (`restart_for` says why):
@@ -84,6 +93,9 @@ impl Supervisor {
 
     /// Call often (every few tens of milliseconds) from the thread that owns the streams.
     pub fn poll(&mut self) {
+        if let Some(e) = &mut self.alsa_errors {
+            e.drain();
+        }
         let now = Instant::now();
         let clock = self.telemetry.sample_clock.load(Relaxed);
         if clock != self.clock_seen.0 {

@@ -70,3 +70,41 @@ fn play_through_alsa_writes_exactly_what_the_graph_produced() {
     assert_eq!(differing, 0, "bit-exact");
     assert!(recorded[..n].iter().any(|s| s.abs() > 1e-4), "not silence");
 }
+
+/// A card that is gone: alsa-lib's own error lines (several on every try, one try a second or
+/// so) go to the log at debug level, not onto stderr and into the journal between the
+/// engine's lines.
+#[test]
+fn alsa_libs_errors_about_a_missing_card_go_to_the_log() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(dir.path().join("alsa")).unwrap();
+    std::fs::write(
+        dir.path().join("alsa/asoundrc"),
+        "pcm.!default {\n  type hw\n  card \"NoSuchCard\"\n}\n",
+    )
+    .unwrap();
+    let osc = format!("127.0.0.1:{}", free_port());
+    let xdg = dir.path().to_str().unwrap().to_string();
+    let mut child = spawn_play(
+        &[
+            "--host",
+            "alsa",
+            "--output",
+            "default",
+            "--osc",
+            &osc,
+            "--seconds",
+            "3",
+        ],
+        &[("XDG_CONFIG_HOME", &xdg), ("RUST_LOG", "debug")],
+    );
+    let out = terminate_after(&mut child, 25);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(stderr.contains("null output"), "{stderr}");
+    assert!(!stderr.contains("ALSA lib"), "{stderr}");
+    assert!(
+        stderr.contains("alsa-lib: snd_config_get_card: Cannot get card index for NoSuchCard"),
+        "{stderr}"
+    );
+}

@@ -220,3 +220,27 @@ fn doctor_reads_the_service_settings() {
         );
     }
 }
+
+#[test]
+fn a_sample_rate_out_of_range_is_refused_before_anything_plays() {
+    for cmd in [
+        &["play", "--output", "null", "--sample-rate", "0"][..],
+        &[
+            "render",
+            "--seconds",
+            "1",
+            "--out",
+            "/tmp/never.wav",
+            "--sample-rate",
+            "500000",
+        ][..],
+    ] {
+        let out = roomscore(cmd);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{cmd:?}: {err}");
+        assert!(
+            err.contains("--sample-rate") && err.contains("8000..=384000"),
+            "{cmd:?}: {err}"
+        );
+    }
+}
