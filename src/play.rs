@@ -645,6 +645,7 @@ fn conductor_loop(
             let _ = composer.try_send(msg);
             watchdog.feed(&notifier, &conductor);
         }
+        stats.scheduled.store(conductor.scheduled_len(), Relaxed);
         for o in outcomes.drain(..) {
             match o {
                 Outcome::Nothing => {}
@@ -678,9 +679,7 @@ fn send_status(
             OscType::String(c.scene.name.clone()),
             OscType::Float(t.tempo() as f32),
             OscType::Int(clamp(t.notes_played.load(Relaxed))),
-            OscType::Int(clamp(
-                stats.dropped.load(Relaxed) + c.commands_full + c.scheduled_full,
-            )),
+            OscType::Int(clamp(stats.dropped.load(Relaxed) + c.commands_full)),
             OscType::Int(clamp(t.xruns.load(Relaxed))),
             OscType::String(c.source_name.lock().map(|s| s.clone()).unwrap_or_default()),
             OscType::Int(clamp(stats.invalid.load(Relaxed))),

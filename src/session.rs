@@ -60,11 +60,6 @@ pub enum Composition {
     Score { events: Vec<NoteEvent>, next: usize },
 }
 
-/// Timed inputs held for later at most: every control tick looks through them, and a sender
-/// that floods the engine with bundles (a minute ahead at most, see `dispatch::MAX_AHEAD_SECONDS`) must not
-/// grow that without bound. Those beyond are counted with the dropped messages.
-const MAX_SCHEDULED: usize = 4096;
-
 /// Steps of the scene before that the next scene's composer hears, to carry on from: a bar.
 /// Heard at once as the scenes change: the chorale scene's model (guided) took 19-25 ms for it
 /// under ONNX Runtime and 61-72 ms under tract on a 2-vCPU VM (2.5-3 and 1.2-1.5 of its decoded
@@ -252,8 +247,6 @@ pub struct Conductor {
     /// Commands that found the audio queue full, retried each tick.
     backlog: std::collections::VecDeque<Command>,
     pub commands_full: u64,
-    /// Timed inputs refused because `MAX_SCHEDULED` were already waiting.
-    pub scheduled_full: u64,
     pub last_controls: Option<Controls>,
     /// Tempo changes as (beat, BPM), for the MIDI file of a render.
     pub tempo_log: Vec<(f64, f64)>,
@@ -330,7 +323,6 @@ pub fn build(scene: Scene, opts: BuildOptions) -> Result<Parts, SessionError> {
         scheduled: Vec::new(),
         backlog: Default::default(),
         commands_full: 0,
-        scheduled_full: 0,
         last_controls: None,
         tempo_log: vec![(0.0, controls.tempo)],
         source_name: composer.source_name.clone(),
@@ -410,16 +402,18 @@ impl Conductor {
         }
     }
 
+    /// Timed inputs waiting for their time (the OSC thread stops taking them at
+    /// `osc::MAX_SCHEDULED`).
+    pub fn scheduled_len(&self) -> usize {
+        self.scheduled.len()
+    }
+
     /// Applies one input. Notes go to the audio thread (on their sample, when tagged); anything
     /// tagged for later waits here until it is due.
     pub fn handle(&mut self, ev: TimedEvent) -> Result<Outcome, SessionError> {
         if let When::Sample(s) = ev.when {
             if self.due_at(s, &ev.event) > self.now_sample() {
-                if self.scheduled.len() < MAX_SCHEDULED {
-                    self.scheduled.push((s, ev.event));
-                } else {
-                    self.scheduled_full += 1;
-                }
+                self.scheduled.push((s, ev.event));
                 return Ok(Outcome::Nothing);
             }
         }

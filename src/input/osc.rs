@@ -3,7 +3,7 @@
 //! is counted too, never silently dropped.
 
 use std::net::{SocketAddr, UdpSocket};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering::Relaxed};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant, SystemTime};
@@ -28,7 +28,16 @@ pub struct OscStats {
     pub dropped: AtomicU64,
     /// Messages from senders outside the allow lists.
     pub denied: AtomicU64,
+    /// Timed inputs waiting in the control loop for their time, as it last said.
+    pub scheduled: AtomicUsize,
 }
+
+/// Timed inputs held for later at most: every control tick looks through them, and a sender
+/// that floods the engine with bundles (a minute ahead at most, see
+/// `dispatch::MAX_AHEAD_SECONDS`) must not grow that without bound. Those beyond are dropped
+/// here, before the input log, and counted. (The control loop may hold a few more: those
+/// already in the channel, 4,096 at most, as the count reaches it.)
+pub const MAX_SCHEDULED: usize = 4096;
 
 #[derive(Debug, thiserror::Error)]
 pub enum OscError {
@@ -155,35 +164,49 @@ impl OscThread {
                             }
                             continue;
                         }
-                        if let (Some(w), Some(line)) = (&mut log, loggable(&ev)) {
-                            // A tag already past is applied on arrival, and logged then: at the
-                            // tag's time, a replay would apply it before inputs it came after.
-                            let now = clock.now_sample();
-                            let t = match ev.when {
-                                When::Sample(s) => s.max(now),
-                                When::Now => now,
-                            } as f64
-                                / clock.sample_rate;
+                        // Logged only once it is on its way: a message dropped here (a full
+                        // queue, or too many waiting for their time) was never heard, so a
+                        // replay must not hear it either.
+                        let line = log.as_ref().and_then(|_| loggable(&ev));
+                        let now = clock.now_sample();
+                        // A tag already past is applied on arrival, and logged then: at the
+                        // tag's time, a replay would apply it before inputs it came after.
+                        let t = match ev.when {
+                            When::Sample(s) => s.max(now),
+                            When::Now => now,
+                        } as f64
+                            / clock.sample_rate;
+                        let note = match (ev.when, &ev.event) {
+                            (When::Now, InputEvent::Note { pitch, velocity }) => {
+                                Some(LiveNote::new(*pitch, *velocity))
+                            }
+                            _ => None,
+                        };
+                        let for_later = matches!(ev.when, When::Sample(s) if s > now);
+                        let sent = match (&mut lane, note) {
+                            // An immediate note goes straight to the audio thread: through the
+                            // control loop it would wait for that thread to wake as well.
+                            (Some(lane), Some(note)) => lane.push(note).is_ok(),
+                            _ if for_later && stats.scheduled.load(Relaxed) >= MAX_SCHEDULED => {
+                                false
+                            }
+                            // Disconnected means the control loop has stopped (shutdown):
+                            // nothing is lost that anyone would still hear.
+                            _ => !matches!(
+                                tx.try_send(ev),
+                                Err(crossbeam_channel::TrySendError::Full(_))
+                            ),
+                        };
+                        if !sent {
+                            stats.dropped.fetch_add(1, Relaxed);
+                            continue;
+                        }
+                        if let (Some(w), Some(line)) = (&mut log, line) {
                             if let Err(e) = w.write(t, &line) {
                                 // The event itself still plays.
                                 tracing::error!("input log: {e}; logging stops");
                                 log = None;
                             }
-                        }
-                        // An immediate note goes straight to the audio thread: through the
-                        // control loop it would wait for that thread to wake as well.
-                        if let (Some(lane), When::Now, InputEvent::Note { pitch, velocity }) =
-                            (&mut lane, ev.when, &ev.event)
-                        {
-                            if lane.push(LiveNote::new(*pitch, *velocity)).is_err() {
-                                stats.dropped.fetch_add(1, Relaxed);
-                            }
-                            continue;
-                        }
-                        // Disconnected means the control loop has stopped (shutdown): nothing
-                        // is lost that anyone would still hear, so it is not counted as dropped.
-                        if let Err(crossbeam_channel::TrySendError::Full(_)) = tx.try_send(ev) {
-                            stats.dropped.fetch_add(1, Relaxed);
                         }
                     }
                     if !errors.is_empty() {

@@ -549,3 +549,70 @@ fn a_hung_composer_stops_the_watchdog_pings() {
         "{stderr}"
     );
 }
+
+/// A sender that floods the engine with bundles for later: at most `MAX_SCHEDULED` wait, the
+/// rest are dropped and counted, and the input log holds exactly those that were kept (a replay
+/// must not hear what the room did not).
+#[test]
+fn bundles_for_later_beyond_the_limit_are_dropped_counted_and_not_logged() {
+    use nannou_osc::rosc::{encoder, OscBundle, OscMessage, OscPacket, OscTime};
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("flood.jsonl");
+    let port = free_port();
+    let osc = format!("127.0.0.1:{port}");
+    let mut child = spawn_play(
+        &[
+            "--output",
+            "null",
+            "--osc",
+            &osc,
+            "--log-inputs",
+            log.to_str().unwrap(),
+        ],
+        &[],
+    );
+    let sock = UdpSocket::bind("127.0.0.1:0").unwrap();
+    sock.set_read_timeout(Some(Duration::from_millis(300)))
+        .unwrap();
+    let before = wait_for_status(&sock, port);
+    let in_30_s = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+        + 30;
+    let sent = 6_000;
+    for i in 0..sent {
+        let bundle = OscPacket::Bundle(OscBundle {
+            timetag: OscTime::from(((in_30_s + 2_208_988_800) as u32, 0)),
+            content: vec![OscPacket::Message(OscMessage {
+                addr: "/roomscore/movement".into(),
+                args: vec![OscType::Float((i % 100) as f32 / 100.0)],
+            })],
+        });
+        sock.send_to(&encoder::encode(&bundle).unwrap(), ("127.0.0.1", port))
+            .unwrap();
+        // Slow enough that the kernel's socket buffer loses none.
+        if i % 20 == 0 {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    let s = status(&sock, port).unwrap();
+    let out = terminate(&mut child);
+    assert!(out.status.success());
+    let dropped = (s.dropped - before.dropped) as usize;
+    let logged = std::fs::read_to_string(&log).unwrap().lines().count();
+    assert!(
+        logged <= roomscore::input::osc::MAX_SCHEDULED + 4_096,
+        "logged {logged}"
+    );
+    assert!(
+        dropped > 0 && logged > 0,
+        "dropped {dropped}, logged {logged}"
+    );
+    assert_eq!(
+        logged + dropped,
+        sent,
+        "every message logged or dropped, none both"
+    );
+}
