@@ -39,8 +39,14 @@ pub fn move_aside(path: &Path) -> std::io::Result<Option<PathBuf>> {
         let to = path.with_file_name(format!("{stem}.{stamp}{again}{ext}"));
         match std::fs::hard_link(path, &to) {
             Ok(()) => {
-                std::fs::remove_file(path)?;
-                return Ok(Some(to));
+                // Not kept under two names if it stays where it was.
+                return match std::fs::remove_file(path) {
+                    Ok(()) => Ok(Some(to)),
+                    Err(e) => {
+                        let _ = std::fs::remove_file(&to);
+                        Err(e)
+                    }
+                };
             }
             Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
             // A file system without links (a FAT stick): a rename to a name not taken yet.

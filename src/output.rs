@@ -12,9 +12,24 @@ use cpal::traits::{DeviceTrait, HostTrait, StreamTrait};
 
 use crate::audio::{AudioEngine, Telemetry};
 
+#[cfg(target_os = "linux")]
 mod alsa_log;
 mod supervisor;
+#[cfg(target_os = "linux")]
 pub use alsa_log::AlsaErrors;
+
+/// Elsewhere there is no alsa-lib to quiet.
+#[cfg(not(target_os = "linux"))]
+pub struct AlsaErrors;
+
+#[cfg(not(target_os = "linux"))]
+impl AlsaErrors {
+    pub fn capture() -> Self {
+        AlsaErrors
+    }
+
+    pub fn drain(&mut self) {}
+}
 pub use supervisor::Supervisor;
 
 /// What an output's callback runs: the audio engine, or a replay's ring of rendered blocks.

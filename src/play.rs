@@ -232,7 +232,13 @@ pub fn run(args: PlayArgs) -> anyhow::Result<()> {
                     send_status(&step.conductor, &reply, addr, &stats, started)
                 }
                 Some(_) => {}
-                None => watchdog.feed(&notifier, &step.conductor),
+                None => {
+                    // The OSC thread's limit on timed inputs reads this count.
+                    stats
+                        .scheduled
+                        .store(step.conductor.scheduled_len(), Relaxed);
+                    watchdog.feed(&notifier, &step.conductor)
+                }
             };
             let replay::Replay { player, thread } = replay::start(step, input_rx, ctl_rx, hook)?;
             let out = outputs.start(Arc::new(Mutex::new(player)));
@@ -679,7 +685,9 @@ fn send_status(
             OscType::String(c.scene.name.clone()),
             OscType::Float(t.tempo() as f32),
             OscType::Int(clamp(t.notes_played.load(Relaxed))),
-            OscType::Int(clamp(stats.dropped.load(Relaxed) + c.commands_full)),
+            OscType::Int(clamp(
+                stats.dropped.load(Relaxed) + c.commands_full + c.scheduled_full,
+            )),
             OscType::Int(clamp(t.xruns.load(Relaxed))),
             OscType::String(c.source_name.lock().map(|s| s.clone()).unwrap_or_default()),
             OscType::Int(clamp(stats.invalid.load(Relaxed))),

@@ -118,7 +118,7 @@ impl Recorder {
                             (written + frames, in_part + frames, unflushed + frames);
                     }
                     if in_part == part_frames {
-                        match next_part(writer, &p, sample_rate) {
+                        match next_part(writer, &file, &p, sample_rate) {
                             Ok((w, f)) => (writer, file, in_part, unflushed) = (w, f, 0, 0),
                             Err(e) => {
                                 tracing::error!("{e}; recording stopped");
@@ -149,7 +149,12 @@ impl Recorder {
                 };
                 // The file is closed whole even after a write failed (a full disk): what was
                 // written stays readable.
-                let closed = writer.finalize().map_err(err);
+                let closed = writer.finalize().map_err(err).and_then(|()| {
+                    file.sync_data().map_err(|e| RecordError::Wav {
+                        path: p.clone(),
+                        message: format!("cannot sync to the disk: {e}"),
+                    })
+                });
                 result.and(closed).map(|()| written).inspect_err(|e| {
                     tracing::error!("{e}; recording stopped");
                 })
@@ -202,6 +207,7 @@ impl Drop for Recorder {
 /// Closes a full part, moves it aside, and opens the next at `path`.
 fn next_part(
     writer: Wav,
+    file: &std::fs::File,
     path: &Path,
     sample_rate: u32,
 ) -> Result<(Wav, std::fs::File), RecordError> {
@@ -210,6 +216,8 @@ fn next_part(
         message,
     };
     writer.finalize().map_err(|e| err(e.to_string()))?;
+    file.sync_data()
+        .map_err(|e| err(format!("cannot sync to the disk: {e}")))?;
     let kept = crate::aside::move_aside(path)
         .map_err(|e| err(format!("cannot move the full part aside: {e}")))?;
     if let Some(kept) = kept {

@@ -247,6 +247,8 @@ pub struct Conductor {
     /// Commands that found the audio queue full, retried each tick.
     backlog: std::collections::VecDeque<Command>,
     pub commands_full: u64,
+    /// Timed inputs refused because twice `osc::MAX_SCHEDULED` already waited.
+    pub scheduled_full: u64,
     pub last_controls: Option<Controls>,
     /// Tempo changes as (beat, BPM), for the MIDI file of a render.
     pub tempo_log: Vec<(f64, f64)>,
@@ -323,6 +325,7 @@ pub fn build(scene: Scene, opts: BuildOptions) -> Result<Parts, SessionError> {
         scheduled: Vec::new(),
         backlog: Default::default(),
         commands_full: 0,
+        scheduled_full: 0,
         last_controls: None,
         tempo_log: vec![(0.0, controls.tempo)],
         source_name: composer.source_name.clone(),
@@ -413,7 +416,13 @@ impl Conductor {
     pub fn handle(&mut self, ev: TimedEvent) -> Result<Outcome, SessionError> {
         if let When::Sample(s) = ev.when {
             if self.due_at(s, &ev.event) > self.now_sample() {
-                self.scheduled.push((s, ev.event));
+                // The OSC thread keeps the count under its limit; this only bounds what a path
+                // that does not (a replay's live inputs between two counts) could add.
+                if self.scheduled.len() < 2 * crate::input::osc::MAX_SCHEDULED {
+                    self.scheduled.push((s, ev.event));
+                } else {
+                    self.scheduled_full += 1;
+                }
                 return Ok(Outcome::Nothing);
             }
         }

@@ -36,3 +36,11 @@ impl AlsaErrors {
         }
     }
 }
+
+impl Drop for AlsaErrors {
+    /// What alsa-lib said before play ended early (a build that failed after the device was
+    /// tried) may say why the device failed.
+    fn drop(&mut self) {
+        self.drain();
+    }
+}

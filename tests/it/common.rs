@@ -49,12 +49,21 @@ pub fn read_wav(path: &Path) -> (hound::WavSpec, Vec<f32>) {
 }
 
 /// A free UDP port on loopback.
+/// A UDP port for an engine to listen on. Not one the kernel hands out for port 0 (from 32768
+/// on): a test's client socket could be given it between the probe and the engine's bind, and
+/// then receive the status requests meant for the engine. Each call in this process takes
+/// another, so parallel tests never share one.
 pub fn free_port() -> u16 {
-    std::net::UdpSocket::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let base = 20_000 + (std::process::id() * 97) % 10_000;
+    loop {
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        let port = (base + n % 2_000) as u16;
+        if std::net::UdpSocket::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
 }
 
 pub fn spawn_play(args: &[&str], env: &[(&str, &str)]) -> Child {
