@@ -329,10 +329,9 @@ pub fn run(args: PlayArgs) -> anyhow::Result<()> {
             let _ = ctl.send(ControlMsg::Stop);
             drop(osc_thread);
             for t in threads {
-                let name = thread_name(&t);
                 // The thread that panicked, rather than one that stopped because it had.
-                if t.join().is_err() {
-                    died = Some(thread_stopped(&name));
+                if let Err(why) = join_within(t) {
+                    died = Some(why);
                 }
             }
             drop(out);
@@ -361,12 +360,11 @@ pub fn run(args: PlayArgs) -> anyhow::Result<()> {
             std::thread::sleep(Duration::from_secs_f32(FADE_SECONDS + 0.15));
             let _ = ctl.send(ReplayMsg::Stop);
             drop(osc_thread);
-            let name = thread_name(&thread);
-            let step = thread.join();
+            let step = join_within(thread);
             drop(out);
             match step {
                 Ok(mut step) => drop(step.engine.set_recorder(None)),
-                Err(_) => died = Some(thread_stopped(&name)),
+                Err(why) => died = Some(why),
             }
             died
         }
@@ -395,6 +393,29 @@ pub fn run(args: PlayArgs) -> anyhow::Result<()> {
         )),
         None => Ok(()),
     }
+}
+
+/// How long a thread of the engine has to stop once asked: one stuck inside a call (a model's
+/// that never returns) is left to end with the process, which then exits with an error,
+/// instead of waiting until the service manager kills it.
+const JOIN_WITHIN: Duration = Duration::from_secs(5);
+
+/// Joins `t` once it has stopped, within `JOIN_WITHIN`. Err says why play ends with an error:
+/// it panicked, or it did not stop.
+fn join_within<T>(t: std::thread::JoinHandle<T>) -> Result<T, String> {
+    let name = thread_name(&t);
+    let deadline = Instant::now() + JOIN_WITHIN;
+    while !t.is_finished() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    if !t.is_finished() {
+        tracing::error!(
+            "the {name} thread did not stop within {} s (stuck in a call?); leaving it",
+            JOIN_WITHIN.as_secs()
+        );
+        return Err(format!("the {name} thread did not stop when asked"));
+    }
+    t.join().map_err(|_| thread_stopped(&name))
 }
 
 /// Why play ends with an error when a thread of the engine stopped.

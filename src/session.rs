@@ -66,6 +66,12 @@ pub enum Composition {
 /// steps), well inside the half beat of lookahead (380-455 ms) the new piece starts after.
 const CARRIED_STEPS: usize = 16;
 
+/// How far ahead of its sample a time-tagged note is handed to the audio thread, which places
+/// it exactly; the audio thread's pending list stays short.
+pub fn note_lead(sample_rate: f64) -> u64 {
+    (sample_rate / 4.0) as u64
+}
+
 /// Messages from the conductor to the composer.
 pub enum ComposerMsg {
     Controls {
@@ -390,10 +396,8 @@ impl Conductor {
             .load(std::sync::atomic::Ordering::Relaxed)
     }
 
-    /// How far ahead of its sample a time-tagged note is handed to the audio thread, which
-    /// places it exactly; the audio thread's pending list stays short.
     fn note_lead(&self) -> u64 {
-        (self.sample_rate / 4.0) as u64
+        note_lead(f64::from(self.sample_rate))
     }
 
     /// When a scheduled event is due: notes a little early (the audio thread places them on

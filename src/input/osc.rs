@@ -182,7 +182,12 @@ impl OscThread {
                             }
                             _ => None,
                         };
-                        let for_later = matches!(ev.when, When::Sample(s) if s > now);
+                        // What the control loop holds for later: a note only until its lead.
+                        let lead = match ev.event {
+                            InputEvent::Note { .. } => crate::session::note_lead(clock.sample_rate),
+                            _ => 0,
+                        };
+                        let for_later = matches!(ev.when, When::Sample(s) if s > now + lead);
                         let sent = match (&mut lane, note) {
                             // An immediate note goes straight to the audio thread: through the
                             // control loop it would wait for that thread to wake as well.
