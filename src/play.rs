@@ -211,12 +211,12 @@ pub fn run(args: PlayArgs) -> anyhow::Result<()> {
     let mut lane = None;
     // Live, the composer has a thread of its own; a replay composes on the thread that feeds
     // the watchdog. The main thread is last either way.
-    let hearts = Heartbeats::new(if args.inputs.is_some() {
-        &["main"]
-    } else {
-        &["composer", "main"]
-    });
-    let main_heart = if args.inputs.is_some() { 0 } else { 1 };
+    let watched: &[&str] = match args.inputs {
+        Some(_) => &["main"],
+        None => &["composer", "main"],
+    };
+    let hearts = Heartbeats::new(watched);
+    let main_heart = watched.len() - 1;
     let running = match &args.inputs {
         Some(path) => {
             // A replay: the renderer's lockstep, a few blocks ahead of the device.
@@ -509,8 +509,8 @@ impl Outputs<'_> {
             self.telemetry,
             self.sample_rate,
             self.frames,
-        );
-        let supervisor = supervisor.with_alsa_errors(self.alsa_errors);
+        )
+        .with_alsa_errors(self.alsa_errors);
         if self.restart_on_rate {
             supervisor.restart_on_rate_change()
         } else {

@@ -52,6 +52,14 @@ const SYNC_EVERY_HEADERS: u32 = 10;
 
 type Wav = hound::WavWriter<std::io::BufWriter<std::fs::File>>;
 
+/// Syncs a recording's file to the disk.
+fn sync(file: &std::fs::File, path: &Path) -> Result<(), RecordError> {
+    file.sync_data().map_err(|e| RecordError::Wav {
+        path: path.to_path_buf(),
+        message: format!("cannot sync to the disk: {e}"),
+    })
+}
+
 /// A WAV writer, and a handle to its file to sync it by.
 fn create_wav(path: &Path, sample_rate: u32) -> Result<(Wav, std::fs::File), String> {
     let file = std::fs::File::create(path).map_err(|e| e.to_string())?;
@@ -132,11 +140,8 @@ impl Recorder {
                         unflushed = 0;
                         headers += 1;
                         if headers.is_multiple_of(SYNC_EVERY_HEADERS) {
-                            if let Err(e) = file.sync_data() {
-                                break Err(RecordError::Wav {
-                                    path: p.clone(),
-                                    message: format!("cannot sync to the disk: {e}"),
-                                });
+                            if let Err(e) = sync(&file, &p) {
+                                break Err(e);
                             }
                         }
                     }
@@ -149,12 +154,10 @@ impl Recorder {
                 };
                 // The file is closed whole even after a write failed (a full disk): what was
                 // written stays readable.
-                let closed = writer.finalize().map_err(err).and_then(|()| {
-                    file.sync_data().map_err(|e| RecordError::Wav {
-                        path: p.clone(),
-                        message: format!("cannot sync to the disk: {e}"),
-                    })
-                });
+                let closed = writer
+                    .finalize()
+                    .map_err(err)
+                    .and_then(|()| sync(&file, &p));
                 result.and(closed).map(|()| written).inspect_err(|e| {
                     tracing::error!("{e}; recording stopped");
                 })
@@ -216,8 +219,7 @@ fn next_part(
         message,
     };
     writer.finalize().map_err(|e| err(e.to_string()))?;
-    file.sync_data()
-        .map_err(|e| err(format!("cannot sync to the disk: {e}")))?;
+    sync(file, path)?;
     let kept = crate::aside::move_aside(path)
         .map_err(|e| err(format!("cannot move the full part aside: {e}")))?;
     if let Some(kept) = kept {

@@ -241,7 +241,7 @@ pub struct Conductor {
     scenes_dir: PathBuf,
     pub control: ControlLoop,
     rig: RigHandle,
-    layers: Option<Layers>,
+    layers: Layers,
     commands: rtrb::Producer<Command>,
     garbage: rtrb::Consumer<Box<Rig>>,
     pub tempo: Arc<TempoTarget>,
@@ -285,12 +285,9 @@ pub fn build(scene: Scene, opts: BuildOptions) -> Result<Parts, SessionError> {
     let (rig, handle) = Rig::build(&scene, sr);
     // Always, even for a scene without layers: a scene switched to later may have some, and
     // the audio thread cannot be handed a renderer once it runs.
-    let (l, r) = Layers::new(sr as u32)?;
-    let (mut layers, renderer) = (Some(l), Some(r));
-    if let Some(l) = &mut layers {
-        let decoded = Layers::decode(&scene)?;
-        l.play(&scene, decoded)?;
-    }
+    let (mut layers, renderer) = Layers::new(sr as u32)?;
+    let decoded = Layers::decode(&scene)?;
+    layers.play(&scene, decoded)?;
     let mut control = ControlLoop::new(&scene);
     let composition = match opts.score {
         Some(score) => {
@@ -313,7 +310,7 @@ pub fn build(scene: Scene, opts: BuildOptions) -> Result<Parts, SessionError> {
         sr,
         tempo.clone(),
         telemetry.clone(),
-        renderer,
+        Some(renderer),
         opts.recorder,
     );
     let composer = Composer::new(composition, queues.notes, scene.generator.lookahead);
@@ -482,9 +479,7 @@ impl Conductor {
 
     pub fn switch_scene(&mut self, scene: Scene) -> Result<ComposerMsg, SessionError> {
         let decoded = Layers::decode(&scene)?;
-        if let Some(l) = &mut self.layers {
-            l.play(&scene, decoded)?;
-        }
+        self.layers.play(&scene, decoded)?;
         let (rig, handle) = Rig::build(&scene, self.sample_rate);
         self.send(Command::SwapRig(Box::new(rig)));
         self.rig = handle;
@@ -563,9 +558,7 @@ impl Conductor {
             self.tempo.set(controls.tempo);
             self.tempo_log.push((self.telemetry.beat(), controls.tempo));
         }
-        if let Some(l) = &mut self.layers {
-            l.apply(&controls.layer_level);
-        }
+        self.layers.apply(&controls.layer_level);
         let params = sampling(&controls, &self.scene);
         self.last_controls = Some(controls.clone());
         (ComposerMsg::Controls { controls, params }, outcomes)
@@ -810,6 +803,6 @@ mod tests {
         let layers = gallery.layers.len();
         assert!(layers > 0);
         assert!(conductor.switch_scene(gallery).is_ok());
-        assert_eq!(conductor.layers.as_ref().map(Layers::playing), Some(layers));
+        assert_eq!(conductor.layers.playing(), layers);
     }
 }

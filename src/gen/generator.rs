@@ -250,6 +250,14 @@ impl Generator {
 
     /// Starts composing afresh at `step`, with nothing sounding.
     pub fn start_at(&mut self, step: u64) {
+        self.start_after(step, &[]);
+    }
+
+    /// Starts at `step` carrying on from `heard`, the steps the room heard just before it (the
+    /// scene before's last bar): a model hears them and composes on from that music, under its
+    /// own conditioning, instead of starting a piece of its own. A source that fails to hear
+    /// them is replaced by the rule-based one, as on any failure.
+    pub fn start_after(&mut self, step: u64, heard: &[Heard]) {
         self.committed = step;
         self.pending.clear();
         self.sounding = [None; VOICES];
@@ -259,28 +267,20 @@ impl Generator {
         if let Some(p) = &mut self.parked {
             p.hearing = None;
         }
-        if let Err(e) = start_guarded(self.source.as_mut(), step) {
-            self.fall_back(e.to_string());
-        }
-    }
-
-    /// Starts at `step` carrying on from `heard`, the steps the room heard just before it (the
-    /// scene before's last bar): a model hears them and composes on from that music, under its
-    /// own conditioning, instead of starting a piece of its own. A source that fails to hear
-    /// them is replaced by the rule-based one, as on any failure.
-    pub fn start_after(&mut self, step: u64, heard: &[Heard]) {
-        self.start_at(step);
-        let Some(first) = step.checked_sub(heard.len() as u64) else {
-            return;
-        };
-        if heard.is_empty() || self.failed.is_some() {
-            return;
-        }
-        let carried = guarded(self.source.as_mut(), |s| {
+        // No more than the steps before `step`.
+        let heard = &heard[heard.len().saturating_sub(step as usize)..];
+        let first = step - heard.len() as u64;
+        let started = guarded(self.source.as_mut(), |s| {
             s.start_at(first);
-            s.hear(heard)
+            if heard.is_empty() {
+                Ok(())
+            } else {
+                s.hear(heard)
+            }
         });
-        match carried.map(|()| self.source.position()) {
+        match started.map(|()| self.source.position()) {
+            Err(e) => self.fall_back(e.to_string()),
+            Ok(_) if heard.is_empty() => {}
             Ok(p) if p == step => {
                 tracing::info!(
                     source = self.source.name(),
@@ -293,7 +293,6 @@ impl Generator {
                 "it heard the scene before's {} steps but moved on to step {p}, not {step}",
                 heard.len()
             )),
-            Err(e) => self.fall_back(e.to_string()),
         }
     }
 

@@ -168,14 +168,7 @@ impl OscThread {
                         // queue, or too many waiting for their time) was never heard, so a
                         // replay must not hear it either.
                         let line = log.as_ref().and_then(|_| loggable(&ev));
-                        let now = clock.now_sample();
-                        // A tag already past is applied on arrival, and logged then: at the
-                        // tag's time, a replay would apply it before inputs it came after.
-                        let t = match ev.when {
-                            When::Sample(s) => s.max(now),
-                            When::Now => now,
-                        } as f64
-                            / clock.sample_rate;
+                        let (now, when) = (clock.now_sample(), ev.when);
                         let note = match (ev.when, &ev.event) {
                             (When::Now, InputEvent::Note { pitch, velocity }) => {
                                 Some(LiveNote::new(*pitch, *velocity))
@@ -207,6 +200,14 @@ impl OscThread {
                             continue;
                         }
                         if let (Some(w), Some(line)) = (&mut log, line) {
+                            // A tag already past is applied on arrival, and logged then: at
+                            // the tag's time, a replay would apply it before inputs it came
+                            // after.
+                            let t = match when {
+                                When::Sample(s) => s.max(now),
+                                When::Now => now,
+                            } as f64
+                                / clock.sample_rate;
                             if let Err(e) = w.write(t, &line) {
                                 // The event itself still plays.
                                 tracing::error!("input log: {e}; logging stops");
