@@ -238,19 +238,7 @@ mod tests {
     /// --inputs`) hands the composer the new scene's piece, as an immediate one does.
     #[test]
     fn a_timed_scene_change_reaches_the_composer() {
-        let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-        let scenes = root.join("scenes");
-        let parts = session::build(
-            Scene::load(scenes.join("gallery.toml")).unwrap(),
-            BuildOptions {
-                sample_rate: 48_000.0,
-                seed: Some(2),
-                score: None,
-                recorder: None,
-                scenes_dir: &scenes,
-            },
-        )
-        .unwrap();
+        let parts = session::test_parts(session::test_scene("gallery"), 2);
         let mut step = Lockstep::new(parts, Vec::new(), 48_000);
         assert_eq!(step.composer.source_name(), "rules");
         let ev = TimedEvent {

@@ -66,6 +66,30 @@ pub enum Composition {
 /// steps), well inside the half beat of lookahead (380-455 ms) the new piece starts after.
 const CARRIED_STEPS: usize = 16;
 
+/// One of the shipped scenes, for tests.
+#[cfg(test)]
+pub(crate) fn test_scene(name: &str) -> Scene {
+    let scenes = Path::new(env!("CARGO_MANIFEST_DIR")).join("scenes");
+    Scene::load(scenes.join(format!("{name}.toml"))).unwrap()
+}
+
+/// An engine's parts for `scene` at 48 kHz, its scene changes looking among the shipped scenes,
+/// for tests.
+#[cfg(test)]
+pub(crate) fn test_parts(scene: Scene, seed: u64) -> Parts {
+    build(
+        scene,
+        BuildOptions {
+            sample_rate: 48_000.0,
+            seed: Some(seed),
+            score: None,
+            recorder: None,
+            scenes_dir: &Path::new(env!("CARGO_MANIFEST_DIR")).join("scenes"),
+        },
+    )
+    .unwrap()
+}
+
 /// How far ahead of its sample a time-tagged note is handed to the audio thread, which places
 /// it exactly; the audio thread's pending list stays short.
 pub fn note_lead(sample_rate: f64) -> u64 {
@@ -674,23 +698,11 @@ mod tests {
     /// then one to a scene that does. The first is an error and the second still switches.
     #[test]
     fn a_timed_input_that_fails_leaves_the_inputs_due_with_it() {
-        let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-        let scenes = root.join("scenes");
         let Parts {
             mut engine,
             mut conductor,
             ..
-        } = build(
-            Scene::load(scenes.join("night.toml")).unwrap(),
-            BuildOptions {
-                sample_rate: 48_000.0,
-                seed: Some(1),
-                score: None,
-                recorder: None,
-                scenes_dir: &scenes,
-            },
-        )
-        .unwrap();
+        } = test_parts(test_scene("night"), 1);
         let at = 2_048;
         for name in ["no-such-scene", "gallery"] {
             let ev = TimedEvent {
@@ -784,22 +796,10 @@ mod tests {
     /// switches to.
     #[test]
     fn layers_play_after_a_start_without_any() {
-        let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-        let scenes = root.join("scenes");
-        let performer = Scene::load(scenes.join("performer.toml")).unwrap();
+        let performer = test_scene("performer");
         assert!(performer.layers.is_empty());
-        let Parts { mut conductor, .. } = build(
-            performer,
-            BuildOptions {
-                sample_rate: 48_000.0,
-                seed: Some(1),
-                score: None,
-                recorder: None,
-                scenes_dir: &scenes,
-            },
-        )
-        .unwrap();
-        let gallery = Scene::load(scenes.join("gallery.toml")).unwrap();
+        let Parts { mut conductor, .. } = test_parts(performer, 1);
+        let gallery = test_scene("gallery");
         let layers = gallery.layers.len();
         assert!(layers > 0);
         assert!(conductor.switch_scene(gallery).is_ok());

@@ -456,31 +456,17 @@ fn sanitize(x: f32) -> f32 {
 
 #[cfg(test)]
 mod tests {
-    use std::path::Path;
 
     use super::*;
     use crate::scene::Scene;
-    use crate::session::{build, BuildOptions, Parts};
+    use crate::session::{test_parts, test_scene};
 
     fn engine(scene: &str) -> AudioEngine {
-        let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-        engine_of(Scene::load(root.join("scenes").join(format!("{scene}.toml"))).unwrap())
+        engine_of(test_scene(scene))
     }
 
     fn engine_of(scene: Scene) -> AudioEngine {
-        let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-        let Parts { engine, .. } = build(
-            scene,
-            BuildOptions {
-                sample_rate: 48_000.0,
-                seed: Some(1),
-                score: None,
-                recorder: None,
-                scenes_dir: &root.join("scenes"),
-            },
-        )
-        .unwrap();
-        engine
+        test_parts(scene, 1).engine
     }
 
     fn first_sound(out: &[f32]) -> Option<usize> {
@@ -523,8 +509,7 @@ mod tests {
     #[test]
     fn events_due_together_sound_in_the_order_they_came() {
         // The performer's part on a pad, which holds a note until it is released.
-        let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-        let mut scene = Scene::load(root.join("scenes/performer.toml")).unwrap();
+        let mut scene = test_scene("performer");
         let lead = scene.instruments.iter_mut().find(|i| i.performer).unwrap();
         (lead.kind, lead.sustain) = (crate::scene::InstrumentKind::Pad, 1.0);
         // Held performer notes end by themselves after this; not within the test.

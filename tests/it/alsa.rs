@@ -8,19 +8,16 @@ use super::common::*;
 fn play_through_alsa_writes_exactly_what_the_graph_produced() {
     let dir = tempfile::tempdir().unwrap();
     let raw = dir.path().join("capture.raw");
-    std::fs::create_dir_all(dir.path().join("alsa")).unwrap();
-    std::fs::write(
-        dir.path().join("alsa/asoundrc"),
-        format!(
+    let xdg = private_asoundrc(
+        dir.path(),
+        &format!(
             "pcm.!default {{\n  type file\n  slave.pcm \"null\"\n  file \"{}\"\n  format \"raw\"\n}}\n",
             raw.display()
         ),
-    )
-    .unwrap();
+    );
     let rec = dir.path().join("rec.wav");
     let port = free_port().to_string();
     let osc = format!("127.0.0.1:{port}");
-    let xdg = dir.path().to_str().unwrap().to_string();
     let mut child = spawn_play(
         &[
             "--host",
@@ -77,14 +74,11 @@ fn play_through_alsa_writes_exactly_what_the_graph_produced() {
 #[test]
 fn alsa_libs_errors_about_a_missing_card_go_to_the_log() {
     let dir = tempfile::tempdir().unwrap();
-    std::fs::create_dir_all(dir.path().join("alsa")).unwrap();
-    std::fs::write(
-        dir.path().join("alsa/asoundrc"),
+    let xdg = private_asoundrc(
+        dir.path(),
         "pcm.!default {\n  type hw\n  card \"NoSuchCard\"\n}\n",
-    )
-    .unwrap();
+    );
     let osc = format!("127.0.0.1:{}", free_port());
-    let xdg = dir.path().to_str().unwrap().to_string();
     let mut child = spawn_play(
         &[
             "--host",
@@ -107,4 +101,12 @@ fn alsa_libs_errors_about_a_missing_card_go_to_the_log() {
         stderr.contains("alsa-lib: snd_config_get_card: Cannot get card index for NoSuchCard"),
         "{stderr}"
     );
+}
+
+/// Writes `conf` as the asoundrc alsa-lib finds through `XDG_CONFIG_HOME` set to `dir`, and
+/// returns that value.
+fn private_asoundrc(dir: &std::path::Path, conf: &str) -> String {
+    std::fs::create_dir_all(dir.join("alsa")).unwrap();
+    std::fs::write(dir.join("alsa/asoundrc"), conf).unwrap();
+    dir.to_str().unwrap().to_string()
 }

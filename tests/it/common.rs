@@ -174,6 +174,33 @@ pub struct Status {
     pub denied: i32,
 }
 
+/// A socket to talk to an engine from: it waits 300 ms for a reply.
+pub fn client() -> UdpSocket {
+    let sock = UdpSocket::bind("127.0.0.1:0").unwrap();
+    sock.set_read_timeout(Some(Duration::from_millis(300)))
+        .unwrap();
+    sock
+}
+
+/// Sends a bundle of one message, time-tagged for `at`.
+pub fn send_bundle_at(
+    sock: &UdpSocket,
+    port: u16,
+    at: std::time::SystemTime,
+    addr: &str,
+    args: Vec<OscType>,
+) {
+    let bundle = OscPacket::Bundle(nannou_osc::rosc::OscBundle {
+        timetag: nannou_osc::rosc::OscTime::try_from(at).unwrap(),
+        content: vec![OscPacket::Message(OscMessage {
+            addr: addr.into(),
+            args,
+        })],
+    });
+    sock.send_to(&encoder::encode(&bundle).unwrap(), ("127.0.0.1", port))
+        .unwrap();
+}
+
 pub fn send(sock: &UdpSocket, port: u16, addr: &str, args: Vec<OscType>) {
     let bytes = encoder::encode(&OscPacket::Message(OscMessage {
         addr: addr.into(),

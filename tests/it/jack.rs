@@ -3,8 +3,6 @@
 //! alsa-plugins' `jack` PCM, and with the server going away and coming back under a running
 //! engine. Each test runs its own named server so it neither needs nor disturbs another.
 
-use std::net::UdpSocket;
-
 use std::process::Command;
 use std::time::Duration;
 
@@ -92,9 +90,7 @@ fn a_lost_jack_server_is_survived_on_the_null_output_and_resumed_when_it_returns
     let jack = Jack::start(&name);
     let port = free_port();
     let mut child = jack.play(port, &["--seconds", "40"]);
-    let sock = UdpSocket::bind("127.0.0.1:0").unwrap();
-    sock.set_read_timeout(Some(Duration::from_millis(300)))
-        .unwrap();
+    let sock = client();
     status_until(&sock, port, 20, "playing on the device", |s| {
         s.output == "device"
     });
@@ -239,9 +235,7 @@ fn a_device_back_at_another_rate_ends_play_for_a_restart() {
             ("NOTIFY_SOCKET", notify.to_str().unwrap()),
         ],
     );
-    let sock = UdpSocket::bind("127.0.0.1:0").unwrap();
-    sock.set_read_timeout(Some(Duration::from_millis(300)))
-        .unwrap();
+    let sock = client();
     status_until(&sock, port, 20, "playing with no device", |s| {
         s.output == "null"
     });

@@ -33,9 +33,7 @@ fn osc_steers_a_running_engine() {
         &[],
     );
     let started = Instant::now();
-    let sock = UdpSocket::bind("127.0.0.1:0").unwrap();
-    sock.set_read_timeout(Some(Duration::from_millis(300)))
-        .unwrap();
+    let sock = client();
     let s0 = wait_for_status(&sock, port);
     assert_eq!(s0.scene, "gallery");
     assert_eq!(s0.source, "rules");
@@ -186,9 +184,7 @@ fn play_replays_an_input_log_on_its_times() {
         ],
         &[],
     );
-    let sock = UdpSocket::bind("127.0.0.1:0").unwrap();
-    sock.set_read_timeout(Some(Duration::from_millis(300)))
-        .unwrap();
+    let sock = client();
     let first = wait_for_status(&sock, port);
     std::thread::sleep(Duration::from_secs(3));
     let s = status(&sock, port).unwrap();
@@ -292,9 +288,7 @@ fn a_restarted_engine_keeps_the_earlier_runs_recording_and_input_log() {
             ],
             &[],
         );
-        let sock = UdpSocket::bind("127.0.0.1:0").unwrap();
-        sock.set_read_timeout(Some(Duration::from_millis(300)))
-            .unwrap();
+        let sock = client();
         wait_for_status(&sock, port);
         send(
             &sock,
@@ -389,9 +383,7 @@ fn sighup_reloads_the_scene_that_plays() {
         ],
         &[],
     );
-    let sock = UdpSocket::bind("127.0.0.1:0").unwrap();
-    sock.set_read_timeout(Some(Duration::from_millis(300)))
-        .unwrap();
+    let sock = client();
     assert_eq!(wait_for_status(&sock, port).scene, "performer");
     let scene_after = |sock: &UdpSocket| {
         std::thread::sleep(Duration::from_millis(700));
@@ -441,44 +433,21 @@ fn sighup_reloads_the_scene_that_plays() {
 /// applies the inputs in the order the room did.
 #[test]
 fn a_late_bundle_is_logged_when_it_was_applied() {
-    use nannou_osc::rosc::{encoder, OscBundle, OscMessage, OscPacket, OscTime};
     let dir = tempfile::tempdir().unwrap();
     let log = dir.path().join("late.jsonl");
-    let port = free_port();
-    let osc = format!("127.0.0.1:{port}");
-    let mut child = spawn_play(
-        &[
-            "--output",
-            "null",
-            "--osc",
-            &osc,
-            "--log-inputs",
-            log.to_str().unwrap(),
-        ],
-        &[],
-    );
-    let sock = UdpSocket::bind("127.0.0.1:0").unwrap();
-    sock.set_read_timeout(Some(Duration::from_millis(300)))
-        .unwrap();
+    let (mut child, port, sock) = play_logging_to(&log);
     wait_for_status(&sock, port);
     send(&sock, port, "/roomscore/tempo", vec![OscType::Float(200.0)]);
     std::thread::sleep(Duration::from_millis(300));
     // The scene's mappings scale the tempo the status reports.
     let fast = status(&sock, port).unwrap().tempo;
-    let ten_seconds_ago = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_secs()
-        - 10;
-    let bundle = OscPacket::Bundle(OscBundle {
-        timetag: OscTime::from(((ten_seconds_ago + 2_208_988_800) as u32, 0)),
-        content: vec![OscPacket::Message(OscMessage {
-            addr: "/roomscore/tempo".into(),
-            args: vec![OscType::Float(90.0)],
-        })],
-    });
-    sock.send_to(&encoder::encode(&bundle).unwrap(), ("127.0.0.1", port))
-        .unwrap();
+    send_bundle_at(
+        &sock,
+        port,
+        std::time::SystemTime::now() - Duration::from_secs(10),
+        "/roomscore/tempo",
+        vec![OscType::Float(90.0)],
+    );
     std::thread::sleep(Duration::from_millis(300));
     let s = status(&sock, port).unwrap();
     let out = terminate(&mut child);
@@ -566,42 +535,20 @@ fn a_hung_composer_stops_the_watchdog_pings() {
 /// must not hear what the room did not).
 #[test]
 fn bundles_for_later_beyond_the_limit_are_dropped_counted_and_not_logged() {
-    use nannou_osc::rosc::{encoder, OscBundle, OscMessage, OscPacket, OscTime};
     let dir = tempfile::tempdir().unwrap();
     let log = dir.path().join("flood.jsonl");
-    let port = free_port();
-    let osc = format!("127.0.0.1:{port}");
-    let mut child = spawn_play(
-        &[
-            "--output",
-            "null",
-            "--osc",
-            &osc,
-            "--log-inputs",
-            log.to_str().unwrap(),
-        ],
-        &[],
-    );
-    let sock = UdpSocket::bind("127.0.0.1:0").unwrap();
-    sock.set_read_timeout(Some(Duration::from_millis(300)))
-        .unwrap();
+    let (mut child, port, sock) = play_logging_to(&log);
     let before = wait_for_status(&sock, port);
-    let in_30_s = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_secs()
-        + 30;
+    let in_30_s = std::time::SystemTime::now() + Duration::from_secs(30);
     let sent = 6_000;
     for i in 0..sent {
-        let bundle = OscPacket::Bundle(OscBundle {
-            timetag: OscTime::from(((in_30_s + 2_208_988_800) as u32, 0)),
-            content: vec![OscPacket::Message(OscMessage {
-                addr: "/roomscore/movement".into(),
-                args: vec![OscType::Float((i % 100) as f32 / 100.0)],
-            })],
-        });
-        sock.send_to(&encoder::encode(&bundle).unwrap(), ("127.0.0.1", port))
-            .unwrap();
+        send_bundle_at(
+            &sock,
+            port,
+            in_30_s,
+            "/roomscore/movement",
+            vec![OscType::Float((i % 100) as f32 / 100.0)],
+        );
         // Slow enough that the kernel's socket buffer loses none.
         if i % 20 == 0 {
             std::thread::sleep(Duration::from_millis(1));
@@ -626,4 +573,22 @@ fn bundles_for_later_beyond_the_limit_are_dropped_counted_and_not_logged() {
         sent,
         "every message logged or dropped, none both"
     );
+}
+
+/// A `play` on the null output that logs its inputs to `log`, its OSC port, and a client.
+fn play_logging_to(log: &std::path::Path) -> (std::process::Child, u16, UdpSocket) {
+    let port = free_port();
+    let osc = format!("127.0.0.1:{port}");
+    let child = spawn_play(
+        &[
+            "--output",
+            "null",
+            "--osc",
+            &osc,
+            "--log-inputs",
+            log.to_str().unwrap(),
+        ],
+        &[],
+    );
+    (child, port, client())
 }
