@@ -17,6 +17,8 @@ const MAX_RETRY: Duration = Duration::from_secs(8);
 /// A device stream whose clock has not moved for this long is treated as gone, whether or not
 /// the host said so: some drivers block instead of reporting an unplugged card.
 const STALL: Duration = Duration::from_millis(1500);
+/// A lost stream still closing after this long is reported, once.
+const SLOW_CLOSE: Duration = Duration::from_secs(5);
 
 pub struct Supervisor {
     /// What to reopen; `None` when the operator asked for the null output.
@@ -35,6 +37,15 @@ pub struct Supervisor {
     restart_for: Option<String>,
     /// What alsa-lib says as devices are tried, logged at debug level instead of on stderr.
     alsa_errors: Option<super::AlsaErrors>,
+    /// The lost stream, closing on a thread of its own.
+    closing: Option<Closing>,
+}
+
+struct Closing {
+    thread: std::thread::JoinHandle<()>,
+    since: Instant,
+    /// Whether a slow close was reported.
+    reported: bool,
 }
 
 impl Supervisor {
@@ -65,6 +76,7 @@ impl Supervisor {
             restart_on_rate: false,
             restart_for: None,
             alsa_errors: None,
+            closing: None,
         }
     }
 
@@ -113,7 +125,7 @@ impl Supervisor {
                 }
             }
             Output::Null(_) => {
-                if self.request.is_some() && now >= self.next_try {
+                if self.request.is_some() && now >= self.next_try && self.lost_stream_closed() {
                     self.try_device();
                 }
             }
@@ -138,14 +150,51 @@ impl Supervisor {
         );
         // Closing a dead stream can take a while (JACK waits for its server); the null output
         // is already running, so the room does not wait with it.
-        std::thread::Builder::new()
+        match std::thread::Builder::new()
             .name("close-lost-stream".into())
             .spawn(move || drop(gone))
-            .map(|_| ())
-            .unwrap_or_else(|e| tracing::warn!("closing the lost stream: {e}"));
+        {
+            Ok(thread) => {
+                self.closing = Some(Closing {
+                    thread,
+                    since: Instant::now(),
+                    reported: false,
+                })
+            }
+            Err(e) => tracing::warn!("closing the lost stream: {e}"),
+        }
         self.backoff = FIRST_RETRY;
         self.next_try = Instant::now() + FIRST_RETRY;
         self.last_failure = None;
+    }
+
+    /// Whether the lost stream has closed. The device is not opened again before: JACK (libjack
+    /// and the `jack` crate) opens and closes clients under one process-wide lock, so an open
+    /// would wait on this thread for the close, and would share the library's state for the
+    /// server that went with a client of the server that came back.
+    fn lost_stream_closed(&mut self) -> bool {
+        let Some(closing) = &mut self.closing else {
+            return true;
+        };
+        if !closing.thread.is_finished() {
+            if !closing.reported && closing.since.elapsed() >= SLOW_CLOSE {
+                closing.reported = true;
+                tracing::warn!(
+                    "the lost audio stream has not closed in {} s; the device is tried again \
+                     once it has",
+                    SLOW_CLOSE.as_secs()
+                );
+            }
+            return false;
+        }
+        if let Some(closing) = self.closing.take() {
+            let took = closing.since.elapsed();
+            if closing.thread.join().is_err() {
+                tracing::warn!("closing the lost audio stream panicked");
+            }
+            tracing::debug!("the lost audio stream closed in {} ms", took.as_millis());
+        }
+        true
     }
 
     fn try_device(&mut self) {

@@ -66,7 +66,41 @@ pub fn free_port() -> u16 {
     }
 }
 
-pub fn spawn_play(args: &[&str], env: &[(&str, &str)]) -> Child {
+/// A running `play`. Dropped, it is killed; dropped by a failing test, it also prints what the
+/// engine logged, which a timed-out wait on its status cannot say.
+pub struct Playing(Child);
+
+impl std::ops::Deref for Playing {
+    type Target = Child;
+    fn deref(&self) -> &Child {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for Playing {
+    fn deref_mut(&mut self) -> &mut Child {
+        &mut self.0
+    }
+}
+
+impl Drop for Playing {
+    fn drop(&mut self) {
+        if let Ok(None) = self.0.try_wait() {
+            let _ = self.0.kill();
+        }
+        if std::thread::panicking() {
+            if let Some(mut s) = self.0.stderr.take() {
+                use std::io::Read;
+                let mut log = String::new();
+                let _ = s.read_to_string(&mut log);
+                eprintln!("--- what the engine logged ---\n{log}");
+            }
+        }
+        let _ = self.0.wait();
+    }
+}
+
+pub fn spawn_play(args: &[&str], env: &[(&str, &str)]) -> Playing {
     let mut cmd = Command::new(bin());
     cmd.arg("play")
         .args(args)
@@ -87,7 +121,7 @@ pub fn spawn_play(args: &[&str], env: &[(&str, &str)]) -> Child {
             Ok(())
         });
     }
-    cmd.spawn().expect("spawn roomscore play")
+    Playing(cmd.spawn().expect("spawn roomscore play"))
 }
 
 /// Plays `seconds` (then the usual fade) recording into `rec`, with `args` added, on a free OSC

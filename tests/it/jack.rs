@@ -129,6 +129,46 @@ fn a_lost_jack_server_is_survived_on_the_null_output_and_resumed_when_it_returns
     drop(jack);
 }
 
+/// A server that stops answering (as a wedged driver does, without a word) is left for the null
+/// output when its callbacks stop. Closing the lost stream then waits on the server, and JACK
+/// opens and closes clients under one lock: the engine must not wait with it, but go back to
+/// the device once it answers, and still end when told to while it does not.
+#[test]
+fn a_frozen_jack_server_is_left_and_rejoined_when_it_answers_and_never_holds_up_a_stop() {
+    let jack = Jack::start(&server_name("frozen"));
+    let port = free_port();
+    let mut child = jack.play(port, &["--seconds", "60"]);
+    let sock = client();
+    status_until(&sock, port, 20, "playing on the device", |s| {
+        s.output == "device"
+    });
+
+    jack.freeze();
+    status_until(&sock, port, 10, "on the null output", |s| {
+        s.output == "null" && s.device_losses == 1
+    });
+    // Long enough for tries of the device to fall due while the lost stream cannot close.
+    std::thread::sleep(Duration::from_secs(2));
+    jack.thaw();
+    status_until(&sock, port, 20, "back on the device", |s| {
+        s.output == "device" && s.device_losses == 1
+    });
+
+    jack.freeze();
+    status_until(&sock, port, 10, "on the null output again", |s| {
+        s.output == "null" && s.device_losses == 2
+    });
+    std::thread::sleep(Duration::from_secs(2));
+    // `terminate` kills an engine that has not ended 20 s after SIGTERM; one that ended by
+    // itself, with the server still frozen, exits with success.
+    let out = terminate(&mut child);
+    jack.thaw();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(stderr.contains("no callback for"), "{stderr}");
+    assert!(stderr.contains("audio device back"), "{stderr}");
+}
+
 /// A logged night replayed by `play` on the device gives the samples `render` gives for the
 /// same log and seed: two seconds of what reached JACK's playback ports, bit for bit.
 #[test]

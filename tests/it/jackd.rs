@@ -95,7 +95,7 @@ impl Jack {
 
     /// Starts `play` on this server through cpal's JACK host at 256 frames, with OSC on
     /// `port`, plus `args`.
-    pub fn play(&self, port: u16, args: &[&str]) -> std::process::Child {
+    pub fn play(&self, port: u16, args: &[&str]) -> Playing {
         let osc = format!("127.0.0.1:{port}");
         let mut all = vec!["--host", "jack", "--buffer", "256", "--osc", &osc];
         all.extend_from_slice(args);
@@ -138,6 +138,25 @@ impl Jack {
         panic!("jack_capture never connected to {}: {why}", self.name);
     }
 
+    /// Stops the server in its tracks (SIGSTOP), as a wedged driver would: it neither runs its
+    /// clients nor answers them, and says nothing.
+    pub fn freeze(&self) {
+        self.signal("-STOP");
+    }
+
+    /// Lets a frozen server go on.
+    pub fn thaw(&self) {
+        self.signal("-CONT");
+    }
+
+    fn signal(&self, sig: &str) {
+        let ok = Command::new("kill")
+            .args([sig, &self.child.id().to_string()])
+            .status()
+            .is_ok_and(|s| s.success());
+        assert!(ok, "kill {sig} jackd");
+    }
+
     /// The server's ports, as `jack_lsp` lists them.
     pub fn ports(&self) -> String {
         Command::new("jack_lsp")
@@ -150,6 +169,10 @@ impl Jack {
 
 impl Drop for Jack {
     fn drop(&mut self) {
+        // A frozen server would hold SIGTERM until it was let go.
+        let _ = Command::new("kill")
+            .args(["-CONT", &self.child.id().to_string()])
+            .status();
         let _ = Command::new("kill")
             .args(["-TERM", &self.child.id().to_string()])
             .status();

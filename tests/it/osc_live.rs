@@ -576,7 +576,7 @@ fn bundles_for_later_beyond_the_limit_are_dropped_counted_and_not_logged() {
 }
 
 /// A `play` on the null output that logs its inputs to `log`, its OSC port, and a client.
-fn play_logging_to(log: &std::path::Path) -> (std::process::Child, u16, UdpSocket) {
+fn play_logging_to(log: &std::path::Path) -> (Playing, u16, UdpSocket) {
     let port = free_port();
     let osc = format!("127.0.0.1:{port}");
     let child = spawn_play(
