@@ -246,10 +246,12 @@ pub fn run(args: PlayArgs) -> anyhow::Result<()> {
                 scene = %scene_name, source, osc = %args.osc, inputs = %path.display(),
                 "replaying on {}", out.describe()
             );
-            Running::Replay {
+            Running {
                 out,
-                ctl: ctl_tx,
-                thread,
+                work: Work::Replay {
+                    ctl: ctl_tx,
+                    thread,
+                },
             }
         }
         None => {
@@ -284,11 +286,13 @@ pub fn run(args: PlayArgs) -> anyhow::Result<()> {
                             notifier, watchdog,
                         )
                     })?;
-            Running::Live {
+            Running {
                 out,
-                ctl: ctl_tx,
-                engine,
-                threads: [control_thread, composer_thread],
+                work: Work::Live {
+                    ctl: ctl_tx,
+                    engine,
+                    threads: [control_thread, composer_thread],
+                },
             }
         }
     };
@@ -307,68 +311,20 @@ pub fn run(args: PlayArgs) -> anyhow::Result<()> {
 
     // A thread that died: the room is shut down as on a signal, the recording closed, and then
     // the process fails, so that the service manager starts it again.
-    let died = match running {
-        Running::Live {
-            mut out,
-            ctl,
-            engine,
-            threads,
-        } => {
-            let mut died = wait_for_stop(
-                signals,
-                || hearts.turn(main_heart),
-                || {
-                    let _ = ctl.send(ControlMsg::Reload);
-                },
-                || threads.iter().find(|t| t.is_finished()).map(thread_name),
-                args.seconds,
-                &mut out,
-            )?;
-            let _ = ctl.send(ControlMsg::FadeOut(FADE_SECONDS));
-            std::thread::sleep(Duration::from_secs_f32(FADE_SECONDS + 0.15));
-            let _ = ctl.send(ControlMsg::Stop);
-            drop(osc_thread);
-            for t in threads {
-                // The thread that panicked, rather than one that stopped because it had.
-                if let Err(why) = join_within(t) {
-                    died = Some(why);
-                }
-            }
-            drop(out);
-            // The engine holds the recorder's queue; take it so the writer sees the end.
-            if let Ok(mut e) = engine.lock() {
-                drop(e.set_recorder(None));
-            }
-            died
-        }
-        Running::Replay {
-            mut out,
-            ctl,
-            thread,
-        } => {
-            let mut died = wait_for_stop(
-                signals,
-                || hearts.turn(main_heart),
-                || {
-                    let _ = ctl.send(ReplayMsg::Reload);
-                },
-                || thread.is_finished().then(|| thread_name(&thread)),
-                args.seconds,
-                &mut out,
-            )?;
-            let _ = ctl.send(ReplayMsg::Command(Command::FadeOut(FADE_SECONDS)));
-            std::thread::sleep(Duration::from_secs_f32(FADE_SECONDS + 0.15));
-            let _ = ctl.send(ReplayMsg::Stop);
-            drop(osc_thread);
-            let step = join_within(thread);
-            drop(out);
-            match step {
-                Ok(mut step) => drop(step.engine.set_recorder(None)),
-                Err(why) => died = Some(why),
-            }
-            died
-        }
-    };
+    let Running { mut out, work } = running;
+    let died = wait_for_stop(
+        signals,
+        || hearts.turn(main_heart),
+        || work.reload(),
+        || work.stopped(),
+        args.seconds,
+        &mut out,
+    );
+    work.fade_out(FADE_SECONDS);
+    std::thread::sleep(Duration::from_secs_f32(FADE_SECONDS + 0.15));
+    drop(osc_thread);
+    // The thread that panicked, rather than one that stopped because it had.
+    let died = work.stop(out).err().or(died);
     if let Some(r) = recorder {
         let frames = r.finish()?;
         tracing::info!(
@@ -456,19 +412,78 @@ fn lock_memory() {
     }
 }
 
-/// A running `play`: live (conductor and composer on their own threads) or a replay.
-enum Running {
+/// A running `play`: the output, and what feeds it.
+struct Running {
+    out: Supervisor,
+    work: Work,
+}
+
+/// What feeds the output: live, the conductor and the composer on threads of their own; or a
+/// replay's lockstep on one.
+enum Work {
     Live {
-        out: Supervisor,
         ctl: Sender<ControlMsg>,
         engine: Arc<Mutex<crate::audio::AudioEngine>>,
         threads: [std::thread::JoinHandle<()>; 2],
     },
     Replay {
-        out: Supervisor,
         ctl: Sender<ReplayMsg>,
         thread: std::thread::JoinHandle<Lockstep>,
     },
+}
+
+impl Work {
+    /// SIGHUP: load the file of the scene that plays again.
+    fn reload(&self) {
+        let _ = match self {
+            Work::Live { ctl, .. } => ctl.send(ControlMsg::Reload).is_ok(),
+            Work::Replay { ctl, .. } => ctl.send(ReplayMsg::Reload).is_ok(),
+        };
+    }
+
+    fn fade_out(&self, seconds: f32) {
+        let _ = match self {
+            Work::Live { ctl, .. } => ctl.send(ControlMsg::FadeOut(seconds)).is_ok(),
+            Work::Replay { ctl, .. } => ctl
+                .send(ReplayMsg::Command(Command::FadeOut(seconds)))
+                .is_ok(),
+        };
+    }
+
+    /// The name of a thread that has stopped, if one has.
+    fn stopped(&self) -> Option<String> {
+        match self {
+            Work::Live { threads, .. } => threads.iter().find(|t| t.is_finished()).map(thread_name),
+            Work::Replay { thread, .. } => thread.is_finished().then(|| thread_name(thread)),
+        }
+    }
+
+    /// Stops the threads, then the output, and then takes the recorder's queue from the engine
+    /// so that the writer sees the end of all that played. Err says why play ends with an
+    /// error: a thread panicked, or did not stop.
+    fn stop(self, out: Supervisor) -> Result<(), String> {
+        match self {
+            Work::Live {
+                ctl,
+                engine,
+                threads,
+            } => {
+                let _ = ctl.send(ControlMsg::Stop);
+                let joined = threads.into_iter().map(join_within).collect::<Vec<_>>();
+                drop(out);
+                if let Ok(mut e) = engine.lock() {
+                    drop(e.set_recorder(None));
+                }
+                joined.into_iter().collect()
+            }
+            Work::Replay { ctl, thread } => {
+                let _ = ctl.send(ReplayMsg::Stop);
+                let step = join_within(thread);
+                drop(out);
+                step.map(|mut step| drop(step.engine.set_recorder(None)))
+            }
+        }
+    }
 }
 
 /// How to start the output for whatever renders.
@@ -530,7 +545,7 @@ fn wait_for_stop(
     died: impl Fn() -> Option<String>,
     seconds: Option<f64>,
     out: &mut Supervisor,
-) -> anyhow::Result<Option<String>> {
+) -> Option<String> {
     use signal_hook::consts::SIGHUP;
     let deadline = seconds.map(|s| Instant::now() + Duration::from_secs_f64(s.max(0.0)));
     loop {
@@ -539,21 +554,21 @@ fn wait_for_stop(
                 SIGHUP => on_hup(),
                 _ => {
                     tracing::info!("signal {sig}: fading out");
-                    return Ok(None);
+                    return None;
                 }
             }
         }
         if deadline.is_some_and(|d| Instant::now() >= d) {
-            return Ok(None);
+            return None;
         }
         if let Some(name) = died() {
             tracing::error!("the {name} thread stopped: shutting down");
-            return Ok(Some(thread_stopped(&name)));
+            return Some(thread_stopped(&name));
         }
         out.poll();
         if let Some(why) = out.restart_for() {
             tracing::error!("{why}");
-            return Ok(Some(why.to_string()));
+            return Some(why.to_string());
         }
         beat();
         std::thread::sleep(Duration::from_millis(20));
