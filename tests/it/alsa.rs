@@ -37,7 +37,7 @@ fn play_through_alsa_writes_exactly_what_the_graph_produced() {
     );
     let out = terminate_after(&mut child, 25);
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "{stderr}");
+    assert!(out.status.success(), "{}: {stderr}", out.status);
     assert!(
         stderr.contains("ALSA device"),
         "played through ALSA: {stderr}"
@@ -94,7 +94,7 @@ fn alsa_libs_errors_about_a_missing_card_go_to_the_log() {
     );
     let out = terminate_after(&mut child, 25);
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "{stderr}");
+    assert!(out.status.success(), "{}: {stderr}", out.status);
     assert!(stderr.contains("null output"), "{stderr}");
     assert!(!stderr.contains("ALSA lib"), "{stderr}");
     assert!(

@@ -134,7 +134,7 @@ pub fn play_recorded(rec: &Path, seconds: &str, args: &[&str], env: &[(&str, &st
     let mut child = spawn_play(&all, env);
     let out = terminate_after(&mut child, 25);
     let stderr = String::from_utf8_lossy(&out.stderr).to_string();
-    assert!(out.status.success(), "{stderr}");
+    assert!(out.status.success(), "{}: {stderr}", out.status);
     stderr
 }
 

@@ -123,7 +123,7 @@ fn a_lost_jack_server_is_survived_on_the_null_output_and_resumed_when_it_returns
 
     let out = terminate(&mut child);
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "{stderr}");
+    assert!(out.status.success(), "{}: {stderr}", out.status);
     assert!(stderr.contains("audio device lost"), "{stderr}");
     assert!(stderr.contains("audio device back"), "{stderr}");
     drop(jack);
@@ -164,7 +164,7 @@ fn a_frozen_jack_server_is_left_and_rejoined_when_it_answers_and_never_holds_up_
     let out = terminate(&mut child);
     jack.thaw();
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "{stderr}");
+    assert!(out.status.success(), "{}: {stderr}", out.status);
     assert!(stderr.contains("no callback for"), "{stderr}");
     assert!(stderr.contains("audio device back"), "{stderr}");
 }
@@ -218,7 +218,7 @@ fn play_replaying_a_log_reaches_the_ports_with_the_samples_render_makes() {
     );
     let out = terminate_after(&mut child, 25);
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "{stderr}");
+    assert!(out.status.success(), "{}: {stderr}", out.status);
     assert!(stderr.contains("replaying on JACK device"), "{stderr}");
     let _ = capture.wait();
     let cap = float_data_chunk(&std::fs::read(&captured).unwrap());

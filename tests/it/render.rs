@@ -265,7 +265,7 @@ fn a_model_scene_switched_to_carries_on_from_the_scene_before() {
             String::from_utf8_lossy(&out.stdout),
             String::from_utf8_lossy(&out.stderr),
         );
-        assert!(out.status.success(), "{stderr}");
+        assert!(out.status.success(), "{}: {stderr}", out.status);
         assert!(stdout.contains("source model"), "{stdout}");
         assert!(!stderr.contains("failed"), "{stderr}");
         assert!(
