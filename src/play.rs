@@ -652,7 +652,7 @@ fn conductor_loop(
                 if let Ok(ev) = ev {
                     match conductor.handle(ev) {
                         Ok(o) => outcomes.push(o),
-                        Err(e) => tracing::error!("{e}; keeping the scene that plays"),
+                        Err(e) => session::log_scene_kept(&e),
                     }
                 }
             }
@@ -661,7 +661,7 @@ fn conductor_loop(
                     let _ = notifier.reloading();
                     match conductor.reload() {
                         Ok(m) => outcomes.push(Outcome::Composer(m)),
-                        Err(e) => tracing::error!("SIGHUP: {e:#}; keeping the scene that plays"),
+                        Err(e) => session::log_scene_kept(&format_args!("SIGHUP: {e}")),
                     }
                     let _ = notifier.ready();
                 }
@@ -681,7 +681,7 @@ fn conductor_loop(
             for o in due {
                 match o {
                     Ok(o) => outcomes.push(o),
-                    Err(e) => tracing::error!("{e}; keeping the scene that plays"),
+                    Err(e) => session::log_scene_kept(&e),
                 }
             }
             let _ = composer.try_send(msg);

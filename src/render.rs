@@ -141,7 +141,7 @@ impl Lockstep {
             // A logged status request has no one to answer.
             if let Err(e) = self.apply(ev) {
                 self.failed += 1;
-                tracing::error!("input log at {at:.3} s: {e}; keeping the scene that plays");
+                session::log_scene_kept(&format_args!("input log at {at:.3} s: {e}"));
             }
         }
         let (msg, due) = self.conductor.tick(self.dt);
@@ -154,7 +154,7 @@ impl Lockstep {
                 Ok(other) => left.push(other),
                 Err(e) => {
                     self.failed += 1;
-                    tracing::error!("{e}; keeping the scene that plays");
+                    session::log_scene_kept(&e);
                 }
             }
         }

@@ -15,7 +15,7 @@ use crate::audio::Telemetry;
 use crate::input::TimedEvent;
 use crate::output::Render;
 use crate::render::{Lockstep, BLOCK};
-use crate::session::Outcome;
+use crate::session::{self, Outcome};
 
 /// Blocks rendered ahead of the device: 43 ms at 48 kHz, enough to ride out the renderer
 /// thread's scheduling on a busy box, small enough that live status replies stay current.
@@ -99,7 +99,7 @@ pub fn start(
                         ReplayMsg::Command(c) => step.conductor.send(c),
                         ReplayMsg::Reload => match step.conductor.reload() {
                             Ok(m) => step.to_composer(m),
-                            Err(e) => tracing::error!("SIGHUP: {e}; keeping the scene that plays"),
+                            Err(e) => session::log_scene_kept(&format_args!("SIGHUP: {e}")),
                         },
                     }
                 }
@@ -107,7 +107,7 @@ pub fn start(
                     match step.apply(ev) {
                         Ok(Outcome::Nothing) => {}
                         Ok(other) => hook(&step, Some(other)),
-                        Err(e) => tracing::error!("{e}"),
+                        Err(e) => session::log_scene_kept(&e),
                     }
                 }
                 hook(&step, None);

@@ -24,6 +24,12 @@ pub enum SessionError {
     Layer(#[from] LayerError),
 }
 
+/// Logs an input or a reload that failed, after which the scene that plays goes on: the room
+/// keeps it live, and a replay or a render of the room's log keeps it at the same point.
+pub fn log_scene_kept(e: &dyn std::fmt::Display) {
+    tracing::error!("{e}; keeping the scene that plays");
+}
+
 /// Builds the composer a scene asks for. A model that cannot run is logged once and replaced by
 /// the rule-based source, so the room never goes silent.
 pub fn make_source(scene: &Scene, seed: u64) -> Box<dyn NoteSource> {
