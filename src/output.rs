@@ -55,6 +55,16 @@ pub enum OutputError {
     NoDevice(Option<String>),
     #[error("audio device {device:?}: {message}")]
     Device { device: String, message: String },
+    /// A device found again while playing, at another rate than the graph was built for.
+    #[error(
+        "audio device {device:?} offers {offered} Hz, and the engine runs at {running} Hz; \
+         restart the engine to play on it"
+    )]
+    OtherRate {
+        device: String,
+        offered: u32,
+        running: u32,
+    },
 }
 
 /// What the operator asked for.

@@ -31,6 +31,9 @@ use crate::watchdog::{Heartbeats, Watchdog};
 
 const TICK: Duration = Duration::from_millis(5);
 const FADE_SECONDS: f32 = 1.0;
+/// How long the stop waits for room in a thread's queue of control messages: one that is stuck
+/// is then not told, and is left behind by `join_within`.
+const STOP_SEND: Duration = Duration::from_secs(1);
 
 #[derive(clap::Args, Debug, Clone)]
 pub struct PlayArgs {
@@ -435,19 +438,19 @@ enum Work {
 impl Work {
     /// SIGHUP: load the file of the scene that plays again.
     fn reload(&self) {
-        let _ = match self {
-            Work::Live { ctl, .. } => ctl.send(ControlMsg::Reload).is_ok(),
-            Work::Replay { ctl, .. } => ctl.send(ReplayMsg::Reload).is_ok(),
-        };
+        match self {
+            Work::Live { ctl, .. } => drop(ctl.try_send(ControlMsg::Reload)),
+            Work::Replay { ctl, .. } => drop(ctl.try_send(ReplayMsg::Reload)),
+        }
     }
 
     fn fade_out(&self, seconds: f32) {
-        let _ = match self {
-            Work::Live { ctl, .. } => ctl.send(ControlMsg::FadeOut(seconds)).is_ok(),
-            Work::Replay { ctl, .. } => ctl
-                .send(ReplayMsg::Command(Command::FadeOut(seconds)))
-                .is_ok(),
-        };
+        match self {
+            Work::Live { ctl, .. } => drop(ctl.try_send(ControlMsg::FadeOut(seconds))),
+            Work::Replay { ctl, .. } => {
+                drop(ctl.try_send(ReplayMsg::Command(Command::FadeOut(seconds))))
+            }
+        }
     }
 
     /// The name of a thread that has stopped, if one has.
@@ -468,18 +471,24 @@ impl Work {
                 engine,
                 threads,
             } => {
-                let _ = ctl.send(ControlMsg::Stop);
+                let _ = ctl.send_timeout(ControlMsg::Stop, STOP_SEND);
                 let joined = threads.into_iter().map(join_within).collect::<Vec<_>>();
-                drop(out);
+                out.stop();
                 if let Ok(mut e) = engine.lock() {
                     drop(e.set_recorder(None));
                 }
-                joined.into_iter().collect()
+                // When both failed, the composer's failure is reported: a panic in what
+                // composes says more than a conductor that did not stop after it.
+                joined
+                    .into_iter()
+                    .rev()
+                    .find_map(Result::err)
+                    .map_or(Ok(()), Err)
             }
             Work::Replay { ctl, thread } => {
-                let _ = ctl.send(ReplayMsg::Stop);
+                let _ = ctl.send_timeout(ReplayMsg::Stop, STOP_SEND);
                 let step = join_within(thread);
-                drop(out);
+                out.stop();
                 step.map(|mut step| drop(step.engine.set_recorder(None)))
             }
         }

@@ -4,12 +4,20 @@
 //! a growing pause, and when it answers at the engine's rate the engine moves back to it. One
 //! that answers at another rate cannot take a graph built for this one: under a service manager
 //! the engine then stops to be started again at the device's rate (`restart_for`).
+//!
+//! Every call that opens or closes a device once play runs is made on a thread of its own, one
+//! at a time, and the thread that polls only looks in on it. A device that stops answering
+//! without a word (a JACK server that hangs, a USB card half gone) can hold such a call for
+//! good, and the thread that polls is the one that answers signals and feeds the watchdog. One
+//! at a time, because JACK (libjack and the `jack` crate) opens and closes clients under one
+//! process-wide lock: a second call would only wait behind the first.
 
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
+use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use super::{negotiate, start_cpal, NullOutput, Output, OutputRequest, SharedEngine};
+use super::{negotiate, start_cpal, NullOutput, Output, OutputError, OutputRequest, SharedEngine};
 use crate::audio::Telemetry;
 
 const FIRST_RETRY: Duration = Duration::from_millis(500);
@@ -17,8 +25,10 @@ const MAX_RETRY: Duration = Duration::from_secs(8);
 /// A device stream whose clock has not moved for this long is treated as gone, whether or not
 /// the host said so: some drivers block instead of reporting an unplugged card.
 const STALL: Duration = Duration::from_millis(1500);
-/// A lost stream still closing after this long is reported, once.
-const SLOW_CLOSE: Duration = Duration::from_secs(5);
+/// A device call still running after this long is reported, once.
+const SLOW_CALL: Duration = Duration::from_secs(5);
+/// How long a stop waits for the device to close before leaving it to end with the process.
+const CLOSE_AT_STOP: Duration = Duration::from_secs(2);
 
 pub struct Supervisor {
     /// What to reopen; `None` when the operator asked for the null output.
@@ -35,17 +45,60 @@ pub struct Supervisor {
     /// Whether a device at another rate ends play, for a restart at its rate.
     restart_on_rate: bool,
     restart_for: Option<String>,
-    /// What alsa-lib says as devices are tried, logged at debug level instead of on stderr.
+    /// What alsa-lib says on the polling thread, logged at debug level instead of on stderr.
     alsa_errors: Option<super::AlsaErrors>,
-    /// The lost stream, closing on a thread of its own.
-    closing: Option<Closing>,
+    /// The device call under way: the lost stream closing, or a try of the device.
+    call: Option<DeviceCall>,
 }
 
-struct Closing {
-    thread: std::thread::JoinHandle<()>,
+/// A call into the audio host, on a thread of its own.
+struct DeviceCall {
+    thread: JoinHandle<Option<Result<Output, OutputError>>>,
+    /// `closing the lost stream`, `trying the device`.
+    what: &'static str,
     since: Instant,
-    /// Whether a slow close was reported.
+    /// Whether a slow call was reported.
     reported: bool,
+}
+
+impl DeviceCall {
+    /// `f` returns the output a try opened, or `None` for a close.
+    fn spawn(
+        what: &'static str,
+        f: impl FnOnce() -> Option<Result<Output, OutputError>> + Send + 'static,
+    ) -> std::io::Result<Self> {
+        let thread = std::thread::Builder::new()
+            .name("audio-device".into())
+            .spawn(f)?;
+        Ok(DeviceCall {
+            thread,
+            what,
+            since: Instant::now(),
+            reported: false,
+        })
+    }
+
+    /// Reports, once, a call that has not returned in `SLOW_CALL`.
+    fn report_if_slow(&mut self) {
+        if !self.reported && self.since.elapsed() >= SLOW_CALL {
+            self.reported = true;
+            tracing::warn!(
+                "the audio device has not answered ({} for {} s): the room plays on, and \
+                 the device is tried again once the call returns",
+                self.what,
+                SLOW_CALL.as_secs()
+            );
+        }
+    }
+
+    /// What the call gave; a panic in the host's code is logged and taken as a failure.
+    fn join(self) -> Option<Result<Output, OutputError>> {
+        tracing::debug!("{} took {} ms", self.what, self.since.elapsed().as_millis());
+        self.thread.join().unwrap_or_else(|_| {
+            tracing::warn!("{} panicked", self.what);
+            None
+        })
+    }
 }
 
 impl Supervisor {
@@ -76,7 +129,7 @@ impl Supervisor {
             restart_on_rate: false,
             restart_for: None,
             alsa_errors: None,
-            closing: None,
+            call: None,
         }
     }
 
@@ -113,6 +166,15 @@ impl Supervisor {
         if clock != self.clock_seen.0 {
             self.clock_seen = (clock, now);
         }
+        if let Some(call) = &mut self.call {
+            if !call.thread.is_finished() {
+                call.report_if_slow();
+                return;
+            }
+            if let Some(tried) = self.call.take().and_then(DeviceCall::join) {
+                self.tried(tried);
+            }
+        }
         match &self.current {
             Output::Cpal { .. } => {
                 let stalled = now.duration_since(self.clock_seen.1) > STALL;
@@ -125,10 +187,33 @@ impl Supervisor {
                 }
             }
             Output::Null(_) => {
-                if self.request.is_some() && now >= self.next_try && self.lost_stream_closed() {
+                if self.request.is_some() && now >= self.next_try {
                     self.try_device();
                 }
             }
+        }
+    }
+
+    /// Stops the output. A device that does not close within `CLOSE_AT_STOP` (it has stopped
+    /// answering since the last poll) is left to end with the process, so that a stop is never
+    /// held up by it; so is a device call under way.
+    pub fn stop(self) {
+        let closing = DeviceCall::spawn("closing the device at the stop", move || {
+            drop(self.current);
+            None
+        });
+        let Ok(closing) = closing else { return };
+        let deadline = Instant::now() + CLOSE_AT_STOP;
+        while !closing.thread.is_finished() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        if closing.thread.is_finished() {
+            closing.join();
+        } else {
+            tracing::warn!(
+                "the audio device did not close within {} s of the stop; leaving it",
+                CLOSE_AT_STOP.as_secs()
+            );
         }
     }
 
@@ -148,53 +233,18 @@ impl Supervisor {
             "audio device lost ({why}): playing on against the null output, retrying from {} ms",
             FIRST_RETRY.as_millis()
         );
-        // Closing a dead stream can take a while (JACK waits for its server); the null output
-        // is already running, so the room does not wait with it.
-        match std::thread::Builder::new()
-            .name("close-lost-stream".into())
-            .spawn(move || drop(gone))
-        {
-            Ok(thread) => {
-                self.closing = Some(Closing {
-                    thread,
-                    since: Instant::now(),
-                    reported: false,
-                })
-            }
+        // Closing a dead stream can take a while (JACK waits for its server), and the device
+        // is not tried again before it has closed.
+        match DeviceCall::spawn("closing the lost stream", move || {
+            drop(gone);
+            None
+        }) {
+            Ok(call) => self.call = Some(call),
             Err(e) => tracing::warn!("closing the lost stream: {e}"),
         }
         self.backoff = FIRST_RETRY;
         self.next_try = Instant::now() + FIRST_RETRY;
         self.last_failure = None;
-    }
-
-    /// Whether the lost stream has closed. The device is not opened again before: JACK (libjack
-    /// and the `jack` crate) opens and closes clients under one process-wide lock, so an open
-    /// would wait on this thread for the close, and would share the library's state for the
-    /// server that went with a client of the server that came back.
-    fn lost_stream_closed(&mut self) -> bool {
-        let Some(closing) = &mut self.closing else {
-            return true;
-        };
-        if !closing.thread.is_finished() {
-            if !closing.reported && closing.since.elapsed() >= SLOW_CLOSE {
-                closing.reported = true;
-                tracing::warn!(
-                    "the lost audio stream has not closed in {} s; the device is tried again \
-                     once it has",
-                    SLOW_CLOSE.as_secs()
-                );
-            }
-            return false;
-        }
-        if let Some(closing) = self.closing.take() {
-            let took = closing.since.elapsed();
-            if closing.thread.join().is_err() {
-                tracing::warn!("closing the lost audio stream panicked");
-            }
-            tracing::debug!("the lost audio stream closed in {} ms", took.as_millis());
-        }
-        true
     }
 
     fn try_device(&mut self) {
@@ -203,27 +253,35 @@ impl Supervisor {
             sample_rate: Some(self.sample_rate),
             ..req.clone()
         };
-        let attempt = negotiate(&req).and_then(|n| {
-            if n.sample_rate != self.sample_rate {
-                let message = format!(
-                    "offers {} Hz, and the engine runs at {} Hz",
-                    n.sample_rate, self.sample_rate
-                );
-                if self.restart_on_rate {
-                    self.restart_for = Some(format!(
-                        "audio device {} is back but {message}: stopping, to be started again \
-                         at its rate",
-                        n.name
-                    ));
+        let rate = self.sample_rate;
+        let engine = self.engine.clone();
+        let telemetry = self.telemetry.clone();
+        let call = DeviceCall::spawn("trying the device", move || {
+            // alsa-lib's errors are kept per thread; these are logged as the thread ends.
+            let _alsa = super::AlsaErrors::capture();
+            Some(negotiate(&req).and_then(|n| {
+                if n.sample_rate != rate {
+                    return Err(OutputError::OtherRate {
+                        device: n.name.clone(),
+                        offered: n.sample_rate,
+                        running: rate,
+                    });
                 }
-                return Err(super::OutputError::Device {
-                    device: n.name.clone(),
-                    message: format!("{message}; restart the engine to play on it"),
-                });
-            }
-            start_cpal(&n, self.engine.clone(), self.telemetry.clone())
+                start_cpal(&n, engine, telemetry)
+            }))
         });
-        match attempt {
+        match call {
+            Ok(call) => self.call = Some(call),
+            Err(e) => self.tried(Err(OutputError::Device {
+                device: "?".into(),
+                message: format!("no thread to try it on: {e}"),
+            })),
+        }
+    }
+
+    /// Takes what a try of the device gave.
+    fn tried(&mut self, tried: Result<Output, OutputError>) {
+        match tried {
             Ok(output) => {
                 // The null output stops (joins its thread) as it is replaced; from here the
                 // device's callback drives the engine.
@@ -235,6 +293,19 @@ impl Supervisor {
                 tracing::info!("audio device back: playing on {}", self.current.describe());
             }
             Err(e) => {
+                if let OutputError::OtherRate {
+                    device,
+                    offered,
+                    running,
+                } = &e
+                {
+                    if self.restart_on_rate {
+                        self.restart_for = Some(format!(
+                            "audio device {device:?} is back but offers {offered} Hz, and the \
+                             engine runs at {running} Hz: stopping, to be started again at its rate"
+                        ));
+                    }
+                }
                 let message = e.to_string();
                 if self.last_failure.as_deref() != Some(message.as_str()) {
                     tracing::warn!(
