@@ -244,6 +244,21 @@ impl Output {
         }
     }
 
+    /// Starts a device's stream; the null output plays from its start.
+    pub fn play(&self) -> Result<(), OutputError> {
+        match self {
+            Output::Cpal {
+                stream,
+                description,
+                ..
+            } => stream.play().map_err(|e| OutputError::Device {
+                device: description.clone(),
+                message: e.to_string(),
+            }),
+            Output::Null(_) => Ok(()),
+        }
+    }
+
     pub fn lost_reason(&self) -> Option<String> {
         match self {
             Output::Cpal { reason, .. } => reason.lock().ok().and_then(|r| r.clone()),
@@ -252,7 +267,19 @@ impl Output {
     }
 }
 
+/// Opens the device and starts it playing.
 pub fn start_cpal(
+    neg: &Negotiated,
+    engine: SharedEngine,
+    telemetry: Arc<Telemetry>,
+) -> Result<Output, OutputError> {
+    let output = build_cpal(neg, engine, telemetry)?;
+    output.play()?;
+    Ok(output)
+}
+
+/// Opens the device, not yet playing (`Output::play`).
+pub fn build_cpal(
     neg: &Negotiated,
     engine: SharedEngine,
     telemetry: Arc<Telemetry>,
@@ -313,7 +340,6 @@ pub fn start_cpal(
             )
             .map_err(dev_err)?,
     };
-    stream.play().map_err(dev_err)?;
     Ok(Output::Cpal {
         stream,
         lost,

@@ -438,9 +438,12 @@ enum Work {
 impl Work {
     /// SIGHUP: load the file of the scene that plays again.
     fn reload(&self) {
-        match self {
-            Work::Live { ctl, .. } => drop(ctl.try_send(ControlMsg::Reload)),
-            Work::Replay { ctl, .. } => drop(ctl.try_send(ReplayMsg::Reload)),
+        let sent = match self {
+            Work::Live { ctl, .. } => ctl.try_send(ControlMsg::Reload).is_ok(),
+            Work::Replay { ctl, .. } => ctl.try_send(ReplayMsg::Reload).is_ok(),
+        };
+        if !sent {
+            tracing::warn!("SIGHUP: the thread that reloads has not taken the ones before");
         }
     }
 
@@ -545,8 +548,7 @@ impl Outputs<'_> {
 
 /// Plays until a signal, `seconds`, a thread of the engine stopping (`died` names it), or a
 /// device that asks for a restart; in the last two cases, returns why play ends with an error.
-/// The main thread owns the output streams (cpal's are not all `Send`), so it also watches over
-/// the device meanwhile.
+/// Meanwhile it watches over the device (`Supervisor::poll`), which never holds it up.
 fn wait_for_stop(
     mut signals: signal_hook::iterator::Signals,
     beat: impl Fn(),

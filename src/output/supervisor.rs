@@ -17,7 +17,7 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use super::{negotiate, start_cpal, NullOutput, Output, OutputError, OutputRequest, SharedEngine};
+use super::{build_cpal, negotiate, NullOutput, Output, OutputError, OutputRequest, SharedEngine};
 use crate::audio::Telemetry;
 
 const FIRST_RETRY: Duration = Duration::from_millis(500);
@@ -29,6 +29,7 @@ const STALL: Duration = Duration::from_millis(1500);
 const SLOW_CALL: Duration = Duration::from_secs(5);
 /// How long a stop waits for the device to close before leaving it to end with the process.
 const CLOSE_AT_STOP: Duration = Duration::from_secs(2);
+const TRYING: &str = "trying the device";
 
 pub struct Supervisor {
     /// What to reopen; `None` when the operator asked for the null output.
@@ -91,12 +92,18 @@ impl DeviceCall {
         }
     }
 
-    /// What the call gave; a panic in the host's code is logged and taken as a failure.
+    /// What the call gave. A try that panicked in the host's code failed, and is tried again
+    /// later like any other.
     fn join(self) -> Option<Result<Output, OutputError>> {
         tracing::debug!("{} took {} ms", self.what, self.since.elapsed().as_millis());
+        let what = self.what;
         self.thread.join().unwrap_or_else(|_| {
-            tracing::warn!("{} panicked", self.what);
-            None
+            (what == TRYING).then(|| {
+                Err(OutputError::Device {
+                    device: "?".into(),
+                    message: format!("{what} panicked"),
+                })
+            })
         })
     }
 }
@@ -156,7 +163,7 @@ impl Supervisor {
         self.current.describe()
     }
 
-    /// Call often (every few tens of milliseconds) from the thread that owns the streams.
+    /// Call often (every few tens of milliseconds), from the thread that answers signals.
     pub fn poll(&mut self) {
         if let Some(e) = &mut self.alsa_errors {
             e.drain();
@@ -202,7 +209,11 @@ impl Supervisor {
             drop(self.current);
             None
         });
-        let Ok(closing) = closing else { return };
+        let closing = match closing {
+            Ok(c) => c,
+            // The output was closed here, as the thread could not take it.
+            Err(e) => return tracing::warn!("closing the device at the stop: {e}"),
+        };
         let deadline = Instant::now() + CLOSE_AT_STOP;
         while !closing.thread.is_finished() && Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(10));
@@ -256,7 +267,7 @@ impl Supervisor {
         let rate = self.sample_rate;
         let engine = self.engine.clone();
         let telemetry = self.telemetry.clone();
-        let call = DeviceCall::spawn("trying the device", move || {
+        let call = DeviceCall::spawn(TRYING, move || {
             // alsa-lib's errors are kept per thread; these are logged as the thread ends.
             let _alsa = super::AlsaErrors::capture();
             Some(negotiate(&req).and_then(|n| {
@@ -267,7 +278,9 @@ impl Supervisor {
                         running: rate,
                     });
                 }
-                start_cpal(&n, engine, telemetry)
+                // Played once the null output has stopped, so that the two never both drive
+                // the engine.
+                build_cpal(&n, engine, telemetry)
             }))
         });
         match call {
@@ -286,6 +299,10 @@ impl Supervisor {
                 // The null output stops (joins its thread) as it is replaced; from here the
                 // device's callback drives the engine.
                 self.current = output;
+                if let Err(e) = self.current.play() {
+                    self.fall_back(&e.to_string());
+                    return;
+                }
                 self.telemetry.on_device.store(true, Relaxed);
                 self.clock_seen = (self.telemetry.sample_clock.load(Relaxed), Instant::now());
                 self.backoff = FIRST_RETRY;

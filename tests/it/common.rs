@@ -3,6 +3,7 @@
 use std::net::UdpSocket;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use nannou_osc::rosc::{decoder, encoder, OscMessage, OscPacket, OscType};
@@ -66,37 +67,94 @@ pub fn free_port() -> u16 {
     }
 }
 
-/// A running `play`. Dropped, it is killed; dropped by a failing test, it also prints what the
-/// engine logged, which a timed-out wait on its status cannot say.
-pub struct Playing(Child);
+/// A running `play`. What it logs is read as it comes (a full pipe would stop the engine
+/// mid-line), so a test can wait for a line. Dropped, it is killed; dropped by a failing test,
+/// it also prints what the engine logged, which a timed-out wait on its status cannot say.
+pub struct Playing {
+    child: Child,
+    log: Arc<Mutex<Vec<u8>>>,
+    reader: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Playing {
+    fn new(mut child: Child) -> Self {
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let reader = child.stderr.take().map(|mut stderr| {
+            let log = log.clone();
+            std::thread::spawn(move || {
+                use std::io::Read;
+                let mut buf = [0u8; 4096];
+                while let Ok(n) = stderr.read(&mut buf) {
+                    if n == 0 {
+                        break;
+                    }
+                    log.lock().unwrap().extend_from_slice(&buf[..n]);
+                }
+            })
+        });
+        Playing {
+            child,
+            log,
+            reader: Some(reader).flatten(),
+        }
+    }
+
+    /// What the engine has logged so far.
+    pub fn logged(&self) -> String {
+        String::from_utf8_lossy(&self.log.lock().unwrap()).into_owned()
+    }
+
+    /// Waits, within `secs`, until the engine has logged one of `lines`; returns it.
+    pub fn wait_for_log<'a>(&self, secs: u64, lines: &[&'a str]) -> &'a str {
+        let deadline = Instant::now() + Duration::from_secs(secs);
+        loop {
+            let log = self.logged();
+            if let Some(line) = lines.iter().find(|l| log.contains(**l)) {
+                return line;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the engine did not log any of {lines:?} within {secs} s"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// All the engine logged, once it has ended.
+    fn log_to_the_end(&mut self) -> Vec<u8> {
+        if let Some(r) = self.reader.take() {
+            let _ = r.join();
+        }
+        std::mem::take(&mut self.log.lock().unwrap())
+    }
+}
 
 impl std::ops::Deref for Playing {
     type Target = Child;
     fn deref(&self) -> &Child {
-        &self.0
+        &self.child
     }
 }
 
 impl std::ops::DerefMut for Playing {
     fn deref_mut(&mut self) -> &mut Child {
-        &mut self.0
+        &mut self.child
     }
 }
 
 impl Drop for Playing {
     fn drop(&mut self) {
-        if let Ok(None) = self.0.try_wait() {
-            let _ = self.0.kill();
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
         }
-        if std::thread::panicking() {
-            if let Some(mut s) = self.0.stderr.take() {
-                use std::io::Read;
-                let mut log = String::new();
-                let _ = s.read_to_string(&mut log);
-                eprintln!("--- what the engine logged ---\n{log}");
-            }
+        let _ = self.child.wait();
+        let log = self.log_to_the_end();
+        if std::thread::panicking() && !log.is_empty() {
+            eprintln!(
+                "--- what the engine logged ---\n{}",
+                String::from_utf8_lossy(&log)
+            );
         }
-        let _ = self.0.wait();
     }
 }
 
@@ -121,7 +179,7 @@ pub fn spawn_play(args: &[&str], env: &[(&str, &str)]) -> Playing {
             Ok(())
         });
     }
-    Playing(cmd.spawn().expect("spawn roomscore play"))
+    Playing::new(cmd.spawn().expect("spawn roomscore play"))
 }
 
 /// Plays `seconds` (then the usual fade) recording into `rec`, with `args` added, on a free OSC
@@ -138,8 +196,9 @@ pub fn play_recorded(rec: &Path, seconds: &str, args: &[&str], env: &[(&str, &st
     stderr
 }
 
-/// Sends SIGTERM (the engine fades out and closes its recording) and waits, bounded.
-pub fn terminate(child: &mut Child) -> Output {
+/// Sends SIGTERM (the engine fades out and closes its recording) and waits, bounded: an engine
+/// that has not ended 20 s after is killed, and its status then says so.
+pub fn terminate(child: &mut Playing) -> Output {
     let _ = Command::new("kill")
         .args(["-TERM", &child.id().to_string()])
         .status();
@@ -155,16 +214,14 @@ pub fn terminate(child: &mut Child) -> Output {
         std::thread::sleep(Duration::from_millis(50));
     }
     let mut stdout = Vec::new();
-    let mut stderr = Vec::new();
     use std::io::Read;
     if let Some(mut s) = child.stdout.take() {
         let _ = s.read_to_end(&mut stdout);
     }
-    if let Some(mut s) = child.stderr.take() {
-        let _ = s.read_to_end(&mut stderr);
-    }
+    let status = child.wait().expect("wait");
+    let stderr = child.log_to_the_end();
     Output {
-        status: child.wait().expect("wait"),
+        status,
         stdout,
         stderr,
     }
@@ -179,7 +236,7 @@ pub fn command_exists(name: &str) -> bool {
 }
 
 /// Waits for a `--seconds` run to end by itself, bounded.
-pub fn terminate_after(child: &mut std::process::Child, secs: u64) -> std::process::Output {
+pub fn terminate_after(child: &mut Playing, secs: u64) -> std::process::Output {
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(secs);
     while std::time::Instant::now() < deadline {
         if let Ok(Some(_)) = child.try_wait() {

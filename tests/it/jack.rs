@@ -147,9 +147,8 @@ fn a_frozen_jack_server_is_left_and_rejoined_when_it_answers() {
     status_until(&sock, port, 10, "on the null output", |s| {
         s.output == "null" && s.device_losses == 1
     });
-    // Long enough for tries of the device to fall due while the lost stream cannot close, and
-    // for the engine to say that it waits.
-    std::thread::sleep(Duration::from_secs(6));
+    // Tries of the device fall due while the lost stream cannot close.
+    child.wait_for_log(15, &["has not answered (closing the lost stream for 5 s)"]);
     jack.thaw();
     status_until(&sock, port, 20, "back on the device", |s| {
         s.output == "device" && s.device_losses == 1
@@ -159,10 +158,6 @@ fn a_frozen_jack_server_is_left_and_rejoined_when_it_answers() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{}: {stderr}", out.status);
     assert!(stderr.contains("no callback for"), "{stderr}");
-    assert!(
-        stderr.contains("has not answered (closing the lost stream for 5 s)"),
-        "{stderr}"
-    );
     assert!(stderr.contains("audio device back"), "{stderr}");
 }
 
@@ -183,8 +178,11 @@ fn a_hung_jack_server_never_holds_up_a_stop() {
     let out = terminate(&mut child);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{}: {stderr}", out.status);
+    // On a loaded machine the stall (1.5 s) may be seen before the signal: the stream lost
+    // then holds the close instead of the stop.
     assert!(
-        stderr.contains("did not close within 2 s of the stop"),
+        stderr.contains("did not close within 2 s of the stop")
+            || stderr.contains("no callback for"),
         "{stderr}"
     );
     drop(jack);
@@ -202,17 +200,19 @@ fn a_hung_jack_server_never_holds_up_a_stop() {
     });
     let jack = Jack::start(&name);
     jack.freeze();
-    std::thread::sleep(Duration::from_secs(6));
+    // Mostly a try that hangs (the next comes within 8 s); when one fell between the server's
+    // start and its freeze, the engine went back to it and waits on the close of the stream it
+    // lost again (its stall, 1.5 s, then 5 s).
+    child.wait_for_log(
+        30,
+        &[
+            "has not answered (trying the device for 5 s)",
+            "has not answered (closing the lost stream for 5 s)",
+        ],
+    );
     let out = terminate(&mut child);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{}: {stderr}", out.status);
-    // Mostly a try that hangs; when a try fell between the server's start and its freeze, the
-    // engine went back to it and now waits on the close of the stream it lost again.
-    assert!(
-        stderr.contains("has not answered (trying the device for 5 s)")
-            || stderr.contains("has not answered (closing the lost stream for 5 s)"),
-        "{stderr}"
-    );
 }
 
 /// A logged night replayed by `play` on the device gives the samples `render` gives for the

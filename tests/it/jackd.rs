@@ -176,7 +176,9 @@ impl Drop for Jack {
         let _ = Command::new("kill")
             .args(["-TERM", &self.child.id().to_string()])
             .status();
-        for _ in 0..50 {
+        // A server left with a client whose process ended while it was frozen waits 5 s for
+        // that client before it exits; killed meanwhile, it would leave its registry entry.
+        for _ in 0..200 {
             if let Ok(Some(_)) = self.child.try_wait() {
                 return;
             }
