@@ -70,7 +70,11 @@ impl DeviceCall {
     ) -> std::io::Result<Self> {
         let thread = std::thread::Builder::new()
             .name("audio-device".into())
-            .spawn(f)?;
+            .spawn(move || {
+                // alsa-lib's errors are kept per thread; these are logged as the call ends.
+                let _alsa = super::AlsaErrors::capture();
+                f()
+            })?;
         Ok(DeviceCall {
             thread,
             what,
@@ -231,6 +235,18 @@ impl Supervisor {
     fn fall_back(&mut self, why: &str) {
         self.telemetry.device_losses.fetch_add(1, Relaxed);
         self.telemetry.on_device.store(false, Relaxed);
+        self.leave_device();
+        tracing::warn!(
+            "audio device lost ({why}): playing on against the null output, retrying from {} ms",
+            FIRST_RETRY.as_millis()
+        );
+        self.backoff = FIRST_RETRY;
+        self.next_try = Instant::now() + FIRST_RETRY;
+        self.last_failure = None;
+    }
+
+    /// Hands the engine to the null output and closes the device's stream.
+    fn leave_device(&mut self) {
         let gone = std::mem::replace(
             &mut self.current,
             Output::Null(NullOutput::start(
@@ -239,10 +255,6 @@ impl Supervisor {
                 self.sample_rate,
                 self.frames,
             )),
-        );
-        tracing::warn!(
-            "audio device lost ({why}): playing on against the null output, retrying from {} ms",
-            FIRST_RETRY.as_millis()
         );
         // Closing a dead stream can take a while (JACK waits for its server), and the device
         // is not tried again before it has closed.
@@ -253,9 +265,6 @@ impl Supervisor {
             Ok(call) => self.call = Some(call),
             Err(e) => tracing::warn!("closing the lost stream: {e}"),
         }
-        self.backoff = FIRST_RETRY;
-        self.next_try = Instant::now() + FIRST_RETRY;
-        self.last_failure = None;
     }
 
     fn try_device(&mut self) {
@@ -268,8 +277,6 @@ impl Supervisor {
         let engine = self.engine.clone();
         let telemetry = self.telemetry.clone();
         let call = DeviceCall::spawn(TRYING, move || {
-            // alsa-lib's errors are kept per thread; these are logged as the thread ends.
-            let _alsa = super::AlsaErrors::capture();
             Some(negotiate(&req).and_then(|n| {
                 if n.sample_rate != rate {
                     return Err(OutputError::OtherRate {
@@ -294,15 +301,18 @@ impl Supervisor {
 
     /// Takes what a try of the device gave.
     fn tried(&mut self, tried: Result<Output, OutputError>) {
-        match tried {
-            Ok(output) => {
-                // The null output stops (joins its thread) as it is replaced; from here the
-                // device's callback drives the engine.
-                self.current = output;
-                if let Err(e) = self.current.play() {
-                    self.fall_back(&e.to_string());
-                    return;
-                }
+        let played = tried.and_then(|output| {
+            // The null output stops (joins its thread) as it is replaced; from here the
+            // device's callback drives the engine, once it plays.
+            self.current = output;
+            let played = self.current.play();
+            if played.is_err() {
+                self.leave_device();
+            }
+            played
+        });
+        match played {
+            Ok(()) => {
                 self.telemetry.on_device.store(true, Relaxed);
                 self.clock_seen = (self.telemetry.sample_clock.load(Relaxed), Instant::now());
                 self.backoff = FIRST_RETRY;
