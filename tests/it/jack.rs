@@ -30,7 +30,7 @@ fn plays_bit_exact_through(jack: &Jack, args: &[&str], env: &[(&str, &str)], exp
     let dir = tempfile::tempdir().unwrap();
     let captured = dir.path().join("capture.wav");
     let rec = dir.path().join("rec.wav");
-    let mut capture = jack.capture(&captured, 6);
+    let capture = jack.capture(&captured, 6);
     std::thread::sleep(Duration::from_millis(500));
     let mut all = vec!["--buffer", "256"];
     all.extend_from_slice(args);
@@ -38,7 +38,7 @@ fn plays_bit_exact_through(jack: &Jack, args: &[&str], env: &[(&str, &str)], exp
     env.push(("JACK_DEFAULT_SERVER", &jack.name));
     let stderr = play_recorded(&rec, "3", &all, &env);
     assert!(stderr.contains(expect), "{stderr}");
-    let _ = capture.wait();
+    Jack::end_capture(capture);
     let cap = float_data_chunk(&std::fs::read(&captured).unwrap());
     let (_, recorded) = read_wav(&rec);
     let found = windows_found(&recorded, &cap);
@@ -112,8 +112,8 @@ fn a_lost_jack_server_is_survived_on_the_null_output_and_resumed_when_it_returns
     });
     let dir = tempfile::tempdir().unwrap();
     let captured = dir.path().join("after.wav");
-    let mut capture = jack.capture(&captured, 2);
-    let _ = capture.wait();
+    let capture = jack.capture(&captured, 2);
+    Jack::end_capture(capture);
     let cap = float_data_chunk(&std::fs::read(&captured).unwrap());
     let peak = cap.iter().fold(0f32, |m, s| m.max(s.abs()));
     assert!(
@@ -247,7 +247,7 @@ fn play_replaying_a_log_reaches_the_ports_with_the_samples_render_makes() {
     let (_, offline) = read_wav(&rendered);
 
     let captured = dir.path().join("capture.wav");
-    let mut capture = jack.capture(&captured, 7);
+    let capture = jack.capture(&captured, 7);
     std::thread::sleep(Duration::from_millis(500));
     let mut child = jack.play(
         free_port(),
@@ -266,7 +266,7 @@ fn play_replaying_a_log_reaches_the_ports_with_the_samples_render_makes() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{}: {stderr}", out.status);
     assert!(stderr.contains("replaying on JACK device"), "{stderr}");
-    let _ = capture.wait();
+    Jack::end_capture(capture);
     let cap = float_data_chunk(&std::fs::read(&captured).unwrap());
 
     // Windows of the render, every quarter second from 0.5 s to 3.5 s, must each appear bit

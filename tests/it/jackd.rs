@@ -157,6 +157,17 @@ impl Jack {
         assert!(ok, "kill {sig} jackd");
     }
 
+    /// Waits for a `capture` to end by itself; one still running 30 s on (libjack can deadlock
+    /// in a client's close, see `ports`) is killed, so that a test fails rather than hangs.
+    pub fn end_capture(mut capture: std::process::Child) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while matches!(capture.try_wait(), Ok(None)) && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = capture.kill();
+        let _ = capture.wait();
+    }
+
     /// The server's ports, as `jack_lsp` lists them; none if it has not answered in 5 s.
     /// libjack can deadlock in a client's close against a server that is starting (seen in CI:
     /// `jack_lsp` stuck in `jack_client_close` for good), so it is never waited on unbounded.
