@@ -92,11 +92,7 @@ impl Playing {
                 }
             })
         });
-        Playing {
-            child,
-            log,
-            reader: Some(reader).flatten(),
-        }
+        Playing { child, log, reader }
     }
 
     /// What the engine has logged so far.
