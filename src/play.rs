@@ -220,7 +220,7 @@ pub fn run(args: PlayArgs) -> anyhow::Result<()> {
     };
     let hearts = Heartbeats::new(watched);
     let main_heart = watched.len() - 1;
-    let running = match &args.inputs {
+    let (mut out, work) = match &args.inputs {
         Some(path) => {
             // A replay: the renderer's lockstep, a few blocks ahead of the device.
             let events = crate::input::log::to_events(path, &replay, sample_rate).0;
@@ -249,13 +249,13 @@ pub fn run(args: PlayArgs) -> anyhow::Result<()> {
                 scene = %scene_name, source, osc = %args.osc, inputs = %path.display(),
                 "replaying on {}", out.describe()
             );
-            Running {
+            (
                 out,
-                work: Work::Replay {
+                Work::Replay {
                     ctl: ctl_tx,
                     thread,
                 },
-            }
+            )
         }
         None => {
             let Parts {
@@ -289,14 +289,14 @@ pub fn run(args: PlayArgs) -> anyhow::Result<()> {
                             notifier, watchdog,
                         )
                     })?;
-            Running {
+            (
                 out,
-                work: Work::Live {
+                Work::Live {
                     ctl: ctl_tx,
                     engine,
                     threads: [control_thread, composer_thread],
                 },
-            }
+            )
         }
     };
     let osc_thread = OscThread::spawn(
@@ -314,7 +314,6 @@ pub fn run(args: PlayArgs) -> anyhow::Result<()> {
 
     // A thread that died: the room is shut down as on a signal, the recording closed, and then
     // the process fails, so that the service manager starts it again.
-    let Running { mut out, work } = running;
     let died = wait_for_stop(
         signals,
         || hearts.turn(main_heart),
@@ -363,11 +362,7 @@ const JOIN_WITHIN: Duration = Duration::from_secs(5);
 /// it panicked, or it did not stop.
 fn join_within<T>(t: std::thread::JoinHandle<T>) -> Result<T, String> {
     let name = thread_name(&t);
-    let deadline = Instant::now() + JOIN_WITHIN;
-    while !t.is_finished() && Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(10));
-    }
-    if !t.is_finished() {
+    if !crate::watchdog::finished_within(&t, JOIN_WITHIN) {
         tracing::error!(
             "the {name} thread did not stop within {} s (stuck in a call?); leaving it",
             JOIN_WITHIN.as_secs()
@@ -413,12 +408,6 @@ fn lock_memory() {
             std::io::Error::last_os_error()
         );
     }
-}
-
-/// A running `play`: the output, and what feeds it.
-struct Running {
-    out: Supervisor,
-    work: Work,
 }
 
 /// What feeds the output: live, the conductor and the composer on threads of their own; or a

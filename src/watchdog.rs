@@ -97,6 +97,16 @@ impl Watchdog {
     }
 }
 
+/// Whether `thread` has finished, waiting at most `within` for it: a stop that must not wait
+/// on a thread stuck in a call looks with this before it joins.
+pub fn finished_within<T>(thread: &std::thread::JoinHandle<T>, within: Duration) -> bool {
+    let deadline = Instant::now() + within;
+    while !thread.is_finished() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    thread.is_finished()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

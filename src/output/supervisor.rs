@@ -218,11 +218,7 @@ impl Supervisor {
             // The output was closed here, as the thread could not take it.
             Err(e) => return tracing::warn!("closing the device at the stop: {e}"),
         };
-        let deadline = Instant::now() + CLOSE_AT_STOP;
-        while !closing.thread.is_finished() && Instant::now() < deadline {
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        if closing.thread.is_finished() {
+        if crate::watchdog::finished_within(&closing.thread, CLOSE_AT_STOP) {
             closing.join();
         } else {
             tracing::warn!(
