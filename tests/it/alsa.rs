@@ -35,9 +35,7 @@ fn play_through_alsa_writes_exactly_what_the_graph_produced() {
         ],
         &[("XDG_CONFIG_HOME", &xdg)],
     );
-    let out = terminate_after(&mut child, 25);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "{}: {stderr}", out.status);
+    let stderr = ended_well(terminate_after(&mut child, 25));
     assert!(
         stderr.contains("ALSA device"),
         "played through ALSA: {stderr}"
@@ -92,9 +90,7 @@ fn alsa_libs_errors_about_a_missing_card_go_to_the_log() {
         ],
         &[("XDG_CONFIG_HOME", &xdg), ("RUST_LOG", "debug")],
     );
-    let out = terminate_after(&mut child, 25);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "{}: {stderr}", out.status);
+    let stderr = ended_well(terminate_after(&mut child, 25));
     assert!(stderr.contains("null output"), "{stderr}");
     assert!(!stderr.contains("ALSA lib"), "{stderr}");
     assert!(

@@ -186,8 +186,12 @@ pub fn play_recorded(rec: &Path, seconds: &str, args: &[&str], env: &[(&str, &st
     all.push(rec.to_str().unwrap());
     all.extend_from_slice(args);
     let mut child = spawn_play(&all, env);
-    let out = terminate_after(&mut child, 25);
-    let stderr = String::from_utf8_lossy(&out.stderr).to_string();
+    ended_well(terminate_after(&mut child, 25))
+}
+
+/// What an engine that was stopped logged, once it is checked to have ended well (exit status 0).
+pub fn ended_well(out: Output) -> String {
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
     assert!(out.status.success(), "{}: {stderr}", out.status);
     stderr
 }

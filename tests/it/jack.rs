@@ -88,12 +88,7 @@ fn play_through_alsa_bridged_to_jack_reaches_the_playback_ports_sample_for_sampl
 fn a_lost_jack_server_is_survived_on_the_null_output_and_resumed_when_it_returns() {
     let name = server_name("lost");
     let jack = Jack::start(&name);
-    let port = free_port();
-    let mut child = jack.play(port, &["--seconds", "40"]);
-    let sock = client();
-    status_until(&sock, port, 20, "playing on the device", |s| {
-        s.output == "device"
-    });
+    let (mut child, port, sock) = jack.play_on_device("40");
 
     // The card goes away.
     drop(jack);
@@ -121,9 +116,7 @@ fn a_lost_jack_server_is_survived_on_the_null_output_and_resumed_when_it_returns
         "silence on the ports after the device came back (peak {peak})"
     );
 
-    let out = terminate(&mut child);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "{}: {stderr}", out.status);
+    let stderr = ended_well(terminate(&mut child));
     assert!(stderr.contains("audio device lost"), "{stderr}");
     assert!(stderr.contains("audio device back"), "{stderr}");
     drop(jack);
@@ -136,12 +129,7 @@ fn a_lost_jack_server_is_survived_on_the_null_output_and_resumed_when_it_returns
 #[test]
 fn a_frozen_jack_server_is_left_and_rejoined_when_it_answers() {
     let jack = Jack::start(&server_name("frozen"));
-    let port = free_port();
-    let mut child = jack.play(port, &["--seconds", "60"]);
-    let sock = client();
-    status_until(&sock, port, 20, "playing on the device", |s| {
-        s.output == "device"
-    });
+    let (mut child, port, sock) = jack.play_on_device("60");
 
     jack.freeze();
     status_until(&sock, port, 10, "on the null output", |s| {
@@ -154,9 +142,7 @@ fn a_frozen_jack_server_is_left_and_rejoined_when_it_answers() {
         s.output == "device" && s.device_losses == 1
     });
 
-    let out = terminate(&mut child);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "{}: {stderr}", out.status);
+    let stderr = ended_well(terminate(&mut child));
     assert!(stderr.contains("no callback for"), "{stderr}");
     assert!(stderr.contains("audio device back"), "{stderr}");
 }
@@ -168,16 +154,9 @@ fn a_frozen_jack_server_is_left_and_rejoined_when_it_answers() {
 fn a_hung_jack_server_never_holds_up_a_stop() {
     // Frozen under a playing engine, which is told to stop before it sees the stall.
     let jack = Jack::start(&server_name("hung-playing"));
-    let port = free_port();
-    let mut child = jack.play(port, &["--seconds", "60"]);
-    let sock = client();
-    status_until(&sock, port, 20, "playing on the device", |s| {
-        s.output == "device"
-    });
+    let (mut child, _, _) = jack.play_on_device("60");
     jack.freeze();
-    let out = terminate(&mut child);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "{}: {stderr}", out.status);
+    let stderr = ended_well(terminate(&mut child));
     // On a loaded machine the stall (1.5 s) may be seen before the signal: the stream lost
     // then holds the close instead of the stop.
     assert!(
@@ -190,10 +169,7 @@ fn a_hung_jack_server_never_holds_up_a_stop() {
     // Frozen as the engine finds it again: the try of the device hangs.
     let name = server_name("hung-opening");
     let jack = Jack::start(&name);
-    let mut child = jack.play(port, &["--seconds", "60"]);
-    status_until(&sock, port, 20, "playing on the device", |s| {
-        s.output == "device"
-    });
+    let (mut child, port, sock) = jack.play_on_device("60");
     drop(jack);
     status_until(&sock, port, 10, "on the null output", |s| {
         s.output == "null"
@@ -210,9 +186,7 @@ fn a_hung_jack_server_never_holds_up_a_stop() {
             "has not answered (closing the lost stream for 5 s)",
         ],
     );
-    let out = terminate(&mut child);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "{}: {stderr}", out.status);
+    ended_well(terminate(&mut child));
 }
 
 /// A logged night replayed by `play` on the device gives the samples `render` gives for the
@@ -262,9 +236,7 @@ fn play_replaying_a_log_reaches_the_ports_with_the_samples_render_makes() {
             "4",
         ],
     );
-    let out = terminate_after(&mut child, 25);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "{}: {stderr}", out.status);
+    let stderr = ended_well(terminate_after(&mut child, 25));
     assert!(stderr.contains("replaying on JACK device"), "{stderr}");
     Jack::end_capture(capture);
     let cap = float_data_chunk(&std::fs::read(&captured).unwrap());

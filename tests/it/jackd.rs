@@ -102,6 +102,18 @@ impl Jack {
         spawn_play(&all, &[("JACK_DEFAULT_SERVER", &self.name)])
     }
 
+    /// Starts `play` on this server for `seconds`, with OSC on a free port, and waits until it
+    /// plays on the device. Returns the engine, its port and a client to ask its status from.
+    pub fn play_on_device(&self, seconds: &str) -> (Playing, u16, UdpSocket) {
+        let port = free_port();
+        let child = self.play(port, &["--seconds", seconds]);
+        let sock = client();
+        status_until(&sock, port, 20, "playing on the device", |s| {
+            s.output == "device"
+        });
+        (child, port, sock)
+    }
+
     /// Starts `jack_capture` on the playback ports for `seconds`.
     /// Returns once its input ports exist: a capture that had not yet connected when the
     /// music began (or that died connecting, as it once did in CI) lost the take, and the test

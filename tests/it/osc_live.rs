@@ -116,9 +116,7 @@ fn osc_steers_a_running_engine() {
     );
 
     let played = started.elapsed().as_secs_f64();
-    let out = terminate(&mut child);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "{}: {stderr}", out.status);
+    let stderr = ended_well(terminate(&mut child));
     assert!(stderr.contains("no_such_scene.toml"), "{stderr}");
 
     // The recording is a valid WAV as long as the session, and it is not silent.
@@ -419,9 +417,7 @@ fn sighup_reloads_the_scene_that_plays() {
     hup();
     assert_eq!(scene_after(&sock), "night-edited", "the edit is taken");
 
-    let out = terminate(&mut child);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "{}: {stderr}", out.status);
+    let stderr = ended_well(terminate(&mut child));
     assert!(
         stderr.contains("night.toml") && stderr.contains("keeping the scene that plays"),
         "the refusal names the file: {stderr}"
