@@ -30,7 +30,7 @@ impl AlsaErrors {
 
     pub fn drain(&mut self) {}
 }
-pub use supervisor::Supervisor;
+pub use supervisor::{find_at_start, open_at_start, AtStart, Supervisor, Unanswered};
 
 /// What an output's callback runs: the audio engine, or a replay's ring of rendered blocks.
 pub trait Render: Send {
@@ -265,17 +265,6 @@ impl Output {
             Output::Null(_) => None,
         }
     }
-}
-
-/// Opens the device and starts it playing.
-pub fn start_cpal(
-    neg: &Negotiated,
-    engine: SharedEngine,
-    telemetry: Arc<Telemetry>,
-) -> Result<Output, OutputError> {
-    let output = build_cpal(neg, engine, telemetry)?;
-    output.play()?;
-    Ok(output)
 }
 
 /// Opens the device, not yet playing (`Output::play`).

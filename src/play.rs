@@ -20,7 +20,7 @@ use crate::input::access::{Access, AllowList};
 use crate::input::log::LogWriter;
 use crate::input::osc::{self, LiveClock, OscStats, OscThread};
 use crate::input::TimedEvent;
-use crate::output::{self, NullOutput, Output, OutputRequest, SharedEngine, Supervisor};
+use crate::output::{self, AtStart, OutputRequest, SharedEngine, Supervisor};
 use crate::record::Recorder;
 use crate::render::Lockstep;
 use crate::replay::{self, ReplayMsg};
@@ -134,7 +134,7 @@ pub fn run(args: PlayArgs) -> anyhow::Result<()> {
         signal_hook::iterator::Signals::new([SIGINT, SIGTERM, SIGHUP])
             .context("setting up signal handling")?
     };
-    // Before any device is opened, on the thread that opens them.
+    // What alsa-lib says on this thread: a device stream is played (started) here.
     let alsa_errors = output::AlsaErrors::capture();
     let socket = osc::bind(args.osc)?;
     let input_log = match &args.log_inputs {
@@ -151,15 +151,18 @@ pub fn run(args: PlayArgs) -> anyhow::Result<()> {
         buffer: args.buffer,
         sample_rate: args.sample_rate,
     };
-    let negotiated = if args.output.as_deref() == Some("null") {
-        None
+    // Found on a thread of its own: a device that does not answer (a frozen JACK server) is left
+    // to its call, and the engine starts on the null output.
+    let (negotiated, unanswered) = if args.output.as_deref() == Some("null") {
+        (None, None)
     } else {
-        match output::negotiate(&req) {
-            Ok(n) => Some(n),
-            Err(e) => {
+        match output::find_at_start(&req) {
+            Ok(Ok(n)) => (Some(n), None),
+            Ok(Err(e)) => {
                 tracing::warn!("no audio device ({e}); playing on, paced in real time, against the null output");
-                None
+                (None, None)
             }
+            Err(unanswered) => (None, Some(unanswered)),
         }
     };
     let sample_rate = negotiated
@@ -200,7 +203,8 @@ pub fn run(args: PlayArgs) -> anyhow::Result<()> {
     });
     let started = Instant::now();
     let outputs = Outputs {
-        negotiated: negotiated.as_ref(),
+        negotiated,
+        unanswered,
         wanted: (args.output.as_deref() != Some("null")).then_some(req),
         telemetry: telemetry.clone(),
         sample_rate,
@@ -488,8 +492,10 @@ impl Work {
 }
 
 /// How to start the output for whatever renders.
-struct Outputs<'a> {
-    negotiated: Option<&'a output::Negotiated>,
+struct Outputs {
+    negotiated: Option<output::Negotiated>,
+    /// The search for the device, when it did not answer at start-up.
+    unanswered: Option<output::Unanswered>,
     wanted: Option<OutputRequest>,
     telemetry: Arc<crate::audio::Telemetry>,
     sample_rate: u32,
@@ -499,28 +505,26 @@ struct Outputs<'a> {
     alsa_errors: output::AlsaErrors,
 }
 
-impl Outputs<'_> {
+impl Outputs {
     fn start(self, target: SharedEngine) -> Supervisor {
-        let null = || {
-            Output::Null(NullOutput::start(
-                target.clone(),
-                self.telemetry.clone(),
-                self.sample_rate,
-                self.frames,
-            ))
-        };
-        let first = match self.negotiated {
-            Some(n) => output::start_cpal(n, target.clone(), self.telemetry.clone())
-                .unwrap_or_else(|e| {
-                    tracing::warn!("{e}; playing on against the null output");
-                    null()
-                }),
-            None => null(),
+        let at_start = match (self.negotiated, self.unanswered) {
+            (_, Some(unanswered)) => AtStart::Unanswered(unanswered),
+            (Some(n), None) => {
+                match output::open_at_start(n, target.clone(), self.telemetry.clone()) {
+                    Ok(Ok(opened)) => AtStart::Opened(opened),
+                    Ok(Err(e)) => {
+                        tracing::warn!("{e}; playing on against the null output");
+                        AtStart::Null
+                    }
+                    Err(unanswered) => AtStart::Unanswered(unanswered),
+                }
+            }
+            (None, None) => AtStart::Null,
         };
         // `--output null` means no device at all; otherwise a missing or lost one is looked for.
         let supervisor = Supervisor::new(
             self.wanted,
-            first,
+            at_start,
             target,
             self.telemetry,
             self.sample_rate,

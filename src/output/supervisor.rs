@@ -5,19 +5,23 @@
 //! that answers at another rate cannot take a graph built for this one: under a service manager
 //! the engine then stops to be started again at the device's rate (`restart_for`).
 //!
-//! Every call that opens or closes a device once play runs is made on a thread of its own, one
-//! at a time, and the thread that polls only looks in on it. A device that stops answering
-//! without a word (a JACK server that hangs, a USB card half gone) can hold such a call for
-//! good, and the thread that polls is the one that answers signals and feeds the watchdog. One
-//! at a time, because JACK (libjack and the `jack` crate) opens and closes clients under one
-//! process-wide lock: a second call would only wait behind the first.
+//! Every call that finds, opens or closes a device is made on a thread of its own, one at a
+//! time, and the thread that polls only looks in on it. A device that stops answering without
+//! a word (a JACK server that hangs, a USB card half gone) can hold such a call for good, and
+//! the thread that polls is the one that answers signals and feeds the watchdog. One at a time,
+//! because JACK (libjack and the `jack` crate) opens and closes clients under one process-wide
+//! lock: a second call would only wait behind the first. At start-up the engine waits
+//! `START_WAIT` for the device to be found and opened; one that has not answered by then is
+//! left to its call, and the engine starts on the null output, as if it had been lost.
 
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use super::{build_cpal, negotiate, NullOutput, Output, OutputError, OutputRequest, SharedEngine};
+use super::{
+    build_cpal, negotiate, Negotiated, NullOutput, Output, OutputError, OutputRequest, SharedEngine,
+};
 use crate::audio::Telemetry;
 
 const FIRST_RETRY: Duration = Duration::from_millis(500);
@@ -29,7 +33,77 @@ const STALL: Duration = Duration::from_millis(1500);
 const SLOW_CALL: Duration = Duration::from_secs(5);
 /// How long a stop waits for the device to close before leaving it to end with the process.
 const CLOSE_AT_STOP: Duration = Duration::from_secs(2);
+/// How long start-up waits for the device to be found, and then to be opened.
+pub const START_WAIT: Duration = Duration::from_secs(5);
 const TRYING: &str = "trying the device";
+const FINDING: &str = "looking for the device at the start";
+const OPENING: &str = "opening the device at the start";
+
+/// A call into the device at start-up that did not answer within `START_WAIT`. The engine
+/// starts on the null output, and the supervisor tries the device once the call has ended.
+pub struct Unanswered(DeviceCall);
+
+/// What start-up found of the device, for the supervisor to start from.
+pub enum AtStart {
+    /// None wanted (`--output null`) or none found: the null output, and a device wanted is
+    /// looked for from the first poll.
+    Null,
+    /// The device's stream, open and not yet playing.
+    Opened(Output),
+    /// The null output until the call ends.
+    Unanswered(Unanswered),
+}
+
+/// A failed call into the device whose own error was lost: its thread panicked or could not
+/// be started.
+fn call_failed(what: &str, why: impl std::fmt::Display) -> OutputError {
+    OutputError::Device {
+        device: "?".into(),
+        message: format!("{what}: {why}"),
+    }
+}
+
+/// Finds the device and a configuration for it (`negotiate`), waiting at most `START_WAIT`.
+pub fn find_at_start(req: &OutputRequest) -> Result<Result<Negotiated, OutputError>, Unanswered> {
+    let (tx, rx) = crossbeam_channel::bounded(1);
+    let asked = req.clone();
+    let call = DeviceCall::spawn(FINDING, move || {
+        // Sent before the thread ends; one that answers too late drops what it found here.
+        let _ = tx.send(negotiate(&asked));
+        None
+    });
+    let call = match call {
+        Ok(call) => call,
+        Err(e) => return Ok(Err(call_failed(FINDING, format!("no thread for it: {e}")))),
+    };
+    if !crate::watchdog::finished_within(&call.thread, START_WAIT) {
+        return Err(Unanswered(call.unanswered_at_start()));
+    }
+    call.join();
+    Ok(rx
+        .try_recv()
+        .unwrap_or_else(|_| Err(call_failed(FINDING, "panicked"))))
+}
+
+/// Opens the stream of a device found (`build_cpal`), not yet playing, waiting at most
+/// `START_WAIT`.
+pub fn open_at_start(
+    found: Negotiated,
+    engine: SharedEngine,
+    telemetry: Arc<Telemetry>,
+) -> Result<Result<Output, OutputError>, Unanswered> {
+    let call = DeviceCall::spawn(OPENING, move || Some(build_cpal(&found, engine, telemetry)));
+    let call = match call {
+        Ok(call) => call,
+        Err(e) => return Ok(Err(call_failed(OPENING, format!("no thread for it: {e}")))),
+    };
+    if !crate::watchdog::finished_within(&call.thread, START_WAIT) {
+        return Err(Unanswered(call.unanswered_at_start()));
+    }
+    Ok(call
+        .join()
+        .unwrap_or_else(|| Err(call_failed(OPENING, "panicked"))))
+}
 
 pub struct Supervisor {
     /// What to reopen; `None` when the operator asked for the null output.
@@ -83,6 +157,18 @@ impl DeviceCall {
         })
     }
 
+    /// Says that start-up goes on without this call, which then needs no report of its own.
+    fn unanswered_at_start(mut self) -> Self {
+        tracing::warn!(
+            "the audio device has not answered ({} for {} s): playing on against the null \
+             output, and on the device once it answers",
+            self.what,
+            START_WAIT.as_secs()
+        );
+        self.reported = true;
+        self
+    }
+
     /// Reports, once, a call that has not returned in `SLOW_CALL`.
     fn report_if_slow(&mut self) {
         if !self.reported && self.since.elapsed() >= SLOW_CALL {
@@ -102,31 +188,38 @@ impl DeviceCall {
         tracing::debug!("{} took {} ms", self.what, self.since.elapsed().as_millis());
         let what = self.what;
         self.thread.join().unwrap_or_else(|_| {
-            (what == TRYING).then(|| {
-                Err(OutputError::Device {
-                    device: "?".into(),
-                    message: format!("{what} panicked"),
-                })
-            })
+            matches!(what, TRYING | OPENING).then(|| Err(call_failed(what, "panicked")))
         })
     }
 }
 
 impl Supervisor {
-    /// Takes over an output already started (or the null output when the device was missing at
-    /// start-up, in which case the device is looked for again from the first poll).
+    /// Starts play from what start-up found: the device's stream, or the null output, in which
+    /// case a device wanted is looked for from the first poll, or once the call it has not
+    /// answered has ended.
     pub fn new(
         request: Option<OutputRequest>,
-        current: Output,
+        at_start: AtStart,
         engine: SharedEngine,
         telemetry: Arc<Telemetry>,
         sample_rate: u32,
         frames: u32,
     ) -> Self {
-        let on_device = matches!(current, Output::Cpal { .. });
-        telemetry.on_device.store(on_device, Relaxed);
+        let null = || {
+            Output::Null(NullOutput::start(
+                engine.clone(),
+                telemetry.clone(),
+                sample_rate,
+                frames,
+            ))
+        };
+        let (current, call) = match at_start {
+            AtStart::Opened(output) => (output, None),
+            AtStart::Null => (null(), None),
+            AtStart::Unanswered(Unanswered(call)) => (null(), Some(call)),
+        };
         let clock = telemetry.sample_clock.load(Relaxed);
-        Supervisor {
+        let mut supervisor = Supervisor {
             request,
             engine,
             telemetry,
@@ -140,8 +233,15 @@ impl Supervisor {
             restart_on_rate: false,
             restart_for: None,
             alsa_errors: None,
-            call: None,
+            call,
+        };
+        if let Err(e) = supervisor.current.play() {
+            tracing::warn!("{e}; playing on against the null output");
+            supervisor.leave_device();
         }
+        let on_device = matches!(supervisor.current, Output::Cpal { .. });
+        supervisor.telemetry.on_device.store(on_device, Relaxed);
+        supervisor
     }
 
     /// Logs what alsa-lib says on this thread (see `AlsaErrors`), from each poll on.
@@ -288,10 +388,7 @@ impl Supervisor {
         });
         match call {
             Ok(call) => self.call = Some(call),
-            Err(e) => self.tried(Err(OutputError::Device {
-                device: "?".into(),
-                message: format!("no thread to try it on: {e}"),
-            })),
+            Err(e) => self.tried(Err(call_failed(TRYING, format!("no thread for it: {e}")))),
         }
     }
 

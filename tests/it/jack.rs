@@ -147,8 +147,36 @@ fn a_frozen_jack_server_is_left_and_rejoined_when_it_answers() {
     assert!(stderr.contains("audio device back"), "{stderr}");
 }
 
-/// A server that hangs while the engine is on it, or while the engine opens it, never holds up
-/// a stop: the engine fades out and ends by itself, with the server still frozen.
+/// A kiosk that boots beside a JACK server that does not answer is not held at the start (for
+/// good, or until the service manager kills it): after 5 s it plays on the null output and
+/// answers OSC, and it moves to the device once the server answers.
+#[test]
+fn a_jack_server_frozen_at_the_start_is_joined_when_it_answers() {
+    let jack = Jack::start(&server_name("frozen-start"));
+    jack.freeze();
+    let port = free_port();
+    let mut child = jack.play(port, &["--seconds", "60"]);
+    child.wait_for_log(
+        15,
+        &["has not answered (looking for the device at the start for 5 s)"],
+    );
+    let sock = client();
+    let null = status_until(&sock, port, 10, "playing on the null output", |s| {
+        s.output == "null"
+    });
+    status_until(&sock, port, 10, "notes played with no device", |s| {
+        s.notes > null.notes
+    });
+    jack.thaw();
+    status_until(&sock, port, 20, "on the device", |s| s.output == "device");
+
+    let stderr = ended_well(terminate(&mut child));
+    assert!(stderr.contains("audio device back"), "{stderr}");
+}
+
+/// A server that hangs while the engine is on it, while the engine opens it, or from before the
+/// start, never holds up a stop: the engine fades out and ends by itself, with the server
+/// still frozen.
 /// (`terminate` kills an engine that has not ended 20 s after SIGTERM, which then fails.)
 #[test]
 fn a_hung_jack_server_never_holds_up_a_stop() {
@@ -185,6 +213,17 @@ fn a_hung_jack_server_never_holds_up_a_stop() {
             "has not answered (trying the device for 5 s)",
             "has not answered (closing the lost stream for 5 s)",
         ],
+    );
+    ended_well(terminate(&mut child));
+    drop(jack);
+
+    // Frozen before the start: the engine plays on the null output, its search still hanging.
+    let jack = Jack::start(&server_name("hung-start"));
+    jack.freeze();
+    let mut child = jack.play(free_port(), &["--seconds", "60"]);
+    child.wait_for_log(
+        15,
+        &["has not answered (looking for the device at the start"],
     );
     ended_well(terminate(&mut child));
 }
