@@ -5,6 +5,7 @@ control` measures the music it generates with that port, so a drift between the 
 "asked" and "heard" different units without any test noticing.
 
     .venv/bin/python models/train/features_fixture.py
+    .venv/bin/python models/train/features_fixture.py --check   # CI: the committed file is current
 
 The grids: the two JSB test pieces already in the parity fixture (fixtures/jsb_test_slice.json,
 read back from their tokens), and made-up ones for the edges: random pitches and rests over the
@@ -12,6 +13,7 @@ whole MIDI range, a chromatic cluster (flat or symmetric histograms: no key, or 
 grid shorter than either window.
 """
 import json
+import math
 import os
 import sys
 
@@ -50,7 +52,25 @@ def made_up_grids():
                                   [76, 67, 60, 48]])
 
 
+def differences(want, got, where="features.json"):
+    """Where `got` (the file) departs from `want` (measured now), beyond float rounding."""
+    if isinstance(want, dict) and isinstance(got, dict):
+        if want.keys() != got.keys():
+            return [f"{where}: fields {sorted(got)}, measured {sorted(want)}"]
+        return [d for k in want for d in differences(want[k], got[k], f"{where}.{k}")]
+    if isinstance(want, list) and isinstance(got, list):
+        if len(want) != len(got):
+            return [f"{where}: {len(got)} items, measured {len(want)}"]
+        return [d for i, (w, g) in enumerate(zip(want, got)) for d in differences(w, g, f"{where}[{i}]")]
+    if isinstance(want, float) and isinstance(got, (int, float)) and not isinstance(got, bool):
+        ok = math.isclose(want, got, rel_tol=1e-9, abs_tol=1e-12)
+    else:
+        ok = want == got
+    return [] if ok else [f"{where}: {got!r} in the file, {want!r} measured"]
+
+
 def main():
+    check = "--check" in sys.argv[1:]
     cases = []
     for name, grid in [*jsb_grids(), *made_up_grids()]:
         density, register, mode, tonic = C.features(grid)
@@ -75,6 +95,16 @@ def main():
         spearman=dict(asked=asked.tolist(), heard=heard.tolist(), rho=CC.spearman(asked, heard)),
     )
     path = os.path.join(MODELS, "fixtures", "features.json")
+    if check:
+        # Through JSON, as the file was written: tuples become lists, NaN stays out.
+        diff = differences(json.loads(json.dumps(out)), json.load(open(path)))
+        for d in diff[:20]:
+            print(d, file=sys.stderr)
+        if diff:
+            sys.exit(f"{path}: {len(diff)} values differ from what common.features measures now; "
+                     f"run models/train/features_fixture.py and commit the file")
+        print(f"{path}: current ({len(cases)} grids)")
+        return
     json.dump(out, open(path, "w"))
     print(f"{path}: {len(cases)} grids, {sum(len(c['grid']) for c in cases)} steps")
 
