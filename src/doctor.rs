@@ -151,15 +151,21 @@ pub fn run(mut args: DoctorArgs) -> usize {
         buffer: 256,
         sample_rate: None,
     };
-    match output::negotiate(&req) {
-        Ok(n) => r.ok(
+    match output::find_at_start(&req) {
+        Err(unanswered) => r.problem(
+            "audio output",
+            unanswered,
+            "the audio server or card hangs: restart the JACK server (or whatever holds the \
+             card), or unplug and replug the card; play starts on the null output meanwhile",
+        ),
+        Ok(Ok(n)) => r.ok(
             "audio output",
             format!(
                 "{} device {:?}, {} ch, {} Hz",
                 n.host, n.name, n.channels, n.sample_rate
             ),
         ),
-        Err(e) => r.problem(
+        Ok(Err(e)) => r.problem(
             "audio output",
             e,
             "plug in the sound card and check `aplay -l` and `roomscore devices`; \

@@ -162,7 +162,7 @@ pub fn run(args: PlayArgs) -> anyhow::Result<()> {
                 tracing::warn!("no audio device ({e}); playing on, paced in real time, against the null output");
                 (None, None)
             }
-            Err(unanswered) => (None, Some(unanswered)),
+            Err(unanswered) => (None, Some(unanswered.warn())),
         }
     };
     let sample_rate = negotiated
@@ -516,7 +516,7 @@ impl Outputs {
                         tracing::warn!("{e}; playing on against the null output");
                         AtStart::Null
                     }
-                    Err(unanswered) => AtStart::Unanswered(unanswered),
+                    Err(unanswered) => AtStart::Unanswered(unanswered.warn()),
                 }
             }
             (None, None) => AtStart::Null,

@@ -43,6 +43,27 @@ const OPENING: &str = "opening the device at the start";
 /// starts on the null output, and the supervisor tries the device once the call has ended.
 pub struct Unanswered(DeviceCall);
 
+impl Unanswered {
+    /// Says that play starts without the device.
+    pub fn warn(self) -> Self {
+        tracing::warn!(
+            "{self}: playing on against the null output, and on the device once it answers"
+        );
+        self
+    }
+}
+
+impl std::fmt::Display for Unanswered {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "the audio device has not answered ({} for {} s)",
+            self.0.what,
+            START_WAIT.as_secs()
+        )
+    }
+}
+
 /// What start-up found of the device, for the supervisor to start from.
 pub enum AtStart {
     /// None wanted (`--output null`) or none found: the null output, and a device wanted is
@@ -157,14 +178,9 @@ impl DeviceCall {
         })
     }
 
-    /// Says that start-up goes on without this call, which then needs no report of its own.
+    /// Start-up goes on without this call, and says so (`Unanswered`'s `Display`): it needs no
+    /// report of its own.
     fn unanswered_at_start(mut self) -> Self {
-        tracing::warn!(
-            "the audio device has not answered ({} for {} s): playing on against the null \
-             output, and on the device once it answers",
-            self.what,
-            START_WAIT.as_secs()
-        );
         self.reported = true;
         self
     }
