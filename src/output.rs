@@ -404,43 +404,73 @@ impl Drop for NullOutput {
     }
 }
 
-/// Prints every host and its output devices.
+/// Prints every host and its output devices. Each host is listed on a thread of its own and
+/// waited for at most `LIST_WAIT`: a JACK server that hangs holds its host's calls for good,
+/// and this is what an operator runs when the room is quiet.
 pub fn list_devices() -> anyhow::Result<()> {
     let default_host = cpal::default_host().id();
     for id in cpal::available_hosts() {
         let mark = if id == default_host { " (default)" } else { "" };
         println!("host {}{mark}", id.name());
-        match cpal::host_from_id(id) {
-            Ok(host) => {
-                let default = host.default_output_device().map(|d| device_name(&d));
-                match host.output_devices() {
-                    Ok(devices) => {
-                        for d in devices {
-                            let name = device_name(&d);
-                            let cfg = d
-                                .default_output_config()
-                                .map(|c| {
-                                    format!(
-                                        "{} ch, {} Hz, {:?}",
-                                        c.channels(),
-                                        c.sample_rate(),
-                                        c.sample_format()
-                                    )
-                                })
-                                .unwrap_or_else(|e| format!("unusable: {e}"));
-                            let star = if Some(&name) == default.as_ref() {
-                                "*"
-                            } else {
-                                " "
-                            };
-                            println!("  {star} {name}  [{cfg}]");
-                        }
-                    }
-                    Err(e) => println!("    cannot list devices: {e}"),
-                }
+        let listing = std::thread::Builder::new()
+            .name("audio-device".into())
+            .spawn(move || host_devices(id))?;
+        if crate::watchdog::finished_within(&listing, LIST_WAIT) {
+            match listing.join() {
+                Ok(text) => print!("{text}"),
+                Err(_) => println!("    listing its devices panicked"),
             }
-            Err(e) => println!("    unavailable: {e}"),
+        } else {
+            // Left to end with the process.
+            println!(
+                "    has not answered in {} s (a JACK server that hangs?)",
+                LIST_WAIT.as_secs()
+            );
         }
     }
     Ok(())
+}
+
+const LIST_WAIT: Duration = Duration::from_secs(5);
+
+/// A host's output devices, a line each, as `list_devices` prints them.
+fn host_devices(id: cpal::HostId) -> String {
+    use std::fmt::Write;
+    let mut out = String::new();
+    let host = match cpal::host_from_id(id) {
+        Ok(host) => host,
+        Err(e) => {
+            let _ = writeln!(out, "    unavailable: {e}");
+            return out;
+        }
+    };
+    let default = host.default_output_device().map(|d| device_name(&d));
+    let devices = match host.output_devices() {
+        Ok(devices) => devices,
+        Err(e) => {
+            let _ = writeln!(out, "    cannot list devices: {e}");
+            return out;
+        }
+    };
+    for d in devices {
+        let name = device_name(&d);
+        let cfg = d
+            .default_output_config()
+            .map(|c| {
+                format!(
+                    "{} ch, {} Hz, {:?}",
+                    c.channels(),
+                    c.sample_rate(),
+                    c.sample_format()
+                )
+            })
+            .unwrap_or_else(|e| format!("unusable: {e}"));
+        let star = if Some(&name) == default.as_ref() {
+            "*"
+        } else {
+            " "
+        };
+        let _ = writeln!(out, "  {star} {name}  [{cfg}]");
+    }
+    out
 }

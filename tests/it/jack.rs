@@ -174,23 +174,35 @@ fn a_jack_server_frozen_at_the_start_is_joined_when_it_answers() {
     assert!(stderr.contains("audio device back"), "{stderr}");
 }
 
-/// `doctor`, run because the room is quiet, names a device that does not answer and goes on
-/// with the other checks, instead of hanging with it.
+/// `doctor` and `devices`, run because the room is quiet, name a device that does not answer
+/// and go on, instead of hanging with it.
 #[test]
-fn doctor_names_a_jack_server_that_does_not_answer() {
+fn doctor_and_devices_name_a_jack_server_that_does_not_answer() {
     let jack = Jack::start(&server_name("doctor"));
     jack.freeze();
-    // Bounded from outside: a doctor that hangs is killed, and its status then says so.
-    let out = std::process::Command::new("timeout")
-        .args(["-s", "KILL", "60", bin(), "doctor", "--host", "jack"])
-        .args(["--scene", "scenes/gallery.toml", "--osc", "127.0.0.1:0"])
-        .current_dir(root())
-        .env("JACK_DEFAULT_SERVER", &jack.name)
-        .env("RUST_LOG", "warn")
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert_eq!(out.status.code(), Some(1), "{}: {stdout}", out.status);
+    // Bounded from outside: one that hangs is killed, and its status then says so.
+    let run = |args: &[&str]| {
+        let out = std::process::Command::new("timeout")
+            .args(["-s", "KILL", "60", bin()])
+            .args(args)
+            .current_dir(root())
+            .env("JACK_DEFAULT_SERVER", &jack.name)
+            .env("RUST_LOG", "warn")
+            .output()
+            .unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+        (out.status, stdout)
+    };
+    let (status, stdout) = run(&[
+        "doctor",
+        "--host",
+        "jack",
+        "--scene",
+        "scenes/gallery.toml",
+        "--osc",
+        "127.0.0.1:0",
+    ]);
+    assert_eq!(status.code(), Some(1), "{status}: {stdout}");
     assert!(
         stdout.contains(
             "PROBLEM  audio output: the audio device has not answered \
@@ -199,6 +211,13 @@ fn doctor_names_a_jack_server_that_does_not_answer() {
         "{stdout}"
     );
     assert!(stdout.contains("1 problem(s) found"), "{stdout}");
+
+    let (status, stdout) = run(&["devices"]);
+    assert!(status.success(), "{status}: {stdout}");
+    assert!(
+        stdout.contains("host JACK\n    has not answered in 5 s"),
+        "{stdout}"
+    );
 }
 
 /// A server that hangs while the engine is on it, while the engine opens it, or from before the
