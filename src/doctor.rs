@@ -151,21 +151,21 @@ pub fn run(mut args: DoctorArgs) -> usize {
         buffer: 256,
         sample_rate: None,
     };
-    match output::find_at_start(&req) {
-        Err(unanswered) => r.problem(
+    match output::find_at_start(&req, &|| false) {
+        output::Found::Unanswered(unanswered) => r.problem(
             "audio output",
             unanswered,
             "the audio server or card hangs: restart the JACK server (or whatever holds the \
              card), or unplug and replug the card; play starts on the null output meanwhile",
         ),
-        Ok(Ok(n)) => r.ok(
+        output::Found::Device(n) => r.ok(
             "audio output",
             format!(
                 "{} device {:?}, {} ch, {} Hz",
                 n.host, n.name, n.channels, n.sample_rate
             ),
         ),
-        Ok(Err(e)) => r.problem(
+        output::Found::Missing(e) => r.problem(
             "audio output",
             e,
             "plug in the sound card and check `aplay -l` and `roomscore devices`; \

@@ -30,7 +30,7 @@ impl AlsaErrors {
 
     pub fn drain(&mut self) {}
 }
-pub use supervisor::{find_at_start, open_at_start, AtStart, Supervisor, Unanswered};
+pub use supervisor::{find_at_start, open_at_start, AtStart, Found, Supervisor, Unanswered};
 
 /// What an output's callback runs: the audio engine, or a replay's ring of rendered blocks.
 pub trait Render: Send {
@@ -118,7 +118,8 @@ fn device_name(d: &cpal::Device) -> String {
 }
 
 /// Finds the device and a stereo (or whatever it has) f32/i16 configuration at the rate asked.
-pub fn negotiate(req: &OutputRequest) -> Result<Negotiated, OutputError> {
+/// It can hang with the device: only on a device thread (`supervisor`).
+fn negotiate(req: &OutputRequest) -> Result<Negotiated, OutputError> {
     let host = host_for(req.host.as_deref())?;
     let device = match req.device.as_deref() {
         None | Some("default") => host.default_output_device(),
@@ -267,8 +268,9 @@ impl Output {
     }
 }
 
-/// Opens the device, not yet playing (`Output::play`).
-pub fn build_cpal(
+/// Opens the device, not yet playing (`Output::play`). It can hang with the device: only on a
+/// device thread (`supervisor`).
+fn build_cpal(
     neg: &Negotiated,
     engine: SharedEngine,
     telemetry: Arc<Telemetry>,
@@ -414,7 +416,14 @@ pub fn list_devices() -> anyhow::Result<()> {
         println!("host {}{mark}", id.name());
         let listing = std::thread::Builder::new()
             .name("audio-device".into())
-            .spawn(move || host_devices(id))?;
+            .spawn(move || host_devices(id));
+        let listing = match listing {
+            Ok(listing) => listing,
+            Err(e) => {
+                println!("    cannot list its devices: no thread for it: {e}");
+                continue;
+            }
+        };
         if crate::watchdog::finished_within(&listing, LIST_WAIT) {
             match listing.join() {
                 Ok(text) => print!("{text}"),
@@ -431,7 +440,7 @@ pub fn list_devices() -> anyhow::Result<()> {
     Ok(())
 }
 
-const LIST_WAIT: Duration = Duration::from_secs(5);
+const LIST_WAIT: Duration = supervisor::START_WAIT;
 
 /// A host's output devices, a line each, as `list_devices` prints them.
 fn host_devices(id: cpal::HostId) -> String {

@@ -1,13 +1,14 @@
 //! `roomscore play`: the live engine. Threads: the output (cpal's callback, or the null output's
 //! timer), the OSC receiver, the conductor (control loop, ~200 Hz, and at once on any input),
-//! the composer (fills the note queue ahead of the playhead), the recorder, and the main thread,
+//! the composer (fills the note queue ahead of the playhead), the recorder, the audio device's
+//! calls (`output::Supervisor`: each find, open or close of the device), and the main thread,
 //! which waits for signals: SIGINT/SIGTERM fade out and stop, SIGHUP reloads the scene.
 //! With `--inputs`, the conductor and composer give way to a replay (`crate::replay`): the
 //! renderer's lockstep a few blocks ahead of the device.
 
 use std::net::{SocketAddr, UdpSocket};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::Ordering::Relaxed;
+use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -134,6 +135,12 @@ pub fn run(args: PlayArgs) -> anyhow::Result<()> {
         signal_hook::iterator::Signals::new([SIGINT, SIGTERM, SIGHUP])
             .context("setting up signal handling")?
     };
+    // Besides: the start's waits for the device see a stop at once (`Signals` is read only
+    // once play runs), so that a service stopped then is not killed mid-start.
+    let stopping = Arc::new(AtomicBool::new(false));
+    for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+        signal_hook::flag::register(sig, stopping.clone()).context("setting up signal handling")?;
+    }
     // What alsa-lib says on this thread: a device stream is played (started) here.
     let alsa_errors = output::AlsaErrors::capture();
     let socket = osc::bind(args.osc)?;
@@ -153,22 +160,24 @@ pub fn run(args: PlayArgs) -> anyhow::Result<()> {
     };
     // Found on a thread of its own: a device that does not answer (a frozen JACK server) is left
     // to its call, and the engine starts on the null output.
-    let (negotiated, unanswered) = if args.output.as_deref() == Some("null") {
-        (None, None)
-    } else {
-        match output::find_at_start(&req) {
-            Ok(Ok(n)) => (Some(n), None),
-            Ok(Err(e)) => {
-                tracing::warn!("no audio device ({e}); playing on, paced in real time, against the null output");
-                (None, None)
-            }
-            Err(unanswered) => (None, Some(unanswered.warn())),
+    let found = (args.output.as_deref() != Some("null"))
+        .then(|| output::find_at_start(&req, &|| stopping.load(Relaxed)));
+    let found = match found {
+        Some(output::Found::Missing(e)) => {
+            tracing::warn!(
+                "no audio device ({e}); playing on, paced in real time, against the null output"
+            );
+            None
         }
+        Some(output::Found::Unanswered(u)) => {
+            Some(output::Found::Unanswered(unanswered(u, &stopping)))
+        }
+        other => other,
     };
-    let sample_rate = negotiated
-        .as_ref()
-        .map(|n| n.sample_rate)
-        .unwrap_or(args.sample_rate.unwrap_or(48_000));
+    let sample_rate = match &found {
+        Some(output::Found::Device(n)) => n.sample_rate,
+        _ => args.sample_rate.unwrap_or(48_000),
+    };
     let mut parts = session::build(
         scene,
         BuildOptions {
@@ -203,8 +212,8 @@ pub fn run(args: PlayArgs) -> anyhow::Result<()> {
     });
     let started = Instant::now();
     let outputs = Outputs {
-        negotiated,
-        unanswered,
+        found,
+        stopping,
         wanted: (args.output.as_deref() != Some("null")).then_some(req),
         telemetry: telemetry.clone(),
         sample_rate,
@@ -493,9 +502,11 @@ impl Work {
 
 /// How to start the output for whatever renders.
 struct Outputs {
-    negotiated: Option<output::Negotiated>,
-    /// The search for the device, when it did not answer at start-up.
-    unanswered: Option<output::Unanswered>,
+    /// What start-up's search found; `None` for the null output, asked for or for want of a
+    /// device.
+    found: Option<output::Found>,
+    /// A stop asked for during the start.
+    stopping: Arc<AtomicBool>,
     wanted: Option<OutputRequest>,
     telemetry: Arc<crate::audio::Telemetry>,
     sample_rate: u32,
@@ -507,19 +518,20 @@ struct Outputs {
 
 impl Outputs {
     fn start(self, target: SharedEngine) -> Supervisor {
-        let at_start = match (self.negotiated, self.unanswered) {
-            (_, Some(unanswered)) => AtStart::Unanswered(unanswered),
-            (Some(n), None) => {
-                match output::open_at_start(n, target.clone(), self.telemetry.clone()) {
+        let stopping = || self.stopping.load(Relaxed);
+        let at_start = match self.found {
+            Some(output::Found::Device(n)) => {
+                match output::open_at_start(n, target.clone(), self.telemetry.clone(), &stopping) {
                     Ok(Ok(opened)) => AtStart::Opened(opened),
                     Ok(Err(e)) => {
                         tracing::warn!("{e}; playing on against the null output");
                         AtStart::Null
                     }
-                    Err(unanswered) => AtStart::Unanswered(unanswered.warn()),
+                    Err(u) => AtStart::Unanswered(unanswered(u, &self.stopping)),
                 }
             }
-            (None, None) => AtStart::Null,
+            Some(output::Found::Unanswered(u)) => AtStart::Unanswered(u),
+            Some(output::Found::Missing(_)) | None => AtStart::Null,
         };
         // `--output null` means no device at all; otherwise a missing or lost one is looked for.
         let supervisor = Supervisor::new(
@@ -537,6 +549,17 @@ impl Outputs {
             supervisor
         }
     }
+}
+
+/// Says that play starts without the device, which has not answered (unless the wait ended
+/// because play is stopping, which says so itself).
+fn unanswered(u: output::Unanswered, stopping: &AtomicBool) -> output::Unanswered {
+    if !stopping.load(Relaxed) {
+        tracing::warn!(
+            "{u}: playing on against the null output, and on the device once it answers"
+        );
+    }
+    u
 }
 
 /// Plays until a signal, `seconds`, a thread of the engine stopping (`died` names it), or a

@@ -1,6 +1,6 @@
 //! systemd's watchdog (`WatchdogSec=`), fed only while the engine is whole: the audio clock
 //! moves, and every thread the room depends on goes round its loop. A thread stuck inside one
-//! call (a model that never returns, a device that hangs the main thread) stops the pings, and
+//! call (a model that never returns, a bug that holds the main thread) stops the pings, and
 //! systemd restarts the engine; before, the clock kept moving and the room played on without
 //! its composer until someone came.
 

@@ -33,25 +33,37 @@ const STALL: Duration = Duration::from_millis(1500);
 const SLOW_CALL: Duration = Duration::from_secs(5);
 /// How long a stop waits for the device to close before leaving it to end with the process.
 const CLOSE_AT_STOP: Duration = Duration::from_secs(2);
-/// How long start-up waits for the device to be found, and then to be opened.
-pub const START_WAIT: Duration = Duration::from_secs(5);
+/// How long start-up waits for the device to be found, and then to be opened (and `devices` for
+/// each host's list).
+pub(crate) const START_WAIT: Duration = Duration::from_secs(5);
 const TRYING: &str = "trying the device";
 const FINDING: &str = "looking for the device at the start";
 const OPENING: &str = "opening the device at the start";
 
-/// A call into the device at start-up that did not answer within `START_WAIT`. The engine
-/// starts on the null output, and the supervisor tries the device once the call has ended.
-pub struct Unanswered(DeviceCall);
+/// What a call into the device gave.
+enum Answer {
+    /// Start-up's search: the device, and a configuration for it.
+    Found(Result<Negotiated, OutputError>),
+    /// A stream opened, not yet playing: a try, or start-up's open.
+    Opened(Result<Output, OutputError>),
+    Closed,
+    /// The call panicked in the host's code, or no thread could be started for it. The device
+    /// failed, and is tried again later like any that did.
+    Failed(OutputError),
+}
 
-impl Unanswered {
-    /// Says that play starts without the device.
-    pub fn warn(self) -> Self {
-        tracing::warn!(
-            "{self}: playing on against the null output, and on the device once it answers"
-        );
-        self
+/// A failed call into the device whose own error was lost.
+fn call_failed(what: &str, why: impl std::fmt::Display) -> OutputError {
+    OutputError::Device {
+        device: "?".into(),
+        message: format!("{what}: {why}"),
     }
 }
+
+/// A call into the device at start-up that did not answer within `START_WAIT`, or that start-up
+/// stopped waiting for because play is stopping. The engine starts on the null output, and the
+/// supervisor tries the device once the call has ended.
+pub struct Unanswered(DeviceCall);
 
 impl std::fmt::Display for Unanswered {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -62,6 +74,13 @@ impl std::fmt::Display for Unanswered {
             START_WAIT.as_secs()
         )
     }
+}
+
+/// What start-up's search found.
+pub enum Found {
+    Device(Negotiated),
+    Missing(OutputError),
+    Unanswered(Unanswered),
 }
 
 /// What start-up found of the device, for the supervisor to start from.
@@ -75,55 +94,63 @@ pub enum AtStart {
     Unanswered(Unanswered),
 }
 
-/// A failed call into the device whose own error was lost: its thread panicked or could not
-/// be started.
-fn call_failed(what: &str, why: impl std::fmt::Display) -> OutputError {
-    OutputError::Device {
-        device: "?".into(),
-        message: format!("{what}: {why}"),
-    }
-}
-
-/// Finds the device and a configuration for it (`negotiate`), waiting at most `START_WAIT`.
-pub fn find_at_start(req: &OutputRequest) -> Result<Result<Negotiated, OutputError>, Unanswered> {
-    let (tx, rx) = crossbeam_channel::bounded(1);
-    let asked = req.clone();
-    let call = DeviceCall::spawn(FINDING, move || {
-        // Sent before the thread ends; one that answers too late drops what it found here.
-        let _ = tx.send(negotiate(&asked));
-        None
-    });
-    let call = match call {
+/// Runs `f` on a device thread and waits for its answer, at most `START_WAIT` and only while
+/// `stopping` says no: a stop asked for meanwhile is answered at once, not after the wait.
+fn call_at_start(
+    what: &'static str,
+    stopping: &dyn Fn() -> bool,
+    f: impl FnOnce() -> Answer + Send + 'static,
+) -> Result<Answer, Unanswered> {
+    let mut call = match DeviceCall::spawn(what, f) {
         Ok(call) => call,
-        Err(e) => return Ok(Err(call_failed(FINDING, format!("no thread for it: {e}")))),
+        Err(e) => {
+            return Ok(Answer::Failed(call_failed(
+                what,
+                format!("no thread for it: {e}"),
+            )))
+        }
     };
-    if !crate::watchdog::finished_within(&call.thread, START_WAIT) {
-        return Err(Unanswered(call.unanswered_at_start()));
+    while !call.thread.is_finished() {
+        if call.since.elapsed() >= START_WAIT || stopping() {
+            // Start-up says so itself (`Unanswered`'s `Display`).
+            call.reported = true;
+            return Err(Unanswered(call));
+        }
+        std::thread::sleep(Duration::from_millis(10));
     }
-    call.join();
-    Ok(rx
-        .try_recv()
-        .unwrap_or_else(|_| Err(call_failed(FINDING, "panicked"))))
+    Ok(call.join())
 }
 
-/// Opens the stream of a device found (`build_cpal`), not yet playing, waiting at most
-/// `START_WAIT`.
+/// Finds the device and a configuration for it (`negotiate`), waiting as `call_at_start` does.
+pub fn find_at_start(req: &OutputRequest, stopping: &dyn Fn() -> bool) -> Found {
+    let asked = req.clone();
+    match call_at_start(FINDING, stopping, move || Answer::Found(negotiate(&asked))) {
+        Ok(Answer::Found(Ok(found))) => Found::Device(found),
+        Ok(Answer::Found(Err(e)) | Answer::Failed(e)) => Found::Missing(e),
+        Ok(Answer::Opened(_) | Answer::Closed) => {
+            Found::Missing(call_failed(FINDING, "it answered something else"))
+        }
+        Err(unanswered) => Found::Unanswered(unanswered),
+    }
+}
+
+/// Opens the stream of a device found (`build_cpal`), not yet playing, waiting as
+/// `call_at_start` does.
 pub fn open_at_start(
     found: Negotiated,
     engine: SharedEngine,
     telemetry: Arc<Telemetry>,
+    stopping: &dyn Fn() -> bool,
 ) -> Result<Result<Output, OutputError>, Unanswered> {
-    let call = DeviceCall::spawn(OPENING, move || Some(build_cpal(&found, engine, telemetry)));
-    let call = match call {
-        Ok(call) => call,
-        Err(e) => return Ok(Err(call_failed(OPENING, format!("no thread for it: {e}")))),
-    };
-    if !crate::watchdog::finished_within(&call.thread, START_WAIT) {
-        return Err(Unanswered(call.unanswered_at_start()));
+    match call_at_start(OPENING, stopping, move || {
+        Answer::Opened(build_cpal(&found, engine, telemetry))
+    })? {
+        Answer::Opened(opened) => Ok(opened),
+        Answer::Failed(e) => Ok(Err(e)),
+        Answer::Found(_) | Answer::Closed => {
+            Ok(Err(call_failed(OPENING, "it answered something else")))
+        }
     }
-    Ok(call
-        .join()
-        .unwrap_or_else(|| Err(call_failed(OPENING, "panicked"))))
 }
 
 pub struct Supervisor {
@@ -143,14 +170,15 @@ pub struct Supervisor {
     restart_for: Option<String>,
     /// What alsa-lib says on the polling thread, logged at debug level instead of on stderr.
     alsa_errors: Option<super::AlsaErrors>,
-    /// The device call under way: the lost stream closing, or a try of the device.
+    /// The device call under way: a stream closing, a try of the device, or start-up's search
+    /// or open that did not answer in time.
     call: Option<DeviceCall>,
 }
 
 /// A call into the audio host, on a thread of its own.
 struct DeviceCall {
-    thread: JoinHandle<Option<Result<Output, OutputError>>>,
-    /// `closing the lost stream`, `trying the device`.
+    thread: JoinHandle<Answer>,
+    /// `closing the lost stream`, `trying the device`, ...
     what: &'static str,
     since: Instant,
     /// Whether a slow call was reported.
@@ -158,10 +186,9 @@ struct DeviceCall {
 }
 
 impl DeviceCall {
-    /// `f` returns the output a try opened, or `None` for a close.
     fn spawn(
         what: &'static str,
-        f: impl FnOnce() -> Option<Result<Output, OutputError>> + Send + 'static,
+        f: impl FnOnce() -> Answer + Send + 'static,
     ) -> std::io::Result<Self> {
         let thread = std::thread::Builder::new()
             .name("audio-device".into())
@@ -178,13 +205,6 @@ impl DeviceCall {
         })
     }
 
-    /// Start-up goes on without this call, and says so (`Unanswered`'s `Display`): it needs no
-    /// report of its own.
-    fn unanswered_at_start(mut self) -> Self {
-        self.reported = true;
-        self
-    }
-
     /// Reports, once, a call that has not returned in `SLOW_CALL`.
     fn report_if_slow(&mut self) {
         if !self.reported && self.since.elapsed() >= SLOW_CALL {
@@ -198,14 +218,12 @@ impl DeviceCall {
         }
     }
 
-    /// What the call gave. A try that panicked in the host's code failed, and is tried again
-    /// later like any other.
-    fn join(self) -> Option<Result<Output, OutputError>> {
+    fn join(self) -> Answer {
         tracing::debug!("{} took {} ms", self.what, self.since.elapsed().as_millis());
         let what = self.what;
-        self.thread.join().unwrap_or_else(|_| {
-            matches!(what, TRYING | OPENING).then(|| Err(call_failed(what, "panicked")))
-        })
+        self.thread
+            .join()
+            .unwrap_or_else(|_| Answer::Failed(call_failed(what, "panicked")))
     }
 }
 
@@ -298,8 +316,11 @@ impl Supervisor {
                 call.report_if_slow();
                 return;
             }
-            if let Some(tried) = self.call.take().and_then(DeviceCall::join) {
-                self.tried(tried);
+            match self.call.take().map(DeviceCall::join) {
+                Some(Answer::Opened(tried)) => self.tried(tried),
+                Some(Answer::Failed(e)) => self.tried(Err(e)),
+                // A search that answered too late: the device is tried again, at this rate.
+                Some(Answer::Found(_) | Answer::Closed) | None => {}
             }
         }
         match &self.current {
@@ -327,7 +348,7 @@ impl Supervisor {
     pub fn stop(self) {
         let closing = DeviceCall::spawn("closing the device at the stop", move || {
             drop(self.current);
-            None
+            Answer::Closed
         });
         let closing = match closing {
             Ok(c) => c,
@@ -372,7 +393,7 @@ impl Supervisor {
         // is not tried again before it has closed.
         match DeviceCall::spawn("closing the lost stream", move || {
             drop(gone);
-            None
+            Answer::Closed
         }) {
             Ok(call) => self.call = Some(call),
             Err(e) => tracing::warn!("closing the lost stream: {e}"),
@@ -389,7 +410,7 @@ impl Supervisor {
         let engine = self.engine.clone();
         let telemetry = self.telemetry.clone();
         let call = DeviceCall::spawn(TRYING, move || {
-            Some(negotiate(&req).and_then(|n| {
+            Answer::Opened(negotiate(&req).and_then(|n| {
                 if n.sample_rate != rate {
                     return Err(OutputError::OtherRate {
                         device: n.name.clone(),
