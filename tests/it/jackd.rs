@@ -3,6 +3,7 @@
 use std::net::UdpSocket;
 use std::path::Path;
 use std::process::{Command, Stdio};
+use std::sync::{Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 use super::common::*;
@@ -33,6 +34,37 @@ pub fn float_data_chunk(bytes: &[u8]) -> Vec<f32> {
 pub struct Jack {
     pub name: String,
     child: std::process::Child,
+    /// Dropped after the server has stopped (fields drop after `Drop::drop`).
+    _slot: Slot,
+}
+
+/// JACK's shared-memory registry holds 8 servers, one of them `.ci/run`'s, and one whose
+/// stop hangs can keep its entry for 20 s: tests in parallel (a thread per CPU) run at most
+/// this many of their own at once. None holds two.
+const SERVERS_AT_ONCE: usize = 4;
+static SERVERS: (Mutex<usize>, Condvar) = (Mutex::new(0), Condvar::new());
+
+/// One of `SERVERS_AT_ONCE`, taken until dropped.
+struct Slot;
+
+impl Slot {
+    fn take() -> Slot {
+        let (count, freed) = &SERVERS;
+        let mut n = count.lock().unwrap_or_else(|e| e.into_inner());
+        while *n >= SERVERS_AT_ONCE {
+            n = freed.wait(n).unwrap_or_else(|e| e.into_inner());
+        }
+        *n += 1;
+        Slot
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        let (count, freed) = &SERVERS;
+        *count.lock().unwrap_or_else(|e| e.into_inner()) -= 1;
+        freed.notify_one();
+    }
 }
 
 impl Jack {
@@ -63,6 +95,7 @@ impl Jack {
                 "{tool} is needed (apt-get install jackd2 jack-capture)"
             );
         }
+        let slot = Slot::take();
         let child = Command::new("jackd")
             .args([
                 "-n",
@@ -82,6 +115,7 @@ impl Jack {
         let mut jack = Jack {
             name: name.to_string(),
             child,
+            _slot: slot,
         };
         let up = (0..50).any(|_| {
             std::thread::sleep(Duration::from_millis(100));
@@ -240,6 +274,22 @@ impl Jack {
                 let _ = std::fs::remove_file(entry.path());
             }
         }
+    }
+}
+
+/// Waits until process `pid` has a thread named `name`.
+pub fn wait_for_thread(pid: u32, name: &str, secs: u64) {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    loop {
+        let tasks = std::fs::read_dir(format!("/proc/{pid}/task"));
+        let found = tasks.into_iter().flatten().flatten().any(|task| {
+            std::fs::read_to_string(task.path().join("comm")).is_ok_and(|c| c.trim() == name)
+        });
+        if found {
+            return;
+        }
+        assert!(Instant::now() < deadline, "no thread {name:?} in {secs} s");
+        std::thread::sleep(Duration::from_millis(20));
     }
 }
 
