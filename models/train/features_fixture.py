@@ -12,6 +12,7 @@ read back from their tokens), and made-up ones for the edges: random pitches and
 whole MIDI range, a chromatic cluster (flat or symmetric histograms: no key, or rotations that tie), silence, a lone drone, and a
 grid shorter than either window.
 """
+import argparse
 import json
 import math
 import os
@@ -70,7 +71,11 @@ def differences(want, got, where="features.json"):
 
 
 def main():
-    check = "--check" in sys.argv[1:]
+    ap = argparse.ArgumentParser(description="Write (or check) models/fixtures/features.json.")
+    ap.add_argument("--check", action="store_true",
+                    help="compare the committed file with what common.features measures now; "
+                         "exit 1, naming each value, where they differ")
+    check = ap.parse_args().check
     cases = []
     for name, grid in [*jsb_grids(), *made_up_grids()]:
         density, register, mode, tonic = C.features(grid)
@@ -97,7 +102,9 @@ def main():
     path = os.path.join(MODELS, "fixtures", "features.json")
     if check:
         # Through JSON, as the file was written: tuples become lists, NaN stays out.
-        diff = differences(json.loads(json.dumps(out)), json.load(open(path)))
+        with open(path) as f:
+            committed = json.load(f)
+        diff = differences(json.loads(json.dumps(out)), committed)
         for d in diff[:20]:
             print(d, file=sys.stderr)
         if diff:
@@ -105,7 +112,8 @@ def main():
                      f"run models/train/features_fixture.py and commit the file")
         print(f"{path}: current ({len(cases)} grids)")
         return
-    json.dump(out, open(path, "w"))
+    with open(path, "w") as f:
+        json.dump(out, f)
     print(f"{path}: {len(cases)} grids, {sum(len(c['grid']) for c in cases)} steps")
 
 
