@@ -130,27 +130,18 @@ pub fn run(args: PlayArgs) -> anyhow::Result<()> {
         .unwrap_or_else(|| PathBuf::from("."));
     // Before any thread starts, so that a SIGHUP (a reload) early in the start cannot end the
     // process, which is what it does by default.
-    let signals = {
-        use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
-        signal_hook::iterator::Signals::new([SIGINT, SIGTERM, SIGHUP])
-            .context("setting up signal handling")?
-    };
-    // Besides: the start's waits for the device see a stop at once (`Signals` is read only
-    // once play runs), so that a service stopped then is not killed mid-start.
+    use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
+    let signals = signal_hook::iterator::Signals::new([SIGINT, SIGTERM, SIGHUP])
+        .context("setting up signal handling")?;
+    // Besides: the start's waits for the device see a stop without waiting out (`Signals` is
+    // read only once play runs), so that a service stopped then is not killed mid-start.
     let stopping = Arc::new(AtomicBool::new(false));
-    for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+    for sig in [SIGINT, SIGTERM] {
         signal_hook::flag::register(sig, stopping.clone()).context("setting up signal handling")?;
     }
     // What alsa-lib says on this thread: a device stream is played (started) here.
     let alsa_errors = output::AlsaErrors::capture();
     let socket = osc::bind(args.osc)?;
-    let input_log = match &args.log_inputs {
-        Some(p) => {
-            keep_earlier(p, "input log")?;
-            Some(LogWriter::create(p)?)
-        }
-        None => None,
-    };
     lock_memory();
     let req = OutputRequest {
         device: args.output.clone().filter(|d| d != "null"),
@@ -160,19 +151,33 @@ pub fn run(args: PlayArgs) -> anyhow::Result<()> {
     };
     // Found on a thread of its own: a device that does not answer (a frozen JACK server) is left
     // to its call, and the engine starts on the null output.
-    let found = (args.output.as_deref() != Some("null"))
-        .then(|| output::find_at_start(&req, &|| stopping.load(Relaxed)));
-    let found = match found {
-        Some(output::Found::Missing(e)) => {
-            tracing::warn!(
-                "no audio device ({e}); playing on, paced in real time, against the null output"
-            );
-            None
+    let found = match args.output.as_deref() {
+        Some("null") => None,
+        _ => match output::find_at_start(&req, &|| stopping.load(Relaxed)) {
+            output::Found::Missing(e) => {
+                tracing::warn!(
+                    "no audio device ({e}); playing on, paced in real time, against the null output"
+                );
+                None
+            }
+            output::Found::Unanswered(u) => {
+                Some(output::Found::Unanswered(unanswered(u, &stopping)))
+            }
+            device => Some(device),
+        },
+    };
+    if stopping.load(Relaxed) {
+        // Nothing plays yet, so there is nothing to fade or record.
+        tracing::info!("stopped during the start, before anything played");
+        return Ok(());
+    }
+    // After the stop above, which then leaves no empty log behind in place of an earlier one.
+    let input_log = match &args.log_inputs {
+        Some(p) => {
+            keep_earlier(p, "input log")?;
+            Some(LogWriter::create(p)?)
         }
-        Some(output::Found::Unanswered(u)) => {
-            Some(output::Found::Unanswered(unanswered(u, &stopping)))
-        }
-        other => other,
+        None => None,
     };
     let sample_rate = match &found {
         Some(output::Found::Device(n)) => n.sample_rate,
@@ -520,6 +525,8 @@ impl Outputs {
     fn start(self, target: SharedEngine) -> Supervisor {
         let stopping = || self.stopping.load(Relaxed);
         let at_start = match self.found {
+            // A stop since the search: no stream is opened only to be closed.
+            Some(output::Found::Device(_)) if stopping() => AtStart::Null,
             Some(output::Found::Device(n)) => {
                 match output::open_at_start(n, target.clone(), self.telemetry.clone(), &stopping) {
                     Ok(Ok(opened)) => AtStart::Opened(opened),

@@ -47,8 +47,8 @@ enum Answer {
     /// A stream opened, not yet playing: a try, or start-up's open.
     Opened(Result<Output, OutputError>),
     Closed,
-    /// The call panicked in the host's code, or no thread could be started for it. The device
-    /// failed, and is tried again later like any that did.
+    /// A call that opens nothing panicked in the host's code, or no thread could be started
+    /// for a call at start-up.
     Failed(OutputError),
 }
 
@@ -98,10 +98,11 @@ pub enum AtStart {
 /// `stopping` says no: a stop asked for meanwhile is answered at once, not after the wait.
 fn call_at_start(
     what: &'static str,
+    opens: bool,
     stopping: &dyn Fn() -> bool,
     f: impl FnOnce() -> Answer + Send + 'static,
 ) -> Result<Answer, Unanswered> {
-    let mut call = match DeviceCall::spawn(what, f) {
+    let mut call = match DeviceCall::spawn(what, opens, f) {
         Ok(call) => call,
         Err(e) => {
             return Ok(Answer::Failed(call_failed(
@@ -112,7 +113,7 @@ fn call_at_start(
     };
     while !call.thread.is_finished() {
         if call.since.elapsed() >= START_WAIT || stopping() {
-            // Start-up says so itself (`Unanswered`'s `Display`).
+            // Start-up says so itself (`Unanswered`'s `Display`), unless it is stopping.
             call.reported = true;
             return Err(Unanswered(call));
         }
@@ -124,7 +125,9 @@ fn call_at_start(
 /// Finds the device and a configuration for it (`negotiate`), waiting as `call_at_start` does.
 pub fn find_at_start(req: &OutputRequest, stopping: &dyn Fn() -> bool) -> Found {
     let asked = req.clone();
-    match call_at_start(FINDING, stopping, move || Answer::Found(negotiate(&asked))) {
+    match call_at_start(FINDING, false, stopping, move || {
+        Answer::Found(negotiate(&asked))
+    }) {
         Ok(Answer::Found(Ok(found))) => Found::Device(found),
         Ok(Answer::Found(Err(e)) | Answer::Failed(e)) => Found::Missing(e),
         Ok(Answer::Opened(_) | Answer::Closed) => {
@@ -142,7 +145,7 @@ pub fn open_at_start(
     telemetry: Arc<Telemetry>,
     stopping: &dyn Fn() -> bool,
 ) -> Result<Result<Output, OutputError>, Unanswered> {
-    match call_at_start(OPENING, stopping, move || {
+    match call_at_start(OPENING, true, stopping, move || {
         Answer::Opened(build_cpal(&found, engine, telemetry))
     })? {
         Answer::Opened(opened) => Ok(opened),
@@ -183,11 +186,14 @@ struct DeviceCall {
     since: Instant,
     /// Whether a slow call was reported.
     reported: bool,
+    /// Whether it opens a stream: one that panicked is then a failed try of the device.
+    opens: bool,
 }
 
 impl DeviceCall {
     fn spawn(
         what: &'static str,
+        opens: bool,
         f: impl FnOnce() -> Answer + Send + 'static,
     ) -> std::io::Result<Self> {
         let thread = std::thread::Builder::new()
@@ -202,6 +208,7 @@ impl DeviceCall {
             what,
             since: Instant::now(),
             reported: false,
+            opens,
         })
     }
 
@@ -220,10 +227,15 @@ impl DeviceCall {
 
     fn join(self) -> Answer {
         tracing::debug!("{} took {} ms", self.what, self.since.elapsed().as_millis());
-        let what = self.what;
-        self.thread
-            .join()
-            .unwrap_or_else(|_| Answer::Failed(call_failed(what, "panicked")))
+        let (what, opens) = (self.what, self.opens);
+        self.thread.join().unwrap_or_else(|_| {
+            let e = call_failed(what, "panicked");
+            if opens {
+                Answer::Opened(Err(e))
+            } else {
+                Answer::Failed(e)
+            }
+        })
     }
 }
 
@@ -311,16 +323,17 @@ impl Supervisor {
         if clock != self.clock_seen.0 {
             self.clock_seen = (clock, now);
         }
-        if let Some(call) = &mut self.call {
+        if let Some(mut call) = self.call.take() {
             if !call.thread.is_finished() {
                 call.report_if_slow();
+                self.call = Some(call);
                 return;
             }
-            match self.call.take().map(DeviceCall::join) {
-                Some(Answer::Opened(tried)) => self.tried(tried),
-                Some(Answer::Failed(e)) => self.tried(Err(e)),
+            match call.join() {
+                Answer::Opened(tried) => self.tried(tried),
+                Answer::Failed(e) => tracing::warn!("{e}"),
                 // A search that answered too late: the device is tried again, at this rate.
-                Some(Answer::Found(_) | Answer::Closed) | None => {}
+                Answer::Found(_) | Answer::Closed => {}
             }
         }
         match &self.current {
@@ -346,7 +359,7 @@ impl Supervisor {
     /// answering since the last poll) is left to end with the process, so that a stop is never
     /// held up by it; so is a device call under way.
     pub fn stop(self) {
-        let closing = DeviceCall::spawn("closing the device at the stop", move || {
+        let closing = DeviceCall::spawn("closing the device at the stop", false, move || {
             drop(self.current);
             Answer::Closed
         });
@@ -391,7 +404,7 @@ impl Supervisor {
         );
         // Closing a dead stream can take a while (JACK waits for its server), and the device
         // is not tried again before it has closed.
-        match DeviceCall::spawn("closing the lost stream", move || {
+        match DeviceCall::spawn("closing the lost stream", false, move || {
             drop(gone);
             Answer::Closed
         }) {
@@ -409,7 +422,7 @@ impl Supervisor {
         let rate = self.sample_rate;
         let engine = self.engine.clone();
         let telemetry = self.telemetry.clone();
-        let call = DeviceCall::spawn(TRYING, move || {
+        let call = DeviceCall::spawn(TRYING, true, move || {
             Answer::Opened(negotiate(&req).and_then(|n| {
                 if n.sample_rate != rate {
                     return Err(OutputError::OtherRate {
