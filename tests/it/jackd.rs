@@ -38,9 +38,9 @@ pub struct Jack {
     _slot: Slot,
 }
 
-/// JACK's shared-memory registry holds 8 servers, one of them `.ci/run`'s, and one whose
-/// stop hangs can keep its entry for 20 s: tests in parallel (a thread per CPU) run at most
-/// this many of their own at once. None holds two.
+/// JACK's shared-memory registry holds 8 servers, one of them `.ci/run`'s, and a server that
+/// does not stop within `Drop`'s 20 s is killed and keeps its entry for good: tests in parallel
+/// (a thread per CPU) run at most this many of their own at once. None holds two.
 const SERVERS_AT_ONCE: usize = 4;
 static SERVERS: (Mutex<usize>, Condvar) = (Mutex::new(0), Condvar::new());
 
@@ -277,10 +277,17 @@ impl Jack {
     }
 }
 
-/// Waits until process `pid` has a thread named `name`.
-pub fn wait_for_thread(pid: u32, name: &str, secs: u64) {
+/// Waits until the engine has a thread named `name`.
+pub fn wait_for_thread(child: &mut Playing, name: &str, secs: u64) {
     let deadline = Instant::now() + Duration::from_secs(secs);
+    let pid = child.id();
     loop {
+        if let Ok(Some(status)) = child.try_wait() {
+            panic!(
+                "the engine ended ({status}) before it had a thread {name:?}: {}",
+                child.logged()
+            );
+        }
         let tasks = std::fs::read_dir(format!("/proc/{pid}/task"));
         let found = tasks.into_iter().flatten().flatten().any(|task| {
             std::fs::read_to_string(task.path().join("comm")).is_ok_and(|c| c.trim() == name)
