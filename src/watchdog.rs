@@ -100,8 +100,17 @@ impl Watchdog {
 /// Whether `thread` has finished, waiting at most `within` for it: a stop that must not wait
 /// on a thread stuck in a call looks with this before it joins.
 pub fn finished_within<T>(thread: &std::thread::JoinHandle<T>, within: Duration) -> bool {
+    finished_within_unless(thread, within, || false)
+}
+
+/// As `finished_within`, but it stops waiting as soon as `give_up` says so.
+pub fn finished_within_unless<T>(
+    thread: &std::thread::JoinHandle<T>,
+    within: Duration,
+    give_up: impl Fn() -> bool,
+) -> bool {
     let deadline = Instant::now() + within;
-    while !thread.is_finished() && Instant::now() < deadline {
+    while !thread.is_finished() && Instant::now() < deadline && !give_up() {
         std::thread::sleep(Duration::from_millis(10));
     }
     thread.is_finished()

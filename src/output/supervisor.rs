@@ -111,13 +111,10 @@ fn call_at_start(
             )))
         }
     };
-    while !call.thread.is_finished() {
-        if call.since.elapsed() >= START_WAIT || stopping() {
-            // Start-up says so itself (`Unanswered`'s `Display`), unless it is stopping.
-            call.reported = true;
-            return Err(Unanswered(call));
-        }
-        std::thread::sleep(Duration::from_millis(10));
+    if !crate::watchdog::finished_within_unless(&call.thread, START_WAIT, stopping) {
+        // Start-up says so itself (`Unanswered`'s `Display`), unless it is stopping.
+        call.reported = true;
+        return Err(Unanswered(call));
     }
     Ok(call.join())
 }
