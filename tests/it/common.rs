@@ -202,16 +202,8 @@ pub fn terminate(child: &mut Playing) -> Output {
     let _ = Command::new("kill")
         .args(["-TERM", &child.id().to_string()])
         .status();
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        if let Ok(Some(_)) = child.try_wait() {
-            break;
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(50));
+    if !exited_within(child, Duration::from_secs(20)) {
+        let _ = child.kill();
     }
     let mut stdout = Vec::new();
     use std::io::Read;
@@ -237,14 +229,23 @@ pub fn command_exists(name: &str) -> bool {
 
 /// Waits for a `--seconds` run to end by itself, bounded.
 pub fn terminate_after(child: &mut Playing, secs: u64) -> std::process::Output {
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(secs);
-    while std::time::Instant::now() < deadline {
-        if let Ok(Some(_)) = child.try_wait() {
-            break;
-        }
-        std::thread::sleep(std::time::Duration::from_millis(50));
-    }
+    exited_within(child, Duration::from_secs(secs));
     terminate(child)
+}
+
+/// Whether `child` has exited, waiting at most `within` for it. Every wait on a process here is
+/// bounded: a test that would hang on one fails instead.
+pub fn exited_within(child: &mut Child, within: Duration) -> bool {
+    let deadline = Instant::now() + within;
+    loop {
+        if let Ok(Some(_)) = child.try_wait() {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
 }
 
 /// The engine's `/roomscore/status` reply (the README lists its arguments). Each test reads

@@ -206,10 +206,7 @@ impl Jack {
     /// Waits for a `capture` to end by itself; one still running 30 s on (libjack can deadlock
     /// in a client's close, see `ports`) is killed, so that a test fails rather than hangs.
     pub fn end_capture(mut capture: std::process::Child) {
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while matches!(capture.try_wait(), Ok(None)) && Instant::now() < deadline {
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        exited_within(&mut capture, Duration::from_secs(30));
         let _ = capture.kill();
         let _ = capture.wait();
     }
@@ -226,10 +223,7 @@ impl Jack {
         else {
             return String::new();
         };
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while matches!(lsp.try_wait(), Ok(None)) && Instant::now() < deadline {
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        exited_within(&mut lsp, Duration::from_secs(5));
         let _ = lsp.kill();
         // A few ports' names: they fit in the pipe, so the exit never waited on this read.
         lsp.wait_with_output()
@@ -249,11 +243,8 @@ impl Drop for Jack {
             .status();
         // A server left with a client whose process ended while it was frozen waits 5 s for
         // that client before it exits; killed meanwhile, it would leave its registry entry.
-        for _ in 0..200 {
-            if let Ok(Some(_)) = self.child.try_wait() {
-                return self.sweep();
-            }
-            std::thread::sleep(Duration::from_millis(100));
+        if exited_within(&mut self.child, Duration::from_secs(20)) {
+            return self.sweep();
         }
         let _ = self.child.kill();
         let _ = self.child.wait();
