@@ -254,7 +254,7 @@ fn check_model(r: &mut Report, path: &Path) {
 }
 
 /// Steps composed before the timed ones: past the point where the model's context is full and
-/// its cache starts to slide, which is the step a long-running room pays.
+/// each token overwrites the oldest in its cache, which is the step a long-running room pays.
 const UNTIMED_STEPS: usize = 128;
 const TIMED_STEPS: usize = 64;
 

@@ -13,7 +13,7 @@ use std::process::Command;
 
 use roomscore::control::Conditioning;
 use roomscore::gen::{Heard, NoteSource, SamplingParams, Step};
-use roomscore::model::{eval, Cache, Model, ModelError, ModelSource, Turn};
+use roomscore::model::{eval, Cache, Model, ModelError, ModelSource, EVICTED_KEPT};
 use roomscore::music::Mode;
 
 fn root() -> PathBuf {
@@ -185,6 +185,10 @@ fn a_cache_given_another_shape_gets_the_room_asked_for() {
     // The same shape growing past its room still doubles, so token-by-token growth stays cheap.
     m.net.reserve(&mut c, 1, ctx + 1);
     assert_eq!(c.capacity(), 2 * ctx);
+    // A ring keeps its room: a full one overwrites its oldest slot instead.
+    let mut ring = Cache::ring(&m.net, 1, ctx - 1);
+    m.net.reserve(&mut ring, 1, ctx + 1);
+    assert_eq!(ring.capacity(), ctx - 1);
 }
 
 #[test]
@@ -241,7 +245,7 @@ fn incremental_decoding_gives_the_logits_of_a_full_pass_and_of_python() {
     // A truncated cache continues exactly like the prefix it keeps.
     let r = 40;
     let mut cut = full_cache.clone();
-    m.net.truncate(&mut cut, r);
+    assert!(m.net.truncate(&mut cut, r));
     let tail = m
         .net
         .forward(&tokens[r..], &voices[r..], &cvec.repeat(n - r), &mut cut)
@@ -295,18 +299,17 @@ fn rollback_matches_a_fresh_decode(guidance: f32) {
     let a = cond(2.0, 60.0, 1.0);
     let b = cond(6.0, 68.0, 0.0);
     let source = || ModelSource::new(open(), 5, true, Mode::Major, 42).with_guidance(guidance);
-    // Within one cache; back across the step where the full cache first slides (the context
-    // holds context/4 steps, and it slides every 16 steps after); back across a slide after six,
-    // when the kept pre-slide caches are being recycled; and within one cache while the slid
-    // cache is being built from it, on into the next slide, which must not keep what was built
-    // from the steps taken back (two steps before that slide, and ten).
+    // Before the ring is full; back across the step where it fills (the context holds
+    // context/4 steps), so that the slots taken back are free again and others hold once more
+    // what they held; back a few steps long after; and back as far as the overwrites kept reach
+    // (64 steps), which a rollback never goes in a room.
     let ctx_steps = open().card.context_length / 4;
+    let kept_steps = EVICTED_KEPT / 4;
     for (ahead, back_to, then) in [
         (20usize, 12usize, 10usize),
         (ctx_steps + 6, ctx_steps - 4, 14),
         (ctx_steps + 84, ctx_steps + 74, 12),
-        (ctx_steps + 15, ctx_steps + 14, 6),
-        (ctx_steps + 13, ctx_steps + 6, 14),
+        (ctx_steps + 20 + kept_steps, ctx_steps + 20, 6),
     ] {
         let mut rolled = source();
         let first = decode(&mut rolled, &a, ahead);
@@ -428,7 +431,8 @@ fn a_model_hears_any_music_and_more_than_its_context() {
     let c = cond(4.0, 62.0, 0.0);
     let mut src = ModelSource::new(open(), 0, false, Mode::Major, 3);
     // Pitches no vocabulary holds (an octave or more in, or a rest), and more steps than the
-    // context takes, at once and a few at a time: past the context, the last half of it stays.
+    // context takes, at once and a few at a time: past the context, the last context of it
+    // stays.
     let heard: Vec<Step> = (0..300u32)
         .map(|i| {
             let p = (i % 128) as u8;
@@ -444,7 +448,7 @@ fn a_model_hears_any_music_and_more_than_its_context() {
         assert_eq!(src.position(), 1000);
         // Its own steps cannot be rolled back into what it heard.
         assert!(src.rollback(999).is_err());
-        // On past the point where the cache slides, and back a few steps.
+        // On past another context, and back a few steps.
         let first = decode(&mut src, &c, ctx_steps);
         assert_eq!(src.position(), (1000 + ctx_steps) as u64);
         src.rollback(1000 + ctx_steps as u64 - 6).unwrap();
@@ -639,117 +643,188 @@ fn rust_nll_equals_python_nll_on_the_fixture() {
     );
 }
 
-#[test]
-fn a_slid_cache_holds_the_keys_a_fresh_pass_gives() {
-    // Layer 0's keys depend on the token, its voice, its conditioning and its position only, so
-    // after a slide they must equal those of a fresh pass over the kept tokens: that pins the
-    // rotation to the graph's. Deeper layers keep what they heard before the slide, by design.
-    let mut m = open();
-    let fx = fixture();
-    let card = &m.card;
-    let rotary = card.rotary.as_ref().expect("the card says how keys rotate");
-    let inv = rotary.inv_freq(card.architecture.head_dim);
-    let (tokens, voices) = first_piece(&fx);
-    let dim = card.conditioning.dim;
-    let cond: Vec<f32> = (0..tokens.len())
+/// The first piece of the fixture with a conditioning that moves, so that no two positions
+/// are alike: (tokens, voices, conditioning per token).
+fn moving_piece(card: &roomscore::model::Card) -> (Vec<i64>, Vec<i64>, Vec<f32>) {
+    let (tokens, voices) = first_piece(&fixture());
+    let c = &card.conditioning;
+    let cond = (0..tokens.len())
         .flat_map(|i| {
-            // A conditioning that moves, so positions are not all alike.
-            let mut c = card.conditioning.eval_vector.clone();
-            c[card.conditioning.density.index] = (i % 7) as f32 / 7.0;
-            c[card.conditioning.density.known_flag_index] = 1.0;
-            c
+            let mut v = c.eval_vector.clone();
+            v[c.density.index] = (i % 7) as f32 / 7.0;
+            v[c.density.known_flag_index] = 1.0;
+            v
         })
         .collect();
-    let (n, drop) = (200usize, 64usize);
-    let mut full = Cache::empty();
-    m.net
-        .forward(&tokens[..n], &voices[..n], &cond[..n * dim], &mut full)
-        .unwrap();
-    let mut slid = Cache::empty();
-    m.net.slide_into(&full, &mut slid, drop, &inv);
-    assert_eq!(slid.len, n - drop);
-    let mut fresh = Cache::empty();
-    m.net
-        .forward(
-            &tokens[drop..n],
-            &voices[drop..n],
-            &cond[drop * dim..n * dim],
-            &mut fresh,
-        )
-        .unwrap();
-    let per_layer = card.cache_heads() * (n - drop) * card.architecture.head_dim;
-    let err = max_diff(&slid.keys()[..per_layer], &fresh.keys()[..per_layer]);
-    assert!(err < 1e-4, "layer 0 keys differ by {err}");
-    assert_eq!(slid.values()[..per_layer], fresh.values()[..per_layer]);
-    // And it is a rotation: without one the keys would be far off.
-    let mut unturned = Cache::empty();
-    m.net
-        .slide_into(&full, &mut unturned, drop, &vec![0.0; inv.len()]);
-    assert!(max_diff(&unturned.keys()[..per_layer], &fresh.keys()[..per_layer]) > 1e-2);
+    (tokens, voices, cond)
+}
+
+/// Feeds tokens [from, to) into `cache` a pass of `each` at most; returns their logits.
+fn feed_in(
+    m: &mut Model,
+    piece: &(Vec<i64>, Vec<i64>, Vec<f32>),
+    cache: &mut Cache,
+    (from, to, each): (usize, usize, usize),
+) -> Vec<f32> {
+    let d = m.card.conditioning.dim;
+    let mut out = Vec::new();
+    let mut i = from;
+    while i < to {
+        let j = (i + each).min(to);
+        let (t, v, c) = (&piece.0[i..j], &piece.1[i..j], &piece.2[i * d..j * d]);
+        out.extend(m.net.forward(t, v, c, cache).unwrap());
+        i = j;
+    }
+    out
 }
 
 #[test]
-fn a_slid_cache_built_a_little_at_a_time_is_the_one_built_at_once() {
-    // The engine builds the slid cache a few positions per token while the cache it comes from
-    // grows, and cuts it back when a rollback cuts that cache: the result must be exactly the
-    // slide done in one go, bit for bit, or a composition would depend on when it slid.
+fn a_full_ring_hears_the_window_before_each_token_and_nothing_older() {
+    // In a ring of 20 slots every layer hears the 20 tokens before, so what decides a token's
+    // logits reaches back layers x 20 tokens and no further. Two pieces that differ in their
+    // first 20 tokens alone must give the same logits from there on, bit for bit, and other
+    // ones just after the change; a cache that keeps everything hears the change to the end.
+    // How the ring was fed (one pass filling it, passes of 4 split where it fills, then one at
+    // a time) must not matter.
     let mut m = open();
-    let fx = fixture();
-    let card = &m.card;
-    let inv = card
-        .rotary
-        .as_ref()
-        .expect("the card says how keys rotate")
-        .inv_freq(card.architecture.head_dim);
-    let dim = card.conditioning.dim;
-    let (tokens, voices) = first_piece(&fx);
-    let cond = card.conditioning.eval_vector.repeat(tokens.len());
-    let other = {
-        let mut c = card.conditioning.eval_vector.clone();
-        c[card.conditioning.density.index] = 0.9;
-        c[card.conditioning.density.known_flag_index] = 1.0;
-        c.repeat(tokens.len())
-    };
-    let turn = Turn::back(64, &inv);
-    let mut src = Cache::empty();
-    let mut built = Cache::empty();
-    let feed = |m: &mut Model, src: &mut Cache, c: &[f32], from: usize, to: usize| {
-        m.net
-            .forward(
-                &tokens[from..to],
-                &voices[from..to],
-                &c[from * dim..to * dim],
-                src,
-            )
-            .unwrap();
-    };
-    // 100 positions, then 7 at a time while it grows token by token to 180.
-    feed(&mut m, &mut src, &cond, 0, 100);
-    for i in 100..180 {
-        m.net.slide_ahead(&src, &mut built, &turn, 7);
-        feed(&mut m, &mut src, &cond, i, i + 1);
+    let a = moving_piece(&m.card);
+    let vocab = m.card.vocabulary.size;
+    let (slots, n, changed) = (20usize, 150usize, 20usize);
+    let reach = changed + m.card.architecture.layers * slots;
+    assert!(reach + 20 < n);
+    let mut b = a.clone();
+    // Other music in the same voices (40 tokens on is 10 steps on).
+    let later = b.0[1 + 40..changed + 40].to_vec();
+    b.0[1..changed].copy_from_slice(&later);
+
+    let mut ring_a = Cache::ring(&m.net, 1, slots);
+    let la = feed_in(&mut m, &a, &mut ring_a, (0, n, 1));
+    let mut ring_b = Cache::ring(&m.net, 1, slots);
+    let lb = feed_in(&mut m, &b, &mut ring_b, (0, n, 1));
+    assert_eq!(la[reach * vocab..], lb[reach * vocab..]);
+    let near = max_diff(
+        &la[changed * vocab..(changed + 4) * vocab],
+        &lb[changed * vocab..(changed + 4) * vocab],
+    );
+    assert!(
+        near > 1e-2,
+        "the change was not heard right after it ({near})"
+    );
+
+    let (mut all_a, mut all_b) = (Cache::empty(), Cache::empty());
+    let fa = feed_in(&mut m, &a, &mut all_a, (0, n, n));
+    let fb = feed_in(&mut m, &b, &mut all_b, (0, n, n));
+    let far = max_diff(&fa[reach * vocab..], &fb[reach * vocab..]);
+    assert!(
+        far > 1e-2,
+        "a whole context did not hear the change ({far})"
+    );
+
+    let mut chunked = Cache::ring(&m.net, 1, slots);
+    let mut lc = feed_in(&mut m, &a, &mut chunked, (0, 15, 15));
+    lc.extend(feed_in(&mut m, &a, &mut chunked, (15, 70, 4)));
+    lc.extend(feed_in(&mut m, &a, &mut chunked, (70, n, 1)));
+    assert_eq!((chunked.len, chunked.added()), (slots, n));
+    let d = max_diff(&lc, &la);
+    assert!(
+        d < 1e-4,
+        "fed in passes of other sizes, the logits differ by {d}"
+    );
+}
+
+#[test]
+fn taking_tokens_back_from_a_ring_puts_back_what_they_overwrote() {
+    // Fed 100 tokens one at a time into a ring of 40, taken back 30 and fed 30 others: the
+    // logits must be those of a ring that never had the 30, bit for bit, or a rolled-back
+    // composition would differ from a fresh one.
+    let mut m = open();
+    let piece = moving_piece(&m.card);
+    let d = m.card.conditioning.dim;
+    let mut other = piece.clone();
+    for (i, c) in other.2.chunks_exact_mut(d).enumerate() {
+        c[m.card.conditioning.density.index] = 1.0 - (i % 5) as f32 / 5.0;
     }
-    assert!(built.len > 0 && built.len < 180 - 64, "built {}", built.len);
-    // Cut back to 150 and decoded on with another conditioning: what was built beyond 150 - 64
-    // came from positions that are gone.
-    m.net.truncate(&mut src, 150);
-    built.len = built.len.min(150 - 64);
-    feed(&mut m, &mut src, &other, 150, 200);
-    m.net.slide_ahead(&src, &mut built, &turn, usize::MAX);
-    let mut at_once = Cache::empty();
-    m.net.slide_into(&src, &mut at_once, 64, &inv);
-    assert_eq!(built.len, 200 - 64);
-    assert_eq!(built.keys(), at_once.keys());
-    assert_eq!(built.values(), at_once.values());
-    // Not cut back, the first conditioning's keys stay in: the cut is what made them equal.
-    let mut stale = Cache::empty();
-    let mut src2 = Cache::empty();
-    feed(&mut m, &mut src2, &cond, 0, 180);
-    m.net.slide_ahead(&src2, &mut stale, &turn, usize::MAX);
-    m.net.truncate(&mut src2, 150);
-    feed(&mut m, &mut src2, &other, 150, 200);
-    m.net.slide_ahead(&src2, &mut stale, &turn, usize::MAX);
-    assert_ne!(stale.keys(), at_once.keys());
+    let slots = 40;
+    let mut rolled = Cache::ring(&m.net, 1, slots);
+    feed_in(&mut m, &piece, &mut rolled, (0, 100, 1));
+    let before = (rolled.keys(), rolled.values());
+    assert!(m.net.truncate(&mut rolled, 70));
+    assert_eq!(
+        (rolled.len, rolled.added(), rolled.position()),
+        (slots, 70, 70)
+    );
+    let after = feed_in(&mut m, &other, &mut rolled, (70, 100, 1));
+
+    let mut straight = Cache::ring(&m.net, 1, slots);
+    feed_in(&mut m, &piece, &mut straight, (0, 70, 1));
+    let expected = feed_in(&mut m, &other, &mut straight, (70, 100, 1));
+    assert_eq!(after, expected);
+    assert_eq!(rolled.keys(), straight.keys());
+    assert_eq!(rolled.values(), straight.values());
+    assert_ne!(
+        rolled.keys(),
+        before.0,
+        "the other tokens left the ring as it was"
+    );
+
+    // Back into slots that were never overwritten: they are simply free again.
+    assert!(m.net.truncate(&mut rolled, 25));
+    assert_eq!((rolled.len, rolled.added()), (25, 25));
+
+    // Further back than the kept overwrites reach: refused, the ring as it was.
+    let mut long = Cache::ring(&m.net, 1, slots);
+    let n = slots + EVICTED_KEPT + 10;
+    let long_piece = (
+        piece.0.repeat(n / piece.0.len() + 1),
+        piece.1.repeat(n / piece.1.len() + 1),
+        piece.2.repeat(n / piece.0.len() + 1),
+    );
+    feed_in(&mut m, &long_piece, &mut long, (0, n, 1));
+    let kept = long.keys();
+    assert!(!m.net.truncate(&mut long, n - EVICTED_KEPT - 1));
+    assert_eq!((long.added(), long.keys()), (n, kept));
+    assert!(m.net.truncate(&mut long, n - EVICTED_KEPT));
+}
+
+#[test]
+fn turning_the_keys_back_at_the_end_of_the_rotation_tables_changes_nothing_heard() {
+    // A months-long run reaches the end of the graph's rotation tables every few hundred steps
+    // and turns every cached key back. Lowered to 64 positions here, a ring of 40 turns every
+    // 24 tokens; its logits must be those of a ring that never turns, and a rollback across a
+    // turn must put back the overwrites turned as well.
+    let mut m = open();
+    let piece = moving_piece(&m.card);
+    let (slots, n) = (40usize, 140usize);
+    let mut plain = Cache::ring(&m.net, 1, slots);
+    let expected = feed_in(&mut m, &piece, &mut plain, (0, n, 1));
+    assert_eq!(plain.turned(), 0);
+
+    let mut turned = Cache::ring(&m.net, 1, slots);
+    m.net.limit_positions(64);
+    let got = feed_in(&mut m, &piece, &mut turned, (0, n, 1));
+    assert!(turned.turned() >= 3, "turned {} times", turned.turned());
+    assert!(turned.position() <= 64);
+    let d = max_diff(&got, &expected);
+    assert!(d < 1e-4, "turned vs never turned logits differ by {d}");
+
+    // Back 30 tokens, across the last turn, and on again: as the ring that never turned; then
+    // back further than the position the ring has reached, which turns it forward first.
+    let back_to = n - 30;
+    assert!(m.net.truncate(&mut turned, back_to));
+    assert!(m.net.truncate(&mut plain, back_to));
+    let again = feed_in(&mut m, &piece, &mut turned, (back_to, n, 1));
+    let vocab = m.card.vocabulary.size;
+    let d = max_diff(&again, &expected[back_to * vocab..]);
+    assert!(d < 1e-4, "rolled back across a turn, logits differ by {d}");
+    let (far, position) = (n - 90, turned.position());
+    assert!(90 > position, "{position}");
+    assert!(m.net.truncate(&mut turned, far));
+    let again = feed_in(&mut m, &piece, &mut turned, (far, n, 1));
+    let d = max_diff(&again, &expected[far * vocab..]);
+    assert!(
+        d < 1e-4,
+        "rolled back below position 0, logits differ by {d}"
+    );
 }
 
 #[test]

@@ -69,6 +69,10 @@ def run(sess, tokens, voices, cond, past_k, past_v, cache=True, past_len=None):
     appends = "past_len" in names
     if appends:
         feed["past_len"] = np.array([P], np.int64)
+        if "pos" in names:
+            # Card format 3: the rotary position of the first new token, apart from the slots in
+            # use; a cache grown from position 0 has them equal.
+            feed["pos"] = np.array([P], np.int64)
         if past_k.shape[3] == 0:
             # One masked position: a zero-size cache would be the only zero-size tensor in the graph.
             past_k = past_v = np.zeros(past_k.shape[:3] + (1,) + past_k.shape[4:], np.float32)

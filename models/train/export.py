@@ -542,6 +542,11 @@ def main():
     card_path = os.path.join(MODELS, f"{args.name}.json")
     json.dump(card, open(card_path, "w"), indent=1)
     print(f"card: {card_path}; sha256 {card['sha256']}")
+    # The engine reads card format 3: the same graph with the rotary position as an input of its
+    # own, so that its cache can be a ring (ring.py says why, and checks the two agree).
+    import ring
+
+    ring.rewrite(onnx_path)
 
 
 if __name__ == "__main__":

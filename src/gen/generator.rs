@@ -15,8 +15,8 @@ use super::{
 };
 use crate::control::Conditioning;
 
-/// Steps kept of what the room heard, for a source taken back to carry on from: 16 beats, the
-/// half context the shipped model can take in before its cache slides.
+/// Steps kept of what the room heard, for a source taken back to carry on from: 16 beats, half
+/// the context the shipped model hears.
 const HEARD_KEPT: usize = 64;
 /// Steps a source being taken back hears before each step committed: about one step's work for
 /// the shipped model (4 steps heard in one pass took 0.34-0.75 of a decoded step), and it

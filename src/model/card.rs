@@ -144,9 +144,11 @@ pub struct TransposeMix {
     pub cache_heads: usize,
 }
 
-/// The card format this engine reads: 2 is the graph that takes past_len and a cache buffer of
-/// any capacity, and gives back only the new keys and values.
-pub const FORMAT_VERSION: u32 = 2;
+/// The card format this engine reads: 3 is the graph that takes past_len (the cache slots in use)
+/// and pos (the rotary position of the first new token) apart, with a cache buffer of any
+/// capacity, and gives back only the new keys and values (2 had no pos: its positions were
+/// past_len .., so a full cache had to slide into another buffer).
+pub const FORMAT_VERSION: u32 = 3;
 
 #[derive(Clone, Debug, Deserialize)]
 pub struct Card {
@@ -160,7 +162,8 @@ pub struct Card {
     pub conditioning: CondLayout,
     pub context_length: usize,
     pub max_positions: usize,
-    /// How the keys were rotated; with it a full cache can slide instead of being re-primed.
+    /// How the keys were rotated: the engine turns them back when positions reach
+    /// `max_positions`.
     #[serde(default)]
     pub rotary: Option<Rotary>,
     pub onnx: Onnx,
@@ -192,8 +195,8 @@ impl Rotary {
 }
 
 /// The ONNX names by role; the names themselves come from the card. Inputs: tokens, voices, cond
-/// ([B, T(, dim)]: B sequences of T tokens), past_len, then one key and one value buffer per
-/// layer, [B, heads, capacity, head_dim], whose first past_len positions are in use. Outputs:
+/// ([B, T(, dim)]: B sequences of T tokens), past_len, pos, then one key and one value buffer per
+/// layer, [B, heads, capacity, head_dim], whose first past_len slots are in use. Outputs:
 /// logits, then the new tokens' keys and values per layer, [B, heads, T, head_dim], which the
 /// caller writes into its buffers: a graph that gave the whole cache back copied it twice per
 /// token.
@@ -203,6 +206,7 @@ pub struct IoNames {
     pub voices: String,
     pub cond: String,
     pub past_len: String,
+    pub pos: String,
     pub logits: String,
     /// One name per layer each.
     pub past_k: Vec<String>,
@@ -260,7 +264,7 @@ impl Card {
                 "format_version",
                 format!(
                     "{} is not the version this engine reads ({FORMAT_VERSION}); \
-                     models/train/export.py writes it",
+                     models/train/export.py then models/train/ring.py write it",
                     self.format_version
                 ),
             ));
@@ -370,7 +374,13 @@ impl Card {
         if c.style.order != self.styles {
             return Err(self.bad("conditioning.style.order", "differs from styles"));
         }
-        if let Some(r) = &self.rotary {
+        let Some(r) = &self.rotary else {
+            return Err(self.bad(
+                "rotary",
+                "missing: the engine turns cached keys back by it when positions reach max_positions",
+            ));
+        };
+        {
             if r.pairs != "halves" || !(r.base.is_finite() && r.base > 1.0) {
                 return Err(self.bad(
                     "rotary",
@@ -404,12 +414,13 @@ impl Card {
             ));
         }
         let (ins, outs) = (self.onnx.inputs.len(), self.onnx.outputs.len());
-        if ins != 4 + 2 * a.layers || outs != 1 + 2 * a.layers {
+        if ins != 5 + 2 * a.layers || outs != 1 + 2 * a.layers {
             return Err(self.bad(
                 "onnx.inputs/outputs",
                 format!(
-                    "{ins} inputs and {outs} outputs: expected tokens, voices, cond, past_len and a \
-                     key and a value per layer in ({} more), logits and the new keys and values out",
+                    "{ins} inputs and {outs} outputs: expected tokens, voices, cond, past_len, pos \
+                     and a key and a value per layer in ({} more), logits and the new keys and \
+                     values out",
                     2 * a.layers
                 ),
             ));
@@ -441,7 +452,7 @@ impl Card {
         let t = || Dim::Symbol("T".into());
         let mut expect: Vec<(&Io, &str, Vec<Dim>, String)> = Vec::new();
         for (list, first, side, len) in [
-            (&self.onnx.inputs, 4, "inputs", "capacity"),
+            (&self.onnx.inputs, 5, "inputs", "capacity"),
             (&self.onnx.outputs, 1, "outputs", "T"),
         ] {
             for (k, io) in list.iter().enumerate().skip(first) {
@@ -449,7 +460,7 @@ impl Card {
                 expect.push((io, "float32", cache(len), field));
             }
         }
-        let fixed: [(&Io, &str, Vec<Dim>, &str); 5] = [
+        let fixed: [(&Io, &str, Vec<Dim>, &str); 6] = [
             (
                 &self.onnx.inputs[0],
                 "int64",
@@ -473,6 +484,12 @@ impl Card {
                 "int64",
                 vec![Dim::Fixed(1)],
                 "onnx.inputs[3] (past_len)",
+            ),
+            (
+                &self.onnx.inputs[4],
+                "int64",
+                vec![Dim::Fixed(1)],
+                "onnx.inputs[4] (pos)",
             ),
             (
                 &self.onnx.outputs[0],
@@ -511,11 +528,11 @@ impl Card {
 
     pub fn io_names(&self) -> IoNames {
         let i = |k: usize| self.onnx.inputs[k].name.clone();
-        // validate() has held the counts to 4 + 2n inputs and 1 + 2n outputs.
+        // validate() has held the counts to 5 + 2n inputs and 1 + 2n outputs.
         let n = self.architecture.layers;
         let names = |list: &[Io]| list.iter().map(|io| io.name.clone()).collect::<Vec<_>>();
         let (past, new) = (
-            names(&self.onnx.inputs[4..]),
+            names(&self.onnx.inputs[5..]),
             names(&self.onnx.outputs[1..]),
         );
         IoNames {
@@ -523,6 +540,7 @@ impl Card {
             voices: i(1),
             cond: i(2),
             past_len: i(3),
+            pos: i(4),
             logits: self.onnx.outputs[0].name.clone(),
             past_k: past[..n].to_vec(),
             past_v: past[n..].to_vec(),
@@ -640,6 +658,7 @@ mod tests {
         let names = card.io_names();
         let layers = card.architecture.layers;
         assert_eq!(names.past_len, "past_len");
+        assert_eq!(names.pos, "pos");
         assert_eq!(names.past_k.len(), layers);
         assert_eq!(names.new_v.len(), layers);
         assert_eq!(names.past_v[0], "past_v_0");
@@ -678,7 +697,7 @@ mod tests {
         let cache = |v: &mut Value, n: usize| {
             for side in ["inputs", "outputs"] {
                 let list = v["onnx"][side].as_array_mut().unwrap();
-                let first = if side == "inputs" { 4 } else { 1 };
+                let first = if side == "inputs" { 5 } else { 1 };
                 for io in list.iter_mut().skip(first) {
                     io["shape"][1] = json!(n);
                 }

@@ -75,8 +75,9 @@ pub enum ModelCmd {
     Bench {
         #[arg(long)]
         model: Option<PathBuf>,
-        /// Steps timed, from an empty cache (once full it slides every 16 steps; those count too).
-        /// 1000 leave the shipped models 880 with the cache full: a p99 of their 9 slowest, not 3.
+        /// Steps timed, from an empty cache (full from step 128 on; its keys are turned back every
+        /// 384 steps, and those count too). 1000 leave the shipped models 880 with the cache full:
+        /// a p99 of their 9 slowest, not 3.
         #[arg(long, default_value_t = 1000)]
         steps: usize,
         /// Also time steps under classifier-free guidance at this weight (a token's two sequences
@@ -209,8 +210,11 @@ fn info(path: &Path, json: bool) -> anyhow::Result<()> {
         card.context_length,
         card.max_positions,
         match &card.rotary {
-            Some(r) => format!("slides (rotary base {}, pairs {})", r.base, r.pairs),
-            None => "is re-primed over its last half".into(),
+            Some(r) => format!(
+                "is a ring: each token overwrites the oldest (rotary base {}, pairs {})",
+                r.base, r.pairs
+            ),
+            None => "cannot be kept (no rotary section)".into(),
         }
     );
     println!(
@@ -494,8 +498,8 @@ fn bench_here(model: &Path, steps: usize, guidance: f32) -> anyhow::Result<()> {
 
 fn bench_one(model: &Path, steps: usize, guidance: f32) -> anyhow::Result<()> {
     let m = Model::open(model)?;
-    // 8 warm-up steps of 4 tokens come first; from this timed step on the cache stays within a
-    // slide of full, which is where an installation spends its months.
+    // 8 warm-up steps of 4 tokens come first; from this timed step on the cache is full, or
+    // within 8 steps of it, which is where an installation spends its months.
     let full_from = (m.card.context_length / 4).saturating_sub(8);
     let backend = runtime::backend()?.clone();
     let mut src = ModelSource::new(m, 0, true, Mode::Major, 1).with_guidance(guidance);
@@ -518,19 +522,19 @@ fn bench_one(model: &Path, steps: usize, guidance: f32) -> anyhow::Result<()> {
     let mut cpu = Vec::with_capacity(steps);
     let stolen_before = stolen_ms();
     let t0 = Instant::now();
-    let mut slid = Vec::new();
+    let mut turned = Vec::new();
     for i in 0..steps {
-        let (t, c, start) = (Instant::now(), thread_cpu_ms(), src.cache_start());
+        let (t, c, before) = (Instant::now(), thread_cpu_ms(), src.turned());
         src.next_step(&cond, &params)?;
         times.push(t.elapsed().as_secs_f64() * 1e3);
         cpu.push(thread_cpu_ms() - c);
-        if src.cache_start() != start {
-            slid.push(i);
+        if src.turned() != before {
+            turned.push(i);
         }
     }
     let total = t0.elapsed().as_secs_f64();
     let stolen = stolen_ms().zip(stolen_before).map(|(a, b)| a - b);
-    let (at_slides, above) = slide_cost(&times, &slid);
+    let (at_turns, above) = cost_against_before(&times, &turned);
     let sorted_from = |x: &[f64], from: usize| {
         let mut v = x[from.min(x.len())..].to_vec();
         v.sort_by(f64::total_cmp);
@@ -550,7 +554,7 @@ fn bench_one(model: &Path, steps: usize, guidance: f32) -> anyhow::Result<()> {
     );
     if full.len() >= 100 {
         println!(
-            "{name:<6} {how} full cache, steps {full_from}..{steps} (slides included): {}",
+            "{name:<6} {how} full cache, steps {full_from}..{steps} (turns included): {}",
             spread(&full),
         );
         // A step's wall time counts whatever else the machine did meanwhile; its CPU time on this
@@ -562,9 +566,9 @@ fn bench_one(model: &Path, steps: usize, guidance: f32) -> anyhow::Result<()> {
     }
     if !above.is_empty() {
         println!(
-            "{name:<6} {how} steps that slid the cache ({}): p50 {:.3} ms, {:+.3} ms (median) against the 4 steps before each",
-            slid.len(),
-            percentile(&at_slides, 0.5),
+            "{name:<6} {how} steps that turned the cached keys back ({}): p50 {:.3} ms, {:+.3} ms (median) against the 4 steps before each",
+            turned.len(),
+            percentile(&at_turns, 0.5),
             percentile(&above, 0.5),
         );
     }
@@ -577,12 +581,12 @@ fn bench_one(model: &Path, steps: usize, guidance: f32) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The times of the steps at `slid`, and what each took beyond the steps before it (the mean of
-/// the middle two of the four before), both sorted. The steps before share the drift of the
-/// machine's speed, which over a run moves a step's time more than a slide does.
-fn slide_cost(times: &[f64], slid: &[usize]) -> (Vec<f64>, Vec<f64>) {
-    let mut at: Vec<f64> = slid.iter().map(|&i| times[i]).collect();
-    let mut above: Vec<f64> = slid
+/// The times of the steps at `marked`, and what each took beyond the steps before it (the mean
+/// of the middle two of the four before), both sorted. The steps before share the drift of the
+/// machine's speed, which over a run moves a step's time more than one step's extra work does.
+fn cost_against_before(times: &[f64], marked: &[usize]) -> (Vec<f64>, Vec<f64>) {
+    let mut at: Vec<f64> = marked.iter().map(|&i| times[i]).collect();
+    let mut above: Vec<f64> = marked
         .iter()
         .filter(|&&i| i >= 4)
         .map(|&i| {
@@ -676,11 +680,11 @@ mod tests {
     }
 
     #[test]
-    fn a_slide_is_measured_against_the_steps_before_it() {
-        // The machine slowed down at step 5 and stayed slow: the slide at 9 cost nothing, the one
+    fn a_marked_step_is_measured_against_the_steps_before_it() {
+        // The machine slowed down at step 5 and stayed slow: the turn at 9 cost nothing, the one
         // at 4 cost 2 ms, and one too early to have four steps before it is left out.
         let times = [1.0, 1.0, 1.0, 1.0, 3.0, 2.0, 2.0, 2.0, 2.0, 2.0];
-        let (at, above) = slide_cost(&times, &[2, 4, 9]);
+        let (at, above) = cost_against_before(&times, &[2, 4, 9]);
         assert_eq!(at, [1.0, 2.0, 3.0]);
         assert_eq!(above, [0.0, 2.0]);
     }

@@ -14,7 +14,7 @@ use std::path::{Path, PathBuf};
 use sha2::{Digest, Sha256};
 
 pub use card::Card;
-pub use runtime::{BackendKind, Cache, Net, Turn};
+pub use runtime::{BackendKind, Cache, Net, EVICTED_KEPT};
 pub use source::ModelSource;
 
 use crate::gen::{steps_in, NoteSource};

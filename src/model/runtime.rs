@@ -279,24 +279,100 @@ fn dylib_in(dir: &Path) -> Option<PathBuf> {
 }
 
 /// The key/value cache of one sequence, or of a batch of them decoded together (guidance's
-/// conditioned and unconditional pair): per layer, sequence and head, room for `capacity`
-/// positions of keys and of values, packed [layers, streams, heads, capacity, head_dim], of
-/// which the first `len` are in use. The graph reads each layer's block where it lies and gives
-/// back only the new tokens' keys and values, written here after the last: no pass copies the
-/// whole cache, and cutting it back is a smaller `len` (what lies beyond is masked by the graph,
-/// whatever it holds).
+/// conditioned and unconditional pair): per layer, sequence and head, `capacity` slots of keys
+/// and of values, packed [layers, streams, heads, capacity, head_dim], of which the first `len`
+/// are in use. The graph reads each layer's block where it lies and gives back only the new
+/// tokens' keys and values, written here into the next slot: no pass copies the whole cache.
+///
+/// A cache made by `Cache::ring` keeps its room: once every slot is in use, each new token
+/// overwrites the oldest one's slot, so every token hears the `capacity` before it and the
+/// buffer never moves (the graph attends to the slots in use whatever their order, and rotary
+/// scores depend on differences of positions only). What an overwrite replaced is kept for a
+/// while, so taking tokens back puts it back. Any other cache grows to what a pass needs.
 #[derive(Clone, Debug, Default)]
 pub struct Cache {
     k: Vec<f32>,
     v: Vec<f32>,
     /// Sequences decoded together.
     streams: usize,
-    /// Layers times streams times heads: the blocks of `capacity` positions.
+    /// Layers times streams times heads: the blocks of `capacity` slots.
     blocks: usize,
     head_dim: usize,
     capacity: usize,
+    /// Slots in use: the first `len` (all of them once a ring is full).
     pub len: usize,
+    /// Whether the room is fixed: a full cache overwrites its oldest slot instead of growing.
+    ring: bool,
+    /// Tokens in the cache since it was last emptied; past `capacity`, each overwrote a slot.
+    added: usize,
+    /// The rotary position of the next token. It is `added` until the positions reach the end
+    /// of the graph's rotation tables, and then every key is turned back (`Net::turn_back`).
+    pos: usize,
+    /// How many times the keys were turned back.
+    turned: usize,
+    evicted: Evicted,
 }
+
+/// What the latest overwrites of a ring replaced, newest last: per token, each block's key and
+/// value ([blocks][2][head_dim]). Its room is taken when the ring is made, so that decoding
+/// allocates nothing.
+#[derive(Clone, Debug, Default)]
+struct Evicted {
+    data: Vec<f32>,
+    /// Floats per token.
+    each: usize,
+    /// Tokens it has room for.
+    room: usize,
+    /// Where the oldest kept token starts (in tokens), and how many are kept.
+    first: usize,
+    count: usize,
+}
+
+impl Evicted {
+    fn new(each: usize, room: usize) -> Self {
+        Evicted {
+            data: vec![0.0; each * room],
+            each,
+            room,
+            first: 0,
+            count: 0,
+        }
+    }
+
+    /// Room for the next token, dropping the oldest when full.
+    fn push(&mut self) -> &mut [f32] {
+        if self.room == 0 {
+            return &mut [];
+        }
+        if self.count == self.room {
+            self.first = (self.first + 1) % self.room;
+            self.count -= 1;
+        }
+        let at = (self.first + self.count) % self.room;
+        self.count += 1;
+        &mut self.data[at * self.each..(at + 1) * self.each]
+    }
+
+    fn pop(&mut self) -> Option<&[f32]> {
+        if self.count == 0 {
+            return None;
+        }
+        self.count -= 1;
+        let at = (self.first + self.count) % self.room;
+        Some(&self.data[at * self.each..(at + 1) * self.each])
+    }
+
+    fn for_each_kept(&mut self, mut f: impl FnMut(&mut [f32])) {
+        for i in 0..self.count {
+            let at = (self.first + i) % self.room;
+            f(&mut self.data[at * self.each..(at + 1) * self.each]);
+        }
+    }
+}
+
+/// Tokens of overwritten slots a ring keeps for taking back: 64 steps of four. A rollback
+/// reaches a few steps back; one further than this rebuilds the cache (`ModelSource::rollback`).
+pub const EVICTED_KEPT: usize = 256;
 
 impl Cache {
     /// A cache with no room yet; the first pass gives it as much as that pass needs.
@@ -313,22 +389,119 @@ impl Cache {
         c
     }
 
+    /// An empty ring of `slots` for `streams` sequences (see `Cache`), keeping what the last
+    /// `EVICTED_KEPT` overwrites replaced.
+    pub fn ring(net: &Net, streams: usize, slots: usize) -> Self {
+        assert!(slots > 0, "a ring needs a slot");
+        let mut c = Cache::with_capacity(net, streams, slots);
+        c.ring = true;
+        c.evicted = Evicted::new(c.blocks * 2 * c.head_dim, EVICTED_KEPT);
+        c
+    }
+
     /// Sequences it holds (0 before the first pass).
     pub fn streams(&self) -> usize {
         self.streams
     }
 
-    /// Positions it has room for.
+    /// Whether it was made by `Cache::ring`.
+    pub fn is_ring(&self) -> bool {
+        self.ring
+    }
+
+    /// Slots it has room for.
     pub fn capacity(&self) -> usize {
         self.capacity
     }
 
-    /// Forgets every position, keeping the room.
-    pub fn clear(&mut self) {
-        self.len = 0;
+    /// Tokens it took in since it was last emptied (beyond `capacity`, a ring's overwrites).
+    pub fn added(&self) -> usize {
+        self.added
     }
 
-    /// The keys in use, packed [layers, streams, heads, len, head_dim].
+    /// The rotary position the next token takes.
+    pub fn position(&self) -> usize {
+        self.pos
+    }
+
+    /// How many times its keys were turned back to lower the positions.
+    pub fn turned(&self) -> usize {
+        self.turned
+    }
+
+    /// Whether every slot is in use in a ring, so that the next token overwrites one.
+    fn full_ring(&self) -> bool {
+        self.ring && self.capacity > 0 && self.len == self.capacity
+    }
+
+    /// The slot the next token goes to.
+    fn next_slot(&self) -> usize {
+        match self.full_ring() {
+            true => self.added % self.capacity,
+            false => self.len,
+        }
+    }
+
+    /// Forgets every token, keeping the room.
+    pub fn clear(&mut self) {
+        self.len = 0;
+        self.added = 0;
+        self.pos = 0;
+        self.evicted.first = 0;
+        self.evicted.count = 0;
+    }
+
+    /// Whether the last `n` tokens can be taken back: a ring keeps only the latest overwrites.
+    fn can_take_back(&self, n: usize) -> bool {
+        let n = n.min(self.added);
+        let over = |added: usize| added.saturating_sub(self.capacity);
+        !self.ring || over(self.added) - over(self.added - n) <= self.evicted.count
+    }
+
+    /// Takes back the last `n` tokens (`can_take_back`, and `n` at most `pos`: see
+    /// `Net::truncate`): the slots they filled are free again, or hold once more what they
+    /// overwrote.
+    fn take_back(&mut self, n: usize) {
+        let n = n.min(self.added);
+        debug_assert!(self.can_take_back(n) && n <= self.pos);
+        for _ in 0..n {
+            self.added -= 1;
+            self.pos -= 1;
+            if self.ring && self.added >= self.capacity {
+                let restored = self.take_back_evicted(self.added % self.capacity);
+                debug_assert!(restored, "counted above");
+            } else {
+                self.len -= 1;
+            }
+        }
+    }
+
+    /// Puts back into `slot` what the latest overwrite replaced (a pass over it failed).
+    fn take_back_evicted(&mut self, slot: usize) -> bool {
+        let (d, cap) = (self.head_dim, self.capacity);
+        let Some(old) = self.evicted.pop() else {
+            return false;
+        };
+        for (b, kv) in old.chunks_exact(2 * d).enumerate() {
+            let at = (b * cap + slot) * d;
+            self.k[at..at + d].copy_from_slice(&kv[..d]);
+            self.v[at..at + d].copy_from_slice(&kv[d..]);
+        }
+        true
+    }
+
+    /// Keeps what `slot` holds (every block's key and value) before a token overwrites it.
+    fn keep_evicted(&mut self, slot: usize) {
+        let (d, cap) = (self.head_dim, self.capacity);
+        let row = self.evicted.push();
+        for (b, kv) in row.chunks_exact_mut(2 * d).enumerate() {
+            let at = (b * cap + slot) * d;
+            kv[..d].copy_from_slice(&self.k[at..at + d]);
+            kv[d..].copy_from_slice(&self.v[at..at + d]);
+        }
+    }
+
+    /// The keys of the slots in use, packed [layers, streams, heads, len, head_dim] in slot order.
     pub fn keys(&self) -> Vec<f32> {
         self.in_use(&self.k)
     }
@@ -347,25 +520,35 @@ impl Cache {
     }
 }
 
-/// A slide: how many positions it drops, and the rotation that moves every kept key back by as
-/// many (`cos`, `sin` of `-drop * inv_freq[i]` per pair of key dims).
+/// A turn of every key back by `by` positions: `cos`, `sin` of `-by * inv_freq[i]` per pair of
+/// key dims (rotary pairs dims i and i + head_dim/2).
 #[derive(Clone, Debug)]
-pub struct Turn {
-    pub drop: usize,
+struct Turn {
     cos: Vec<f32>,
     sin: Vec<f32>,
 }
 
 impl Turn {
-    pub fn back(drop: usize, inv_freq: &[f64]) -> Self {
+    fn back(by: i64, inv_freq: &[f64]) -> Self {
         let (cos, sin) = inv_freq
             .iter()
             .map(|f| {
-                let a = -(drop as f64) * f;
+                let a = -(by as f64) * f;
                 (a.cos() as f32, a.sin() as f32)
             })
             .unzip();
-        Turn { drop, cos, sin }
+        Turn { cos, sin }
+    }
+
+    /// Turns one key (`head_dim` floats) in place.
+    fn apply(&self, key: &mut [f32]) {
+        let half = key.len() / 2;
+        let (x1, x2) = key.split_at_mut(half);
+        for i in 0..half {
+            let (a, b) = (x1[i], x2[i]);
+            x1[i] = a * self.cos[i] - b * self.sin[i];
+            x2[i] = a * self.sin[i] + b * self.cos[i];
+        }
     }
 }
 
@@ -392,6 +575,10 @@ pub struct Net {
     /// passes of one (guided step p50 20.6-22.9 ms against 18.7-20.3, models/README.md), so
     /// there each sequence gets its own pass over its own half of the cache.
     batch_pairs: bool,
+    /// The rotary frequencies, to turn cached keys back when the positions reach the end of
+    /// the graph's rotation tables (`max_positions`).
+    inv_freq: Vec<f64>,
+    max_positions: usize,
     pub layers: usize,
     pub heads: usize,
     pub head_dim: usize,
@@ -436,6 +623,12 @@ impl Net {
             names: card.io_names(),
             nothing: vec![0.0; 2 * heads * a.head_dim],
             batch_pairs: rt.backend.kind == BackendKind::OnnxRuntime,
+            inv_freq: card
+                .rotary
+                .as_ref()
+                .map(|r| r.inv_freq(a.head_dim))
+                .unwrap_or_default(),
+            max_positions: card.max_positions,
             layers: a.layers,
             heads,
             head_dim: a.head_dim,
@@ -443,6 +636,13 @@ impl Net {
             cond_dim: card.conditioning.dim,
             path: path.to_path_buf(),
         })
+    }
+
+    /// Lowers the positions the graph's rotation tables are taken to reach (never above the
+    /// card's `max_positions`), so that the turn a months-long run makes every few hundred
+    /// steps can be made within a short test.
+    pub fn limit_positions(&mut self, n: usize) {
+        self.max_positions = n.min(self.max_positions);
     }
 
     /// The graph's input and output names with their element types and shapes (-1 = dynamic).
@@ -468,7 +668,8 @@ impl Net {
     pub fn reserve(&self, cache: &mut Cache, streams: usize, positions: usize) {
         let (blocks, d) = (self.layers * streams * self.heads, self.head_dim);
         let same = cache.blocks == blocks && cache.head_dim == d;
-        if same && cache.capacity >= positions {
+        // A ring's room is fixed: passes into a full one take a token each (`forward_streams`).
+        if same && (cache.capacity >= positions || cache.ring) {
             return;
         }
         // Doubling pays for a cache that grows token by token. A cache of another shape is
@@ -491,6 +692,10 @@ impl Net {
             }
             buf
         };
+        let evicted = match cache.ring {
+            true => Evicted::new(blocks * 2 * d, EVICTED_KEPT),
+            false => Evicted::default(),
+        };
         *cache = Cache {
             k: grow(&cache.k),
             v: grow(&cache.v),
@@ -499,6 +704,11 @@ impl Net {
             head_dim: d,
             capacity: cap,
             len: keep,
+            ring: cache.ring,
+            added: keep,
+            pos: if same { cache.pos } else { 0 },
+            turned: cache.turned,
+            evicted,
         };
     }
 
@@ -544,27 +754,126 @@ impl Net {
                 ),
             ));
         }
-        self.reserve(cache, b, cache.len + t);
-        let mut logits = Vec::with_capacity(b * t * self.vocab);
-        if b > 1 && !self.batch_pairs {
-            for (s, cond) in conds.iter().enumerate() {
-                self.pass(tokens, voices, cond, s..s + 1, cache, &mut logits)?;
-            }
-        } else {
-            let cond: Cow<'_, [f32]> = match conds {
-                [one] => Cow::Borrowed(one),
-                _ => Cow::Owned(conds.concat()),
-            };
-            self.pass(tokens, voices, &cond, 0..b, cache, &mut logits)?;
+        if !cache.ring {
+            return self.chunk(tokens, voices, conds, cache);
         }
-        cache.len += t;
+        // A ring takes what fits before it is full in one pass, then a token a pass, each over
+        // the oldest slot: a longer pass into a full ring would let its later tokens hear more
+        // than the context. Logits come back per sequence, so chunks are put back in order.
+        let mut per_stream: Vec<Vec<f32>> = vec![Vec::with_capacity(t * self.vocab); b];
+        let mut i = 0;
+        while i < t {
+            let n = match cache.full_ring() {
+                true => 1,
+                false => (t - i).min(cache.capacity - cache.len),
+            };
+            let (cd, span) = (self.cond_dim, i..i + n);
+            let parts: Vec<&[f32]> = conds.iter().map(|c| &c[i * cd..(i + n) * cd]).collect();
+            let out = self.chunk(&tokens[span.clone()], &voices[span], &parts, cache)?;
+            if b == 1 && n == t {
+                return Ok(out);
+            }
+            for (s, part) in out.chunks_exact(n * self.vocab).enumerate() {
+                per_stream[s].extend_from_slice(part);
+            }
+            i += n;
+        }
+        Ok(per_stream.concat())
+    }
+
+    /// One pass of `tokens` for every sequence (see `forward_streams`), into slots that follow
+    /// what `cache` holds, or over its oldest slot when it is a full ring.
+    fn chunk(
+        &mut self,
+        tokens: &[i64],
+        voices: &[i64],
+        conds: &[&[f32]],
+        cache: &mut Cache,
+    ) -> Result<Vec<f32>, ModelError> {
+        let (t, b) = (tokens.len(), conds.len());
+        self.reserve(cache, b, cache.len + t);
+        if cache.pos + t > self.max_positions {
+            self.turn_back(cache)?;
+        }
+        let slot = cache.next_slot();
+        let full = cache.full_ring();
+        if full {
+            cache.keep_evicted(slot);
+        }
+        let mut logits = Vec::with_capacity(b * t * self.vocab);
+        let run = |net: &mut Self, cache: &mut Cache, logits: &mut Vec<f32>| {
+            if b > 1 && !net.batch_pairs {
+                for (s, cond) in conds.iter().enumerate() {
+                    net.pass(tokens, voices, cond, s..s + 1, cache, logits)?;
+                }
+                Ok(())
+            } else {
+                let cond: Cow<'_, [f32]> = match conds {
+                    [one] => Cow::Borrowed(one),
+                    _ => Cow::Owned(conds.concat()),
+                };
+                net.pass(tokens, voices, &cond, 0..b, cache, logits)
+            }
+        };
+        if let Err(e) = run(self, cache, &mut logits) {
+            if full {
+                // The slot may be half written: put back what it held.
+                let kept = cache.take_back_evicted(slot);
+                debug_assert!(kept);
+            }
+            return Err(e);
+        }
+        if !full {
+            cache.len += t;
+        }
+        cache.added += t;
+        cache.pos += t;
         Ok(logits)
+    }
+
+    /// Turns every cached key back so that the oldest in use reads as position 0, and the next
+    /// token's position drops by as many: the graph looks rotations up in tables of
+    /// `max_positions` rows. Rotary scores depend on differences of positions only, so what
+    /// the cache holds reads the same (within float rounding, models/train/ring.py measures
+    /// it); the kept overwrites turn with it.
+    fn turn_back(&self, cache: &mut Cache) -> Result<(), ModelError> {
+        let by = cache.pos - cache.len;
+        if by == 0 || self.inv_freq.is_empty() {
+            return Err(ort_err(
+                &self.path,
+                format!(
+                    "{} positions cached: the graph's rotations reach {} (max_positions)",
+                    cache.len, self.max_positions
+                ),
+            ));
+        }
+        self.turn(cache, by as i64);
+        Ok(())
+    }
+
+    /// Turns every key the cache holds or keeps back by `by` positions (forward where
+    /// negative), and the next token's position with them.
+    fn turn(&self, cache: &mut Cache, by: i64) {
+        let turn = Turn::back(by, &self.inv_freq);
+        let (cap, d) = (cache.capacity, cache.head_dim);
+        for b in 0..cache.blocks {
+            for key in cache.k[b * cap * d..(b * cap + cache.len) * d].chunks_exact_mut(d) {
+                turn.apply(key);
+            }
+        }
+        cache.evicted.for_each_kept(|row| {
+            for kv in row.chunks_exact_mut(2 * d) {
+                turn.apply(&mut kv[..d]);
+            }
+        });
+        cache.pos = usize::try_from(cache.pos as i64 - by).expect("turned to a position >= 0");
+        cache.turned += 1;
     }
 
     /// One run of the graph over `streams` of the sequences `cache` holds (a contiguous run of
     /// them: each layer keeps its streams side by side), with `cond` for each in turn. Appends
-    /// their logits to `logits` and writes their new keys and values after `cache.len`, which it
-    /// leaves to the caller.
+    /// their logits to `logits` and writes their new keys and values into the next slots (see
+    /// `Cache::next_slot`), leaving the cache's counts to the caller.
     fn pass(
         &mut self,
         tokens: &[i64],
@@ -576,11 +885,14 @@ impl Net {
     ) -> Result<(), ModelError> {
         let (t, b) = (tokens.len(), streams.len());
         let (p, cap, all) = (cache.len, cache.capacity, cache.streams);
+        // The caller moves the cache on once every sequence has had its pass.
+        let slot = cache.next_slot();
+        debug_assert!(slot + t <= cap);
         debug_assert!(streams.end <= all);
         debug_assert_eq!(cond.len(), b * t * self.cond_dim);
         let (heads, head_dim) = (self.heads, self.head_dim);
         let e = |e: ort::Error| ort_err(&self.path, e);
-        let past_len = [p as i64];
+        let (past_len, pos) = ([p as i64], [cache.pos as i64]);
         let (tokens, voices) = (batched(tokens, b), batched(voices, b));
         let mut inputs: Vec<(Cow<'_, str>, SessionInputValue<'_>)> = vec![
             (
@@ -604,6 +916,12 @@ impl Net {
             (
                 self.names.past_len.as_str().into(),
                 TensorRef::from_array_view(([1usize], &past_len[..]))
+                    .map_err(e)?
+                    .into(),
+            ),
+            (
+                self.names.pos.as_str().into(),
+                TensorRef::from_array_view(([1usize], &pos[..]))
                     .map_err(e)?
                     .into(),
             ),
@@ -661,7 +979,7 @@ impl Net {
                 // [streams, heads] rows of T positions, into the layer's blocks in that order.
                 let first = (i * all + streams.start) * heads;
                 for (j, new) in data.chunks_exact(t * head_dim).enumerate() {
-                    let dst = ((first + j) * cap + p) * head_dim;
+                    let dst = ((first + j) * cap + slot) * head_dim;
                     buf[dst..dst + t * head_dim].copy_from_slice(new);
                 }
             }
@@ -669,53 +987,24 @@ impl Net {
         Ok(())
     }
 
-    /// Writes into `dst` what `src` holds with its first `drop` positions dropped and every kept
-    /// key moved back by `drop` positions (a rotation by `-drop * inv_freq`), so it reads as if
-    /// its first kept token were at position 0 and new tokens continue at its `len`. Values carry
-    /// no position and only move. `src` stays as it was (the engine keeps it for a rollback across
-    /// the slide), and `dst` takes its shape, in its own buffers where they are large enough.
-    pub fn slide_into(&self, src: &Cache, dst: &mut Cache, drop: usize, inv_freq: &[f64]) {
-        dst.clear();
-        self.slide_ahead(src, dst, &Turn::back(drop, inv_freq), usize::MAX);
-    }
-
-    /// Brings `dst`, which holds the first `dst.len` positions of `src` slid by `turn` (see
-    /// `slide_into`), up to `most` positions further towards all of them. The engine builds
-    /// the slid cache a few positions per token while it decodes, so the step that slides only
-    /// swaps it in: done all at once, a slide moved the whole cache in one step, and those steps
-    /// were the slowest (models/README.md). A `dst` of another shape starts again from nothing.
-    pub fn slide_ahead(&self, src: &Cache, dst: &mut Cache, turn: &Turn, most: usize) {
-        let end = src.len.saturating_sub(turn.drop);
-        self.reserve(dst, src.streams, src.capacity);
-        let from = dst.len.min(end);
-        let to = end.min(from.saturating_add(most));
-        if to == from {
-            dst.len = to;
-            return;
+    /// Keeps the first `len` tokens of `cache` (rollback: rotary positions are relative, so the
+    /// cache of a shorter prefix is the cache cut back, with a ring's overwrites put back).
+    /// False, with the cache as it was, where an overwrite it needs is no longer kept.
+    #[must_use]
+    pub fn truncate(&self, cache: &mut Cache, len: usize) -> bool {
+        let n = cache.added.saturating_sub(len);
+        if !cache.can_take_back(n) {
+            return false;
         }
-        let (d, half) = (src.head_dim, src.head_dim / 2);
-        let (cos, sin) = (&turn.cos[..half], &turn.sin[..half]);
-        let n = (to - from) * d;
-        for b in 0..src.blocks {
-            let s = (b * src.capacity + turn.drop + from) * d;
-            let t = (b * dst.capacity + from) * d;
-            let keys = src.k[s..s + n].chunks_exact(d);
-            for (old, new) in keys.zip(dst.k[t..t + n].chunks_exact_mut(d)) {
-                let (x1, x2) = old.split_at(half);
-                let (y1, y2) = new.split_at_mut(half);
-                for i in 0..half {
-                    y1[i] = x1[i] * cos[i] - x2[i] * sin[i];
-                    y2[i] = x1[i] * sin[i] + x2[i] * cos[i];
-                }
+        if n > cache.pos {
+            // Back across a turn, the positions would drop below 0, where the graph has no
+            // rotation: everything it holds turns forward first.
+            if self.inv_freq.is_empty() {
+                return false;
             }
-            dst.v[t..t + n].copy_from_slice(&src.v[s..s + n]);
+            self.turn(cache, -((n - cache.pos) as i64));
         }
-        dst.len = to;
-    }
-
-    /// Keeps the first `len` positions of `cache` (rollback: rotary positions are relative, so a
-    /// truncated cache is exactly the cache of the shorter prefix).
-    pub fn truncate(&self, cache: &mut Cache, len: usize) {
-        cache.len = cache.len.min(len);
+        cache.take_back(n);
+        true
     }
 }

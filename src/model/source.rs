@@ -10,20 +10,19 @@
 //!
 //! Decoding keeps one token "pending": the cache holds every token but the last, and the last is
 //! fed, with the conditioning of the step being composed, to get the logits of the next. A
-//! conditioning change therefore reaches the very first token of the next step. When the cache
-//! is full it slides: the oldest positions go and the kept keys are turned back (the card says
-//! how its rotary positions turn); a card that does not say is re-primed instead, by one fresh
-//! pass over the last half-context. Rollback keeps, per step, the RNG state and how the cache
-//! was built, so a rolled-back step decodes exactly as a fresh decode that took the same path
-//! would: truncating the cache is exact because earlier rows never change, a rollback across a
-//! slide takes back the cache kept from just before it, and one across a re-prime rebuilds the
-//! cache by replaying the same passes.
+//! conditioning change therefore reaches the very first token of the next step. The cache is a
+//! ring of context - 1 slots (`Cache::ring`): once full, each token overwrites the oldest, so
+//! every token hears the context before it and no step moves the cache. Rollback keeps, per
+//! step, the RNG state and how the cache was built, so a rolled-back step decodes exactly as a
+//! fresh decode that took the same path would: taking tokens back is exact because earlier
+//! slots never change and the ring keeps what the latest overwrites replaced; a rollback
+//! further back, or across a re-prime, rebuilds the cache by replaying the same passes, or,
+//! beyond that, by a fresh pass over the context before the step.
 
-use std::collections::VecDeque;
 use std::sync::Arc;
 
 use super::card::Card;
-use super::runtime::{Cache, Net, Turn};
+use super::runtime::{Cache, Net, EVICTED_KEPT};
 use super::{Model, ModelError};
 use crate::control::Conditioning;
 use crate::gen::history::History;
@@ -127,7 +126,7 @@ pub fn sample(logits: &[f32], allowed: &[bool], params: &SamplingParams, rng: &m
 
 /// The cache decoding runs on: of the conditioned sequence alone or, under guidance, of it and
 /// the unconditional one beside it, decoded together (see `Net::forward_streams`). Both always
-/// hold the same tokens at the same positions, so every cut, slide and snapshot applies to both.
+/// hold the same tokens at the same positions, so every cut and snapshot applies to both.
 #[derive(Clone, Debug)]
 struct Caches {
     both: Cache,
@@ -140,8 +139,9 @@ impl Caches {
         }
     }
 
+    /// Tokens it took in since it was last emptied (a full ring holds the last of them).
     fn len(&self) -> usize {
-        self.both.len
+        self.both.added()
     }
 
     /// Whether it holds guidance's pair (its number of sequences, set when it was given room).
@@ -157,18 +157,15 @@ impl Caches {
         }
     }
 
-    /// An empty cache with room for `positions` (see `Cache::with_capacity`).
-    fn with_capacity(guided: bool, net: &Net, positions: usize) -> Self {
-        Caches {
-            both: Cache::with_capacity(net, Self::streams(guided), positions),
+    /// Empties it for decoding guided or not, as a ring of `slots`, keeping its buffers where
+    /// they are of that shape.
+    fn reset(&mut self, guided: bool, net: &Net, slots: usize) {
+        let streams = Self::streams(guided);
+        if self.both.is_ring() && self.both.streams() == streams && self.both.capacity() == slots {
+            self.both.clear();
+        } else {
+            self.both = Cache::ring(net, streams, slots);
         }
-    }
-
-    /// Empties it for decoding guided or not, with room for `positions`, keeping its buffers
-    /// where they fit (see `Net::reserve`).
-    fn reset(&mut self, guided: bool, net: &Net, positions: usize) {
-        self.both.clear();
-        net.reserve(&mut self.both, Self::streams(guided), positions);
     }
 
     /// Runs `tokens` through the model after the cache: with `cond` and, under guidance, with
@@ -205,102 +202,12 @@ fn guide(cond: &mut [f32], uncond: &[f32], w: f32) {
     }
 }
 
-/// How a full cache makes room: by sliding (drop the oldest positions, turn the kept keys back),
-/// or, for a card that does not say how its keys were rotated, by a fresh pass over the last
-/// half-context, which costs one long step.
-struct Slide {
-    turn: Turn,
-    /// Positions of the slid cache built per token decoded: enough to have all of it by the
-    /// time the cache is full again (see `Slide::pace`).
-    pace: usize,
-    /// The cache being decoded as it will be once slid, built `pace` positions per token so
-    /// that the step that slides only swaps it in. Whatever changes the cache other than by
-    /// adding to it cuts this back (`cut`) or empties it (`forget`).
-    ahead: Caches,
-    /// Caches as they were just before each of the last slides, with their `cache_start`, so a
-    /// rollback across a slide restores exactly what was there.
-    before: VecDeque<(usize, Caches)>,
-    /// Caches with their buffers mapped, which the next slides build into: allocating megabytes
-    /// on a slide step made the first slides of a composition the slowest steps of all.
-    spare: Vec<Caches>,
-}
-
-impl Slide {
-    fn new(turn: Turn, context: usize) -> Self {
-        Slide {
-            pace: Self::pace(turn.drop, context),
-            turn,
-            ahead: Caches::empty(),
-            before: VecDeque::with_capacity(SLIDES_KEPT),
-            spare: Vec::with_capacity(SLIDES_KEPT),
-        }
-    }
-
-    /// A slide leaves `context - drop` positions and the next comes `drop` tokens later, one
-    /// position more each: `pace` per token builds all of them in time.
-    fn pace(drop: usize, context: usize) -> usize {
-        context.saturating_sub(drop).div_ceil(drop.max(1)) + 1
-    }
-
-    /// Moves every kept cache to the spares, tops them up to `SLIDES_KEPT` and gives `ahead`
-    /// room, for caches of `positions` each, guided or not.
-    fn reset(&mut self, guided: bool, net: &Net, positions: usize) {
-        self.spare.extend(self.before.drain(..).map(|(_, c)| c));
-        self.spare
-            .push(std::mem::replace(&mut self.ahead, Caches::empty()));
-        self.spare
-            .retain(|c| c.both.streams() == Caches::streams(guided));
-        while self.spare.len() < SLIDES_KEPT + 1 {
-            self.spare
-                .push(Caches::with_capacity(guided, net, positions));
-        }
-        self.ahead = self.spare.pop().unwrap_or_else(Caches::empty);
-        self.forget();
-    }
-
-    /// Builds up to `most` more positions of `cache` slid.
-    fn build(&mut self, net: &Net, cache: &Caches, most: usize) {
-        net.slide_ahead(&cache.both, &mut self.ahead.both, &self.turn, most);
-    }
-
-    /// The cache was cut back to `len` positions: what was built from beyond them is gone.
-    fn cut(&mut self, len: usize) {
-        let built = &mut self.ahead.both.len;
-        *built = (*built).min(len.saturating_sub(self.turn.drop));
-    }
-
-    /// The cache was replaced or rebuilt: nothing built from it still holds.
-    fn forget(&mut self) {
-        self.ahead.both.clear();
-    }
-
-    /// Slides `cache` (which must be the one `ahead` was built from): finishes building it,
-    /// swaps it in, and keeps the cache as it was for a rollback across the slide; the next is
-    /// built into the oldest kept cache's buffers, or a spare's. Returns the positions dropped.
-    fn slide(&mut self, net: &Net, cache: &mut Caches, cache_start: usize) -> usize {
-        self.build(net, cache, usize::MAX);
-        let next = match self.before.len() {
-            SLIDES_KEPT => self.before.pop_front().map(|(_, c)| c),
-            _ => self.spare.pop(),
-        };
-        let slid = std::mem::replace(&mut self.ahead, next.unwrap_or_else(Caches::empty));
-        self.forget();
-        let kept = std::mem::replace(cache, slid);
-        self.before.push_back((cache_start, kept));
-        self.turn.drop
-    }
-}
-
-/// Positions dropped per slide: a slide every 16 steps.
-const SLIDE_DROP: usize = 64;
-/// Slides a rollback can reach back across (each keeps a full cache, 3.1 MB for the shipped
-/// model, twice that under guidance, held from the start as spares with one more for the slid
-/// cache being built); rollbacks reach a few beats back, and these span 64 steps.
-const SLIDES_KEPT: usize = 4;
+/// Tokens heard (played by another source) that a full ring takes one pass each; more are
+/// heard through one fresh pass over the context before the next token.
+const HEARD_ONE_BY_ONE: usize = 64;
 
 pub struct ModelSource {
     net: Net,
-    slide: Option<Slide>,
     card: Card,
     tonic: u8,
     scale_lock: bool,
@@ -346,14 +253,8 @@ impl ModelSource {
                 .collect()
         });
         let cond_dim = card.conditioning.dim;
-        let slide = card.rotary.as_ref().map(|r| {
-            let inv_freq = r.inv_freq(card.architecture.head_dim);
-            let drop = SLIDE_DROP.min(card.context_length);
-            Slide::new(Turn::back(drop, &inv_freq), card.context_length)
-        });
         let mut s = ModelSource {
             net: model.net,
-            slide,
             card,
             tonic,
             scale_lock,
@@ -414,9 +315,15 @@ impl ModelSource {
         n
     }
 
-    /// Absolute index of the first token the cache holds: it moves on when the cache slides.
-    pub fn cache_start(&self) -> usize {
-        self.cache_start
+    /// How many times the cache's keys were turned back, to keep the positions within the
+    /// graph's rotation tables (`Net::turn_back`).
+    pub fn turned(&self) -> usize {
+        self.cache.both.turned()
+    }
+
+    /// Slots of the cache's ring: every token hears this many before it.
+    fn slots(&self) -> usize {
+        self.card.context_length - 1
     }
 
     pub fn card(&self) -> &Card {
@@ -455,9 +362,6 @@ impl ModelSource {
         // The caches keep their room. A failed pass leaves them empty, never half-written: a
         // pass counts its tokens in only once all of it has run.
         self.cache.both.clear();
-        if let Some(slide) = &mut self.slide {
-            slide.forget();
-        }
         self.cache_start = from;
         self.prime_end = from;
         self.feed(from, to)?;
@@ -480,18 +384,6 @@ impl ModelSource {
     /// guidance is on).
     fn feed_pending(&mut self, cond: &[f32]) -> Result<Vec<f32>, ModelError> {
         let last = self.end() - 1;
-        if self.cache.len() + 1 > self.card.context_length {
-            match &mut self.slide {
-                Some(slide) => {
-                    self.cache_start += slide.slide(&self.net, &mut self.cache, self.cache_start);
-                }
-                None => {
-                    // Keep half a context so what follows still hears the recent music.
-                    let keep = self.card.context_length / 2;
-                    self.prime(last - keep, last)?;
-                }
-            }
-        }
         debug_assert_eq!(self.cache_start + self.cache.len(), last);
         let d = self.card.conditioning.dim;
         self.conds.truncate((last - self.base) * d);
@@ -500,9 +392,6 @@ impl ModelSource {
         let (mut logits, plain) =
             self.cache
                 .forward(&mut self.net, (&[t], &[v], cond), &self.unknown)?;
-        if let Some(slide) = &mut self.slide {
-            slide.build(&self.net, &self.cache, slide.pace);
-        }
         if let Some(plain) = plain {
             guide(&mut logits, &plain, self.guidance);
         }
@@ -573,11 +462,11 @@ impl ModelSource {
         // Snapshots are of the decoding state alone; the steps heard were never decoded.
         self.history.clear();
         let (cached, to) = (self.cache_start + self.cache.len(), self.end() - 1);
-        if to - self.cache_start > self.card.context_length {
-            // More than the cache holds: the last half context of it, as a card without slides
-            // makes room.
-            let keep = self.card.context_length / 2;
-            return self.prime(to - keep, to);
+        let room = self.slots() - self.cache.both.len;
+        if to - cached > room.max(HEARD_ONE_BY_ONE) {
+            // More than the ring has room for, and too many for a pass each: one fresh pass over
+            // the context before the next token.
+            return self.prime(to.saturating_sub(self.slots()).max(self.base), to);
         }
         self.feed(cached, to).inspect_err(|_| {
             // The cache stands as it was: so do the tokens it was to take in.
@@ -675,37 +564,16 @@ impl NoteSource for ModelSource {
         self.conds.truncate((keep - 1 - self.base) * d);
         self.rng = snap.rng;
         let cached_to = keep - 1;
-        let before_slide = self.slide.as_mut().and_then(|sl| {
-            let at = sl.before.iter().position(|(c, _)| *c == snap.cache_start)?;
-            let mut later = sl.before.split_off(at);
-            let cache = later.pop_front().map(|(_, cache)| cache);
-            sl.spare.extend(later.into_iter().map(|(_, c)| c));
-            cache
-        });
-        let net = &self.net;
-        if snap.cache_start == self.cache_start && snap.prime_end == self.prime_end {
-            let len = cached_to - self.cache_start;
-            net.truncate(&mut self.cache.both, len);
-            if let Some(sl) = &mut self.slide {
-                sl.cut(len);
-            }
-        } else if let Some(cache) = before_slide {
-            // Slid since: the cache from just before that slide, cut back to the step.
-            let replaced = std::mem::replace(&mut self.cache, cache);
-            if let Some(sl) = &mut self.slide {
-                sl.spare.push(replaced);
-                sl.forget();
-            }
-            self.cache_start = snap.cache_start;
-            let len = cached_to - self.cache_start;
-            net.truncate(&mut self.cache.both, len);
-        } else if self.slide.is_some() {
-            // Slid further back than the kept caches reach: a fresh pass over the same tokens
-            // hears the same window, if not with exactly the keys it had.
-            self.prime(snap.cache_start, cached_to)
-                .map_err(|e| self.fail(e))?;
-        } else {
-            // A re-prime happened since: rebuild the cache by the same passes that built it.
+        let same_passes = snap.cache_start == self.cache_start && snap.prime_end == self.prime_end;
+        if same_passes
+            && self
+                .net
+                .truncate(&mut self.cache.both, cached_to - self.cache_start)
+        {
+            // Taken back in place: the slots it filled are free or hold again what they held.
+        } else if cached_to.saturating_sub(snap.prime_end) <= EVICTED_KEPT {
+            // A re-prime since, or overwrites no longer kept: rebuild the cache by the same
+            // passes that built it.
             let rebuild = |s: &mut Self| -> Result<(), ModelError> {
                 s.prime(snap.cache_start, snap.prime_end)?;
                 for i in snap.prime_end..cached_to {
@@ -714,6 +582,11 @@ impl NoteSource for ModelSource {
                 Ok(())
             };
             rebuild(self).map_err(|e| self.fail(e))?;
+        } else {
+            // Further back than that reaches: a fresh pass over the context before the step
+            // hears the same window, if not with exactly the keys it had.
+            let from = cached_to.saturating_sub(self.slots()).max(self.base);
+            self.prime(from, cached_to).map_err(|e| self.fail(e))?;
         }
         self.position = step;
         Ok(())
@@ -730,12 +603,10 @@ impl NoteSource for ModelSource {
         self.conds.clear();
         self.base = 0;
         let guided = self.guided();
-        self.cache.reset(guided, &self.net, c.context_length);
+        let slots = self.slots();
+        self.cache.reset(guided, &self.net, slots);
         self.cache_start = 0;
         self.prime_end = 0;
-        if let Some(sl) = &mut self.slide {
-            sl.reset(guided, &self.net, c.context_length);
-        }
         self.start_step = step;
         self.position = step;
         self.history.clear();
