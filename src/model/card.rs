@@ -147,7 +147,7 @@ pub struct TransposeMix {
 /// The card format this engine reads: 3 is the graph that takes past_len (the cache slots in use)
 /// and pos (the rotary position of the first new token) apart, with a cache buffer of any
 /// capacity, and gives back only the new keys and values (2 had no pos: its positions were
-/// past_len .., so a full cache had to slide into another buffer).
+/// past_len .., so a full cache had to slide into another buffer; `ring.py` upgrades it).
 pub const FORMAT_VERSION: u32 = 3;
 
 #[derive(Clone, Debug, Deserialize)]
