@@ -733,6 +733,37 @@ fn a_full_ring_hears_the_window_before_each_token_and_nothing_older() {
 }
 
 #[test]
+fn each_token_of_a_full_ring_lies_in_its_slot_at_its_position() {
+    // Layer 0's keys and values depend on a token, its voice, its conditioning and its position
+    // alone: once the ring has wrapped, slot j must hold the layer-0 keys a full pass gives the
+    // last token i with i = j mod slots. That pins which slot each token overwrites and the
+    // position it takes.
+    let mut m = open();
+    let piece = moving_piece(&m.card);
+    let (slots, n) = (40usize, 107usize);
+    let mut ring = Cache::ring(&m.net, 1, slots);
+    feed_in(&mut m, &piece, &mut ring, (0, n, 1));
+    let mut full = Cache::empty();
+    feed_in(&mut m, &piece, &mut full, (0, n, n));
+    let (heads, d) = (m.card.cache_heads(), m.card.architecture.head_dim);
+    let (rk, fk) = (ring.keys(), full.keys());
+    let (rv, fv) = (ring.values(), full.values());
+    for h in 0..heads {
+        for j in 0..slots {
+            let i = (n - 1) - ((n - 1 - j) % slots);
+            let r = (h * slots + j) * d;
+            let f = (h * n + i) * d;
+            let dk = max_diff(&rk[r..r + d], &fk[f..f + d]);
+            let dv = max_diff(&rv[r..r + d], &fv[f..f + d]);
+            assert!(
+                dk < 1e-4 && dv < 1e-4,
+                "head {h} slot {j} token {i}: {dk} {dv}"
+            );
+        }
+    }
+}
+
+#[test]
 fn taking_tokens_back_from_a_ring_puts_back_what_they_overwrote() {
     // Fed 100 tokens one at a time into a ring of 40, taken back 30 and fed 30 others: the
     // logits must be those of a ring that never had the 30, bit for bit, or a rolled-back
@@ -767,9 +798,14 @@ fn taking_tokens_back_from_a_ring_puts_back_what_they_overwrote() {
         "the other tokens left the ring as it was"
     );
 
-    // Back into slots that were never overwritten: they are simply free again.
+    // Back into slots that were never overwritten: they are simply free again, and hold what a
+    // ring fed those 25 alone holds.
     assert!(m.net.truncate(&mut rolled, 25));
     assert_eq!((rolled.len, rolled.added()), (25, 25));
+    let mut short = Cache::ring(&m.net, 1, slots);
+    feed_in(&mut m, &piece, &mut short, (0, 25, 1));
+    assert_eq!(rolled.keys(), short.keys());
+    assert_eq!(rolled.values(), short.values());
 
     // Further back than the kept overwrites reach: refused, the ring as it was.
     let mut long = Cache::ring(&m.net, 1, slots);
@@ -825,6 +861,43 @@ fn turning_the_keys_back_at_the_end_of_the_rotation_tables_changes_nothing_heard
         d < 1e-4,
         "rolled back below position 0, logits differ by {d}"
     );
+}
+
+#[test]
+fn a_long_composition_keeps_few_tokens_and_rolls_back_across_turns() {
+    // With the rotation tables taken to end at 700 positions, the ring turns its keys back every
+    // 189 tokens, about 47 steps, so 1800 steps see dozens of turns; a room runs for months, so
+    // what the source keeps of its tokens must stay bounded; and a rollback across the last
+    // turn must compose again what it composed.
+    let mut m = open();
+    m.net.limit_positions(700);
+    let c = cond(4.0, 62.0, 1.0);
+    let mut src = ModelSource::new(m, 0, false, Mode::Major, 9);
+    let n = 1800usize;
+    let (mut steps, mut turned_at) = (Vec::new(), Vec::new());
+    for i in 0..n {
+        let before = src.turned();
+        steps.push(src.next_step(&c, &P).unwrap());
+        if src.turned() != before {
+            turned_at.push(i);
+        }
+    }
+    assert!(turned_at.len() >= 30, "turned at {turned_at:?}");
+    let tokens = 1 + 4 * n;
+    assert!(
+        src.tokens_kept() < tokens / 2,
+        "{} of {tokens} tokens kept",
+        src.tokens_kept()
+    );
+    let last = *turned_at.last().unwrap();
+    let back_to = last - 2;
+    assert!(
+        n - back_to <= EVICTED_KEPT / 4,
+        "the last turn at step {last}"
+    );
+    src.rollback(back_to as u64).unwrap();
+    let again = decode(&mut src, &c, n - back_to);
+    assert_eq!(again, steps[back_to..]);
 }
 
 #[test]

@@ -34,7 +34,8 @@ use crate::rng::Rng;
 #[derive(Clone, Debug)]
 struct Snapshot {
     rng: Rng,
-    /// Absolute index of the first token in the cache.
+    /// Absolute index of the first token fed into the cache since it was last emptied (a full
+    /// ring holds only the last of them).
     cache_start: usize,
     /// Absolute index where the last re-priming pass ended (tokens from here on went through
     /// the model one at a time).
@@ -321,6 +322,12 @@ impl ModelSource {
         self.cache.both.turned()
     }
 
+    /// Tokens it keeps (with their voices and conditioning) for rollbacks and holds: a
+    /// months-long run keeps a few thousand.
+    pub fn tokens_kept(&self) -> usize {
+        self.tokens.len()
+    }
+
     /// Slots of the cache's ring: every token hears this many before it.
     fn slots(&self) -> usize {
         self.card.context_length - 1
@@ -497,14 +504,18 @@ impl ModelSource {
             .unwrap_or(v.silence)
     }
 
-    /// Drops tokens no snapshot can reach any more, so a months-long run stays small.
+    /// Drops tokens no rollback can reach any more, so a months-long run stays small. A rollback
+    /// to the oldest step kept reads at most the context before that step, or replays passes
+    /// from a prime at most `EVICTED_KEPT` tokens before it (see `rollback`); a voice's hold
+    /// looks back `max_hold` steps.
     fn compact(&mut self) {
-        let oldest = self
-            .history
-            .oldest()
-            .map(|s| s.cache_start)
-            .unwrap_or(self.cache_start)
-            .min(self.cache_start);
+        let oldest_step = self.position - self.history.len() as u64;
+        let cached_to = self.step_index(oldest_step.max(self.start_step)) - 1;
+        let held = self.end().saturating_sub(VOICES * (self.max_hold + 1));
+        let oldest = cached_to
+            .saturating_sub(self.slots() + EVICTED_KEPT)
+            .min(held)
+            .max(self.base);
         let drop = oldest - self.base;
         if drop >= 4096 {
             let d = self.card.conditioning.dim;
@@ -571,7 +582,9 @@ impl NoteSource for ModelSource {
                 .truncate(&mut self.cache.both, cached_to - self.cache_start)
         {
             // Taken back in place: the slots it filled are free or hold again what they held.
-        } else if cached_to.saturating_sub(snap.prime_end) <= EVICTED_KEPT {
+        } else if cached_to.saturating_sub(snap.prime_end) <= EVICTED_KEPT
+            && snap.cache_start >= self.base
+        {
             // A re-prime since, or overwrites no longer kept: rebuild the cache by the same
             // passes that built it.
             let rebuild = |s: &mut Self| -> Result<(), ModelError> {
