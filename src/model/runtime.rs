@@ -330,8 +330,11 @@ struct Evicted {
 
 impl Evicted {
     fn new(each: usize, room: usize) -> Self {
+        // Written through, not calloc'd: see `Cache::with_capacity`.
+        let mut data = Vec::with_capacity(each * room);
+        data.resize(each * room, 0.0);
         Evicted {
-            data: vec![0.0; each * room],
+            data,
             each,
             room,
             first: 0,
@@ -678,6 +681,9 @@ impl Net {
         // at twice the context, and twice the step.
         let cap = if same {
             positions.max(cache.capacity * 2)
+        } else if cache.ring && cache.capacity > 0 {
+            // A ring of another shape keeps its slots: its room is the context it hears.
+            cache.capacity
         } else {
             positions
         };
@@ -761,6 +767,7 @@ impl Net {
         // the oldest slot: a longer pass into a full ring would let its later tokens hear more
         // than the context. Logits come back per sequence, so chunks are put back in order.
         let mut per_stream: Vec<Vec<f32>> = vec![Vec::with_capacity(t * self.vocab); b];
+        let before = cache.added;
         let mut i = 0;
         while i < t {
             let n = match cache.full_ring() {
@@ -769,7 +776,16 @@ impl Net {
             };
             let (cd, span) = (self.cond_dim, i..i + n);
             let parts: Vec<&[f32]> = conds.iter().map(|c| &c[i * cd..(i + n) * cd]).collect();
-            let out = self.chunk(&tokens[span.clone()], &voices[span], &parts, cache)?;
+            let out = match self.chunk(&tokens[span.clone()], &voices[span], &parts, cache) {
+                Ok(out) => out,
+                Err(e) => {
+                    // The chunks before it took tokens in: take them back, so that a failed
+                    // pass leaves the cache as it was (the caller keeps its tokens so too).
+                    let restored = self.truncate(cache, before);
+                    debug_assert!(restored, "a pass's own overwrites are kept");
+                    return Err(e);
+                }
+            };
             if b == 1 && n == t {
                 return Ok(out);
             }
@@ -837,7 +853,7 @@ impl Net {
     /// the cache holds reads the same (within float rounding, models/train/ring.py measures
     /// it); the kept overwrites turn with it.
     fn turn_back(&self, cache: &mut Cache) -> Result<(), ModelError> {
-        let by = cache.pos - cache.len;
+        let by = cache.pos.saturating_sub(cache.len);
         if by == 0 || self.inv_freq.is_empty() {
             return Err(ort_err(
                 &self.path,
