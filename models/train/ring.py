@@ -20,10 +20,11 @@ The graph looks its rotations up in tables of `max_positions` rows; this extends
 there stay bit for bit, the new ones are computed in float64), so the engine turns every key
 back (in place, once) only when `pos` reaches the end of the table: every 1,537 tokens at 2048 (384 steps).
 
-Checks, written into the card's `evaluation.verification.ring`: with pos = past_len the graph gives the
-logits and keys of the graph it came from (0.0 apart); and a pass at positions moved on by k
-gives the logits of the same pass at its own positions, given a cache whose keys were turned by
-k (rotary is relative).
+Checks, written into the card's `evaluation.verification.ring`: with pos = past_len the graph gives
+the logits, keys and values of the graph it came from, over an empty cache and after 64 cached
+tokens (0.0 apart); a pass at positions moved on by k gives the logits of the same pass at its own
+positions, given a cache whose keys were turned by k (rotary is relative); and a cache whose
+slots are rolled round, as a ring's are, gives the same logits.
 """
 import argparse
 import datetime
@@ -157,12 +158,18 @@ def verify(src_path, dst_path, card):
     pv = [first_new[1 + L + i] for i in range(L)]
     rest = (tok[:, r:], voi[:, r:], cond[:, r:])
     at_own = new.run(names, feed(*rest, r, r, pk, pv))
+    # The rewired Add with a position other than 0: format 2 read it from past_len.
+    at_old = old.run(names, feed(*rest, r, None, pk, pv))
+    same = max(same, max(float(np.abs(x - y).max()) for x, y in zip(at_old, at_own)))
     inv = inv_freq(card)
     worst = 0.0
     for k in (1000, card["max_positions"] - T):
         moved = new.run(names, feed(*rest, r, r + k, [turn(x, k, inv) for x in pk], pv))
         worst = max(worst, float(np.abs(moved[0] - at_own[0]).max()))
-    return same, worst
+    rolled = new.run(names, feed(*rest, r, r, [np.roll(x, 17, axis=2) for x in pk],
+                                 [np.roll(x, 17, axis=2) for x in pv]))
+    order = float(np.abs(rolled[0] - at_own[0]).max())
+    return same, worst, order
 
 
 def rewrite(onnx_path, positions=2048):
@@ -185,13 +192,13 @@ def rewrite(onnx_path, positions=2048):
     onnx.save(model, tmp)
     before_max = card["max_positions"]
     card["max_positions"] = args.positions
-    same, moved = verify(args.onnx, tmp, card)
-    print(f"pos = past_len against the graph before: {same:.1e}; moved on by k positions: {moved:.1e}")
-    if same != 0.0 or moved > 1e-3:
+    same, moved, order = verify(args.onnx, tmp, card)
+    print(f"pos = past_len against the graph before: {same:.1e}; moved on by k positions: {moved:.1e}; "
+          f"slots rolled round: {order:.1e}")
+    if same != 0.0 or moved > 1e-4 or order > 1e-4:
         os.remove(tmp)
         fail("the rewritten graph does not agree with the one it came from")
-    os.replace(tmp, args.onnx)
-    data = open(args.onnx, "rb").read()
+    data = open(tmp, "rb").read()
     ctx = card["context_length"]
     card.update(
         format_version=FORMAT,
@@ -221,12 +228,17 @@ def rewrite(onnx_path, positions=2048):
     card["evaluation"]["verification"]["ring"] = dict(
         pos_equal_past_len_vs_format_2_max_abs=same,
         moved_positions_vs_own_logits_max_abs=moved,
+        slots_rolled_vs_in_order_logits_max_abs=order,
         rotary_table_rows=[before_max, args.positions],
         rotary_table_vs_float64_max_abs=float(table_err),
         rewritten_utc=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
     )
-    with open(card_path, "w") as f:
+    # The graph and its card go in one after the other, each whole: a card never names a file
+    # that is not there.
+    with open(card_path + ".ring.tmp", "w") as f:
         json.dump(card, f, indent=1)
+    os.replace(tmp, args.onnx)
+    os.replace(card_path + ".ring.tmp", card_path)
     print(f"{args.onnx}: format {FORMAT}, pos input, rotary tables {before_max} -> {args.positions} rows")
 
 
