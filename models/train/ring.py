@@ -18,7 +18,8 @@ not matter.
 
 The graph looks its rotations up in tables of `max_positions` rows; this extends them (the rows
 there stay bit for bit, the new ones are computed in float64), so the engine turns every key
-back (in place, once) only when `pos` reaches the end of the table: every 1,537 tokens at 2048 (384 steps).
+back (in place, once) only when `pos` reaches the end of the table: at 2048 rows, first after
+2,048 tokens, then every 1,537 (384 steps).
 
 Checks, written into the card's `evaluation.verification.ring`: with pos = past_len the graph gives
 the logits, keys and values of the graph it came from, over an empty cache and after 64 cached

@@ -75,8 +75,8 @@ pub enum ModelCmd {
     Bench {
         #[arg(long)]
         model: Option<PathBuf>,
-        /// Steps timed, from an empty cache (full from step 128 on; its keys are turned back every
-        /// 384 steps, and those count too). 1000 leave the shipped models 880 with the cache full:
+        /// Steps timed, from an empty cache (full from step 128 on; its keys are turned back at
+        /// step 512, then every 384, and those count too). 1000 leave the shipped models 880 with the cache full:
         /// a p99 of their 9 slowest, not 3.
         #[arg(long, default_value_t = 1000)]
         steps: usize,

@@ -15,9 +15,11 @@
 //! every token hears the context before it and no step moves the cache. Rollback keeps, per
 //! step, the RNG state and how the cache was built, so a rolled-back step decodes exactly as a
 //! fresh decode that took the same path would: taking tokens back is exact because earlier
-//! slots never change and the ring keeps what the latest overwrites replaced; a rollback
-//! further back, or across a re-prime, rebuilds the cache by replaying the same passes, or,
-//! beyond that, by a fresh pass over the context before the step.
+//! slots never change and the ring keeps what the latest overwrites replaced (to float
+//! rounding where the keys were turned back between, `Net::turn_back`); a rollback further
+//! back, or across a re-prime, rebuilds the cache by replaying the same passes (a token a pass:
+//! where heard steps went in as one pass, to float rounding), or, beyond that, by a fresh pass
+//! over the context before the step.
 
 use std::sync::Arc;
 
