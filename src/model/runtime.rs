@@ -766,7 +766,7 @@ impl Net {
         // A ring takes what fits before it is full in one pass, then a token a pass, each over
         // the oldest slot: a longer pass into a full ring would let its later tokens hear more
         // than the context. Logits come back per sequence, so chunks are put back in order.
-        let mut per_stream: Vec<Vec<f32>> = vec![Vec::with_capacity(t * self.vocab); b];
+        let mut per_stream: Vec<Vec<f32>> = Vec::new();
         let before = cache.added;
         let mut i = 0;
         while i < t {
@@ -775,8 +775,15 @@ impl Net {
                 false => (t - i).min(cache.capacity - cache.len),
             };
             let (cd, span) = (self.cond_dim, i..i + n);
-            let parts: Vec<&[f32]> = conds.iter().map(|c| &c[i * cd..(i + n) * cd]).collect();
-            let out = match self.chunk(&tokens[span.clone()], &voices[span], &parts, cache) {
+            let parts: Vec<&[f32]>;
+            let part_conds = match n == t {
+                true => conds,
+                false => {
+                    parts = conds.iter().map(|c| &c[i * cd..(i + n) * cd]).collect();
+                    &parts
+                }
+            };
+            let out = match self.chunk(&tokens[span.clone()], &voices[span], part_conds, cache) {
                 Ok(out) => out,
                 Err(e) => {
                     // The chunks before it took tokens in: take them back, so that a failed
@@ -786,8 +793,12 @@ impl Net {
                     return Err(e);
                 }
             };
-            if b == 1 && n == t {
+            if n == t {
+                // One chunk (every decoding step): its logits are already in order.
                 return Ok(out);
+            }
+            if per_stream.is_empty() {
+                per_stream = vec![Vec::with_capacity(t * self.vocab); b];
             }
             for (s, part) in out.chunks_exact(n * self.vocab).enumerate() {
                 per_stream[s].extend_from_slice(part);
