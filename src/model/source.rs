@@ -511,9 +511,11 @@ impl ModelSource {
     /// from a prime at most `EVICTED_KEPT` tokens before it (see `rollback`); a voice's hold
     /// looks back `max_hold` steps.
     fn compact(&mut self) {
-        let oldest_step = self.position - self.history.len() as u64;
-        let cached_to = self.step_index(oldest_step.max(self.start_step)) - 1;
-        let held = self.end().saturating_sub(VOICES * (self.max_hold + 1));
+        // A step that failed left its snapshot: saturate rather than trust the count.
+        let oldest_step =
+            (self.position.saturating_sub(self.history.len() as u64)).max(self.start_step);
+        let cached_to = self.step_index(oldest_step) - 1;
+        let held = cached_to.saturating_sub(VOICES * (self.max_hold + 1));
         let oldest = cached_to
             .saturating_sub(self.slots() + EVICTED_KEPT)
             .min(held)
@@ -600,8 +602,11 @@ impl NoteSource for ModelSource {
         } else {
             // Further back than that reaches: a fresh pass over the context before the step
             // hears the same window, if not with exactly the keys it had.
-            let from = cached_to.saturating_sub(self.slots()).max(self.base);
-            self.prime(from, cached_to).map_err(|e| self.fail(e))?;
+            // `compact` keeps at least this much before any step a rollback can reach.
+            let from = cached_to.saturating_sub(self.slots());
+            debug_assert!(from >= self.base, "compact dropped tokens a rollback reads");
+            self.prime(from.max(self.base), cached_to)
+                .map_err(|e| self.fail(e))?;
         }
         self.position = step;
         Ok(())
