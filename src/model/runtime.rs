@@ -787,7 +787,8 @@ impl Net {
                 Ok(out) => out,
                 Err(e) => {
                     // The chunks before it took tokens in: take them back, so that a failed
-                    // pass leaves the cache as it was (the caller keeps its tokens so too).
+                    // pass leaves the cache as it was (to float rounding, where the keys were
+                    // turned meanwhile); the caller keeps its tokens so too.
                     let restored = self.truncate(cache, before);
                     debug_assert!(restored, "a pass's own overwrites are kept");
                     return Err(e);
