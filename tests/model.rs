@@ -867,8 +867,8 @@ fn turning_the_keys_back_at_the_end_of_the_rotation_tables_changes_nothing_heard
 fn a_long_composition_keeps_few_tokens_and_rolls_back_across_turns() {
     // With the rotation tables taken to end at 700 positions, the ring turns its keys back every
     // 189 tokens, about 47 steps, so 1800 steps see dozens of turns; a room runs for months, so
-    // what the source keeps of its tokens must stay bounded; and a rollback across the last
-    // turn must compose again what it composed.
+    // what the source keeps of its tokens must stay bounded; a rollback across the last turn
+    // must compose again what it composed; and one far back must still find its context.
     let mut m = open();
     m.net.limit_positions(700);
     let slots = m.card.context_length - 1;
@@ -903,6 +903,14 @@ fn a_long_composition_keeps_few_tokens_and_rolls_back_across_turns() {
     src.rollback(back_to as u64).unwrap();
     let again = decode(&mut src, &c, n - back_to);
     assert_eq!(again, steps[back_to..]);
+
+    // Back 480 steps, further than the kept overwrites reach and long after the last prime: a
+    // fresh pass over the context before that step (its tokens kept by compaction), and on.
+    let far = n - 480;
+    src.rollback(far as u64).unwrap();
+    assert_eq!(src.position(), far as u64);
+    let on = decode(&mut src, &c, 8);
+    assert!(on.iter().flatten().flatten().count() > 0);
 }
 
 #[test]
