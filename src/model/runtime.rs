@@ -330,11 +330,8 @@ struct Evicted {
 
 impl Evicted {
     fn new(each: usize, room: usize) -> Self {
-        // Written through, not calloc'd: see `Cache::with_capacity`.
-        let mut data = Vec::with_capacity(each * room);
-        data.resize(each * room, 0.0);
         Evicted {
-            data,
+            data: written_zeros(each * room),
             each,
             room,
             first: 0,
@@ -371,6 +368,14 @@ impl Evicted {
             f(&mut self.data[at * self.each..(at + 1) * self.each]);
         }
     }
+}
+
+/// `n` zeros written one by one, not calloc'd, so that their pages are mapped now rather than
+/// on the step that first touches them (see `Cache::with_capacity`).
+fn written_zeros(n: usize) -> Vec<f32> {
+    let mut buf = Vec::with_capacity(n);
+    buf.resize(n, 0.0);
+    buf
 }
 
 /// Tokens of overwritten slots a ring keeps for taking back: 64 steps of four. A rollback
@@ -689,9 +694,7 @@ impl Net {
         };
         let keep = if same { cache.len } else { 0 };
         let grow = |old: &[f32]| {
-            // Written through, not calloc'd: see `Cache::with_capacity`.
-            let mut buf = Vec::with_capacity(blocks * cap * d);
-            buf.resize(blocks * cap * d, 0.0);
+            let mut buf = written_zeros(blocks * cap * d);
             for b in 0..blocks.min(cache.blocks) {
                 let (n, src) = (keep * d, b * cache.capacity * d);
                 buf[b * cap * d..b * cap * d + n].copy_from_slice(&old[src..src + n]);
