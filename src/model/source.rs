@@ -378,6 +378,11 @@ impl ModelSource {
         Ok(())
     }
 
+    /// One fresh pass over the ring's worth of tokens before `to` (as many as are kept).
+    fn prime_context_before(&mut self, to: usize) -> Result<(), ModelError> {
+        self.prime(to.saturating_sub(self.slots()).max(self.base), to)
+    }
+
     /// Adds tokens [from, to) (their conditioning known) to the cache in one pass.
     fn feed(&mut self, from: usize, to: usize) -> Result<(), ModelError> {
         if to > from {
@@ -475,7 +480,7 @@ impl ModelSource {
         if to - cached > room.max(HEARD_ONE_BY_ONE) {
             // More than the ring has room for, and too many for a pass each: one fresh pass over
             // the context before the next token.
-            return self.prime(to.saturating_sub(self.slots()).max(self.base), to);
+            return self.prime_context_before(to);
         }
         self.feed(cached, to).inspect_err(|_| {
             // The cache stands as it was: so do the tokens it was to take in.
@@ -603,9 +608,11 @@ impl NoteSource for ModelSource {
             // Further back than that reaches: a fresh pass over the context before the step
             // hears the same window, if not with exactly the keys it had.
             // `compact` keeps at least this much before any step a rollback can reach.
-            let from = cached_to.saturating_sub(self.slots());
-            debug_assert!(from >= self.base, "compact dropped tokens a rollback reads");
-            self.prime(from.max(self.base), cached_to)
+            debug_assert!(
+                cached_to.saturating_sub(self.slots()) >= self.base,
+                "compact dropped tokens a rollback reads"
+            );
+            self.prime_context_before(cached_to)
                 .map_err(|e| self.fail(e))?;
         }
         self.position = step;
