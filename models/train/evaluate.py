@@ -44,6 +44,12 @@ def session(path, threads=1):
     return ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
 
 
+def cache_heads(card):
+    """Heads of the graph's cache: a transposition mixture folds its shifts' caches into the head
+    axis (the card's transposition_mix.cache_heads)."""
+    return (card.get("transposition_mix") or {}).get("cache_heads", card["architecture"]["heads"])
+
+
 def empty_past(layers, heads, dh):
     z = np.zeros((layers, 1, heads, 0, dh), np.float32)
     return z, z.copy()
@@ -124,7 +130,7 @@ def score_piece_ring(sess, tok_grid, card, cvec=None):
     import ring
 
     a = card["architecture"]
-    heads = (card.get("transposition_mix") or {}).get("cache_heads", a["heads"])
+    heads = cache_heads(card)
     L, dh, slots, top = a["layers"], a["head_dim"], card["context_length"] - 1, card["max_positions"]
     inv = ring.inv_freq(card)
     tok, voi, _ = C.piece_sequence(tok_grid)
@@ -199,8 +205,7 @@ def main():
     card = json.load(open(os.path.splitext(args.onnx)[0] + ".json"))
     ctx = card["context_length"]
     a = card["architecture"]
-    # A transposition mixture folds its shifts' caches into the head axis.
-    heads = (card.get("transposition_mix") or {}).get("cache_heads", a["heads"])
+    heads = cache_heads(card)
     dims = (a["layers"], heads, a["head_dim"])
     sess = session(args.onnx)
     for split in args.splits.split(","):

@@ -131,7 +131,7 @@ def verify(src_path, dst_path, card):
     import common as C
 
     a = card["architecture"]
-    heads = (card.get("transposition_mix") or {}).get("cache_heads", a["heads"])
+    heads = E.cache_heads(card)
     L, dh = a["layers"], a["head_dim"]
     old, new = E.session(src_path), E.session(dst_path)
     pieces = E.load_jsb("valid")
