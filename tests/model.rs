@@ -117,7 +117,7 @@ fn card_and_vocabulary_agree_with_the_graph() {
     let mut cache = Cache::empty();
     let logits = m.net.forward(&t, &v, &cond, &mut cache).unwrap();
     assert_eq!(logits.len(), 3 * card.vocabulary.size);
-    assert_eq!(cache.len, 3);
+    assert_eq!(cache.len(), 3);
     assert_eq!(
         cache.keys().len(),
         card.architecture.layers * card.cache_heads() * 3 * card.architecture.head_dim
@@ -164,7 +164,7 @@ fn a_guided_pair_in_one_pass_gives_the_logits_of_two_passes() {
         // What was asked must matter, or this test could not tell the two apart.
         assert!(max_diff(&one_a, &one_u) > 1e-2);
     }
-    assert_eq!(pair.len, n);
+    assert_eq!(pair.len(), n);
     assert_eq!(pair.streams(), 2);
     // The same tokens cached twice over, [layers, streams, heads, len, head_dim].
     assert_eq!(pair.keys().len(), 2 * alone_a.keys().len());
@@ -724,7 +724,7 @@ fn a_full_ring_hears_the_window_before_each_token_and_nothing_older() {
     let mut lc = feed_in(&mut m, &a, &mut chunked, (0, 15, 15));
     lc.extend(feed_in(&mut m, &a, &mut chunked, (15, 70, 4)));
     lc.extend(feed_in(&mut m, &a, &mut chunked, (70, n, 1)));
-    assert_eq!((chunked.len, chunked.added()), (slots, n));
+    assert_eq!((chunked.len(), chunked.added()), (slots, n));
     let d = max_diff(&lc, &la);
     assert!(
         d < 1e-4,
@@ -781,7 +781,7 @@ fn taking_tokens_back_from_a_ring_puts_back_what_they_overwrote() {
     let before = (rolled.keys(), rolled.values());
     assert!(m.net.truncate(&mut rolled, 70));
     assert_eq!(
-        (rolled.len, rolled.added(), rolled.position()),
+        (rolled.len(), rolled.added(), rolled.position()),
         (slots, 70, 70)
     );
     let after = feed_in(&mut m, &other, &mut rolled, (70, 100, 1));
@@ -801,7 +801,7 @@ fn taking_tokens_back_from_a_ring_puts_back_what_they_overwrote() {
     // Back into slots that were never overwritten: they are simply free again, and hold what a
     // ring fed those 25 alone holds.
     assert!(m.net.truncate(&mut rolled, 25));
-    assert_eq!((rolled.len, rolled.added()), (25, 25));
+    assert_eq!((rolled.len(), rolled.added()), (25, 25));
     let mut short = Cache::ring(&m.net, 1, slots);
     feed_in(&mut m, &piece, &mut short, (0, 25, 1));
     assert_eq!(rolled.keys(), short.keys());

@@ -299,11 +299,10 @@ pub struct Cache {
     blocks: usize,
     head_dim: usize,
     capacity: usize,
-    /// Slots in use: the first `len` (all of them once a ring is full).
-    pub len: usize,
     /// Whether the room is fixed: a full cache overwrites its oldest slot instead of growing.
     ring: bool,
-    /// Tokens in the cache since it was last emptied; past `capacity`, each overwrote a slot.
+    /// Tokens in the cache since it was last emptied; past a ring's `capacity`, each overwrote
+    /// a slot (the slots in use are `len`).
     added: usize,
     /// The rotary position of the next token. It is `added` until the positions reach the end
     /// of the graph's rotation tables, and then every key is turned back (`Net::turn_back`).
@@ -437,22 +436,34 @@ impl Cache {
         self.turned
     }
 
+    /// Slots in use: the first `len` (all of them once a ring is full).
+    pub fn len(&self) -> usize {
+        match self.ring {
+            true => self.added.min(self.capacity),
+            false => self.added,
+        }
+    }
+
+    /// Whether it holds no token.
+    pub fn is_empty(&self) -> bool {
+        self.added == 0
+    }
+
     /// Whether every slot is in use in a ring, so that the next token overwrites one.
     fn full_ring(&self) -> bool {
-        self.ring && self.capacity > 0 && self.len == self.capacity
+        self.ring && self.capacity > 0 && self.added >= self.capacity
     }
 
     /// The slot the next token goes to.
     fn next_slot(&self) -> usize {
         match self.full_ring() {
             true => self.added % self.capacity,
-            false => self.len,
+            false => self.added,
         }
     }
 
     /// Forgets every token, keeping the room.
     pub fn clear(&mut self) {
-        self.len = 0;
         self.added = 0;
         self.pos = 0;
         self.evicted.first = 0;
@@ -475,11 +486,11 @@ impl Cache {
         for _ in 0..n {
             self.added -= 1;
             self.pos -= 1;
+            // A token that overwrote a slot gives back what was there; one that filled a free
+            // slot frees it (`len` counts down with `added`).
             if self.ring && self.added >= self.capacity {
                 let restored = self.take_back_evicted(self.added % self.capacity);
                 debug_assert!(restored, "counted above");
-            } else {
-                self.len -= 1;
             }
         }
     }
@@ -522,7 +533,7 @@ impl Cache {
     fn in_use(&self, buf: &[f32]) -> Vec<f32> {
         let (cap, d) = (self.capacity, self.head_dim);
         (0..self.blocks)
-            .flat_map(|b| &buf[b * cap * d..(b * cap + self.len) * d])
+            .flat_map(|b| &buf[b * cap * d..(b * cap + self.len()) * d])
             .copied()
             .collect()
     }
@@ -692,7 +703,7 @@ impl Net {
         } else {
             positions
         };
-        let keep = if same { cache.len } else { 0 };
+        let keep = if same { cache.len() } else { 0 };
         let grow = |old: &[f32]| {
             let mut buf = written_zeros(blocks * cap * d);
             for b in 0..blocks.min(cache.blocks) {
@@ -712,7 +723,6 @@ impl Net {
             blocks,
             head_dim: d,
             capacity: cap,
-            len: keep,
             ring: cache.ring,
             added: keep,
             pos: if same { cache.pos } else { 0 },
@@ -754,7 +764,7 @@ impl Net {
                 format!("{b} sequences in one pass: one or two"),
             ));
         }
-        if cache.len > 0 && cache.streams != b {
+        if !cache.is_empty() && cache.streams != b {
             return Err(ort_err(
                 &self.path,
                 format!(
@@ -775,7 +785,7 @@ impl Net {
         while i < t {
             let n = match cache.full_ring() {
                 true => 1,
-                false => (t - i).min(cache.capacity - cache.len),
+                false => (t - i).min(cache.capacity - cache.len()),
             };
             let (cd, span) = (self.cond_dim, i..i + n);
             let parts: Vec<&[f32]>;
@@ -822,7 +832,7 @@ impl Net {
         cache: &mut Cache,
     ) -> Result<Vec<f32>, ModelError> {
         let (t, b) = (tokens.len(), conds.len());
-        self.reserve(cache, b, cache.len + t);
+        self.reserve(cache, b, cache.len() + t);
         if cache.pos + t > self.max_positions {
             self.turn_back(cache)?;
         }
@@ -854,9 +864,6 @@ impl Net {
             }
             return Err(e);
         }
-        if !full {
-            cache.len += t;
-        }
         cache.added += t;
         cache.pos += t;
         Ok(logits)
@@ -868,13 +875,14 @@ impl Net {
     /// the cache holds reads the same (within float rounding, models/train/ring.py measures
     /// it); the kept overwrites turn with it.
     fn turn_back(&self, cache: &mut Cache) -> Result<(), ModelError> {
-        let by = cache.pos.saturating_sub(cache.len);
+        let by = cache.pos.saturating_sub(cache.len());
         if by == 0 || self.inv_freq.is_empty() {
             return Err(ort_err(
                 &self.path,
                 format!(
                     "{} positions cached: the graph's rotations reach {} (max_positions)",
-                    cache.len, self.max_positions
+                    cache.len(),
+                    self.max_positions
                 ),
             ));
         }
@@ -886,9 +894,9 @@ impl Net {
     /// negative), and the next token's position with them.
     fn turn(&self, cache: &mut Cache, by: i64) {
         let turn = Turn::back(by, &self.inv_freq);
-        let (cap, d) = (cache.capacity, cache.head_dim);
+        let (cap, d, len) = (cache.capacity, cache.head_dim, cache.len());
         for b in 0..cache.blocks {
-            for key in cache.k[b * cap * d..(b * cap + cache.len) * d].chunks_exact_mut(d) {
+            for key in cache.k[b * cap * d..(b * cap + len) * d].chunks_exact_mut(d) {
                 turn.apply(key);
             }
         }
@@ -915,7 +923,7 @@ impl Net {
         logits: &mut Vec<f32>,
     ) -> Result<(), ModelError> {
         let (t, b) = (tokens.len(), streams.len());
-        let (p, cap, all) = (cache.len, cache.capacity, cache.streams);
+        let (p, cap, all) = (cache.len(), cache.capacity, cache.streams);
         // The caller moves the cache on once every sequence has had its pass.
         let slot = cache.next_slot();
         debug_assert!(slot + t <= cap);

@@ -476,7 +476,7 @@ impl ModelSource {
         // Snapshots are of the decoding state alone; the steps heard were never decoded.
         self.history.clear();
         let (cached, to) = (self.cache_start + self.cache.len(), self.end() - 1);
-        let room = self.slots() - self.cache.both.len;
+        let room = self.slots() - self.cache.both.len();
         if to - cached > room.max(HEARD_ONE_BY_ONE) {
             // More than the ring has room for, and too many for a pass each: one fresh pass over
             // the context before the next token.
